@@ -1,0 +1,43 @@
+# Every target sets itself up on a fresh machine: it creates .venv and installs
+# the pinned dependencies (requirements-lock.txt) the first time, and again
+# whenever pyproject.toml or the lock file changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run demo test bench check schema clean
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements-lock.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the main job: the whole embedded stack on http://127.0.0.1:8000
+	$(BIN)/chatllm up
+
+demo: $(STAMP)  ## a short scripted workload through a throw-away stack
+	$(BIN)/chatllm demo
+
+test: $(STAMP)  ## the whole suite: unit, integration (real tansu, chDB, Ray) and e2e
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+check: $(STAMP)  ## lint, format, types, the layer rule, and the checked-in event schema
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python -m events.schema --check docs/events.schema.json
+
+schema: $(STAMP)  ## regenerate docs/events.schema.json from the event types
+	$(BIN)/python -m events.schema > docs/events.schema.json
+
+clean:
+	rm -rf $(VENV) .chatllm .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -1,0 +1,63 @@
+"""What the actors call out to. Adapters live in infra/."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from events import Envelope
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of a conversation as the model sees it."""
+
+    role: str
+    content: str
+    message_id: str = ""
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's whole answer."""
+
+    content: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class ModelError(Exception):
+    """A model call failed; `error_class` is one of the classes routing reacts to."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(f"{error_class}: {message}")
+        self.error_class = error_class
+        self.message = message
+
+
+class ModelProvider(Protocol):
+    """A language model behind some API."""
+
+    name: str
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        """Answer the conversation; raise ModelError on a classified failure."""
+        ...
+
+
+class EventSink(Protocol):
+    """Appends events to the log; returns only once the log has acknowledged all of them."""
+
+    async def append(self, events: Sequence[Envelope[Any]]) -> None:
+        """Durably append `events` (in order per stream) or raise."""
+        ...
+
+
+class StreamReader(Protocol):
+    """Reads one stream's events back from the log, in stream order."""
+
+    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+        """Every event of `stream_id` that the log holds."""
+        ...

@@ -1,0 +1,1 @@
+"""Adapters and entry points: broker, Kafka, ClickHouse, Ray, models, config, HTTP, CLI."""

@@ -1,0 +1,429 @@
+"""The `chatllm` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from infra.config import ConfigError, LoadedConfig, Settings, load_config
+
+app = typer.Typer(
+    help="chat-llm: an event-sourced backbone for LLM chat services.", no_args_is_help=True
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(
+    None, "--config", "-c", help="TOML config file (default: ./chatllm.toml or $CHATLLM_CONFIG)"
+)
+ProfileOpt = typer.Option(
+    None, "--profile", "-p", help="named profile in the config file ($CHATLLM_PROFILE)"
+)
+UrlOpt = typer.Option(None, "--url", help="API base URL (default: from http.host/http.port)")
+TenantOpt = typer.Option(None, "--tenant", help="tenant (default: from config)")
+
+
+def _load(config: Path | None, profile: str | None) -> LoadedConfig:
+    try:
+        return load_config(config, profile)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Faust and mode narrate every rebalance at INFO; keep their warnings.
+    for noisy in ("faust", "mode", "aiokafka", "kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _base_url(settings: Settings, url: str | None) -> str:
+    return url or f"http://{settings.http.host}:{settings.http.port}"
+
+
+# ---- serving -------------------------------------------------------------------
+
+
+async def _serve(
+    stack: Any, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None
+) -> None:
+    """Serve the HTTP API (with the Faust worker in its lifespan) until Ctrl-C or `stop`."""
+    import uvicorn
+
+    from infra.http import build_api
+
+    settings: Settings = stack.settings
+    api = build_api(
+        gateway=stack.gateway,
+        store=stack.astore,
+        default_tenant=settings.tenant,
+        archive_stats=lambda: (stack.worker.written, stack.worker.dead_lettered),
+        lifespan=stack.processors,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            api,
+            host=settings.http.host,
+            port=settings.http.port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no event)
+        await asyncio.sleep(0.05)
+    if server.started:
+        out.print(
+            f"chat-llm is up: http://{settings.http.host}:{settings.http.port}"
+            f"  (broker {stack.bootstrap_servers}, "
+            f"ClickHouse {settings.clickhouse.url or settings.clickhouse.path}) - Ctrl-C stops it",
+            highlight=False,
+        )
+        if ready is not None:
+            ready.set()
+    if stop is not None:
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True  # graceful: lifespan shutdown stops the Faust worker
+        stopping.cancel()
+    await serving
+
+
+def _start_stack(settings: Settings) -> Any:
+    from infra.runtime import Stack
+
+    with out.status("starting broker, ClickHouse, Ray and the processors ..."):
+        return Stack.start(settings)
+
+
+@app.command()
+def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
+    """Start the whole stack (broker, ClickHouse, Ray, processors, HTTP) until Ctrl-C."""
+    settings = _load(config, profile).settings
+    _setup_logging(settings)
+    stack = _start_stack(settings)
+    try:
+        asyncio.run(_serve(stack))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    out.print("chat-llm stopped")
+
+
+@app.command()
+def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
+    """Run one archive processor (Faust worker) against the configured broker and ClickHouse."""
+    from infra.runtime import open_store, worker_settings
+    from infra.store import AsyncStore
+    from streams.app import ArchiveWorker
+
+    settings = _load(config, profile).settings
+    _setup_logging(settings)
+    if not settings.broker.bootstrap_servers:
+        err.print(
+            "[red]worker needs broker.bootstrap_servers (the embedded broker lives in `up`)[/red]"
+        )
+        raise typer.Exit(2)
+    store = open_store(settings)
+    astore = AsyncStore(store)
+    archive = ArchiveWorker(worker_settings(settings, settings.broker.bootstrap_servers), astore)
+
+    async def run() -> None:
+        from faust.contrib.asgi import faust_app_running
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with faust_app_running(archive.app, stop_timeout=30):
+            out.print("archive worker running", highlight=False)
+            last = -1
+            while not stop.is_set():
+                if archive.written != last:
+                    last = archive.written
+                    out.print(
+                        f"archived {last} dead-lettered {archive.dead_lettered}", highlight=False
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        astore.close()
+        store.close()
+
+
+# ---- client commands ------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    message: str = typer.Argument(..., help="what to say"),
+    context: str | None = typer.Option(None, "--context", help="context id (new one if omitted)"),
+    user: str = typer.Option("cli-user", "--user", help="user id"),
+    tenant: str | None = TenantOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Send one message through the running service and print the reply."""
+    from infra.clock import SystemClock
+
+    settings = _load(config, profile).settings
+    context_id = context or SystemClock().new_event_id()
+    headers = {"X-Tenant-Id": tenant} if tenant else {}
+    try:
+        response = httpx.post(
+            f"{_base_url(settings, url)}/v1/contexts/{context_id}/messages",
+            json={"content": message, "user_id": user},
+            headers=headers,
+            timeout=60,
+        )
+    except httpx.TransportError as exc:
+        base = _base_url(settings, url)
+        err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        err.print(
+            f"[red]{response.status_code}:[/red] {response.json().get('detail', response.text)}"
+        )
+        raise typer.Exit(1)
+    turn = response.json()
+    out.print(f"[dim]context {turn['context_id']}[/dim]")
+    if turn["ok"]:
+        out.print(turn["reply"], highlight=False)
+    else:
+        err.print(f"[red]the model failed ({turn['error_class']})[/red]")
+        raise typer.Exit(1)
+
+
+def _fetch_audit(
+    settings: Settings, context: str, tenant: str, url: str | None
+) -> list[dict[str, Any]]:
+    """From the running service if it answers, else straight from the store (embedded path)."""
+    base = _base_url(settings, url)
+    try:
+        response = httpx.get(
+            f"{base}/v1/contexts/{context}/events", headers={"X-Tenant-Id": tenant}, timeout=30
+        )
+    except httpx.TransportError:
+        if url:
+            err.print(f"[red]cannot reach chat-llm at {base}[/red]")
+            raise typer.Exit(1) from None
+    else:
+        if response.status_code != 200:
+            err.print(
+                f"[red]{response.status_code}:[/red] {response.json().get('detail', response.text)}"
+            )
+            raise typer.Exit(1)
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    from infra.store import ClickHouseStore, StoreError
+
+    try:
+        store = ClickHouseStore(settings.clickhouse).open()
+    except StoreError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    try:
+        store.migrate()
+        return [
+            {
+                "stream_version": r.stream_version,
+                "event_id": r.event_id,
+                "type": r.type,
+                "occurred_at": r.occurred_at.isoformat(),
+                "user_id": r.user_id,
+                "trace_id": r.trace_id,
+                "causation_id": r.causation_id,
+                "event": msgspec.json.decode(r.body),
+            }
+            for r in store.stream_events(tenant, context)
+        ]
+    finally:
+        store.close()
+
+
+def _summary(event: dict[str, Any]) -> str:
+    payload = event.get("payload", {})
+    text = payload.get("content") or payload.get("message") or payload.get("title") or ""
+    if event.get("type") == "ReplyCompleted":
+        text = f"({payload.get('model')}, {payload.get('latency_ms', 0):.1f} ms) {text}"
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def print_audit(rows: list[dict[str, Any]], context: str, fmt: str) -> None:
+    if fmt == "json":
+        for row in rows:
+            sys.stdout.write(json.dumps(row["event"], ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"audit trail of context {escape(context)}", title_justify="left")
+    table.add_column("ver", justify="right")
+    table.add_column("type", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("user", no_wrap=True)
+    table.add_column("event id", no_wrap=True)
+    table.add_column("what", overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row["stream_version"]),
+            row["type"],
+            row["occurred_at"][11:23],
+            escape(row["user_id"]),
+            "…" + row["event_id"][-12:],
+            escape(_summary(row["event"])),
+        )
+    out.print(table)
+
+
+@app.command()
+def audit(
+    context: str = typer.Option(..., "--context", help="context id"),
+    fmt: str = typer.Option("table", "--format", help="table, or json (one event per line)"),
+    tenant: str | None = TenantOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Print a context's events in stream order, from the archive."""
+    if fmt not in ("table", "json"):
+        err.print(f"[red]unknown format {fmt!r}: use table or json[/red]")
+        raise typer.Exit(2)
+    settings = _load(config, profile).settings
+    rows = _fetch_audit(settings, context, tenant or settings.tenant, url)
+    if not rows:
+        err.print(
+            f"no events archived for context {context!r} (tenant {tenant or settings.tenant})"
+        )
+        raise typer.Exit(1)
+    print_audit(rows, context, fmt)
+
+
+@config_app.command("show")
+def config_show(
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+) -> None:
+    """Print the effective configuration and where each value came from."""
+    loaded = _load(config, profile)
+    if fmt == "json":
+        data = {
+            k: {"value": loaded.values[k], "source": loaded.sources[k]}
+            for k in sorted(loaded.values)
+        }
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    table = Table(title="effective configuration")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("source")
+    for key in sorted(loaded.values):
+        source = loaded.sources[key]
+        table.add_row(
+            key, repr(loaded.values[key]), source if source != "default" else "[dim]default[/dim]"
+        )
+    out.print(table)
+
+
+# ---- demo ----------------------------------------------------------------------
+
+DEMO_SCRIPT = [
+    ("alice", "Hello! Can you help me plan a trip to Lisbon?"),
+    ("alice", "What should I see on the first day?"),
+    ("bob", "Explain event sourcing in one sentence."),
+    ("alice", "And where should I eat in the evening?"),
+    ("bob", "Why is the log the source of truth?"),
+]
+
+
+@app.command()
+def demo(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
+    """Start a throw-away embedded stack, drive a scripted workload, print the audit trail."""
+    from infra.broker import free_port
+
+    _load(config, profile)  # reports a bad config before anything starts
+    workdir = Path(tempfile.mkdtemp(prefix="chatllm-demo-"))
+    overrides = {
+        "clickhouse.path": str(workdir / "chdb"),
+        "streams.datadir": str(workdir / "faust"),
+        "http.port": free_port(),
+    }
+    settings = load_config(config, profile, overrides=overrides).settings
+    _setup_logging(settings)
+    stack = _start_stack(settings)
+    try:
+        asyncio.run(_demo(stack))
+    finally:
+        stack.stop()
+
+
+async def _demo(stack: Any) -> None:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    serving = asyncio.create_task(_serve(stack, stop, ready))
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        serving.result()  # raises the start-up error
+    settings: Settings = stack.settings
+    base = f"http://{settings.http.host}:{settings.http.port}"
+    contexts = {"alice": "demo-trip-lisbon", "bob": "demo-event-sourcing"}
+    expected: dict[str, int] = {}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            for user, text in DEMO_SCRIPT:
+                context = contexts[user]
+                response = await client.post(
+                    f"/v1/contexts/{context}/messages", json={"content": text, "user_id": user}
+                )
+                response.raise_for_status()
+                turn = response.json()
+                expected[context] = turn["events"][-1]["stream_version"]
+                out.print(f"[bold]{user}[/bold] → {escape(text)}", highlight=False)
+                out.print(
+                    f"  [green]{turn['model']}[/green] ← {escape(turn['reply'])}", highlight=False
+                )
+            with out.status("waiting for the archive to catch up ..."):
+                deadline = time.monotonic() + 60
+                rows: list[dict[str, Any]] = []
+                while time.monotonic() < deadline:
+                    rows = (await client.get(f"/v1/contexts/{contexts['alice']}/events")).json()
+                    if len(rows) >= expected[contexts["alice"]]:
+                        break
+                    await asyncio.sleep(0.1)
+        print_audit(rows, contexts["alice"], "table")
+        out.print(
+            f"{sum(expected.values())} events over {len(contexts)} contexts went Ray actor → Kafka"
+            " → Faust → ClickHouse; above is the audit trail of one of them."
+        )
+    finally:
+        stop.set()
+        await serving
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,226 @@
+"""Configuration: defaults < TOML file < named profile < environment (CHATLLM_...).
+
+Every value remembers where it came from (`chatllm config show`). Errors name the
+bad key, its source and why. Environment keys use `__` between section and key:
+CHATLLM_HTTP__PORT=9000. CHATLLM_CONFIG names the file, CHATLLM_PROFILE the profile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from events import topics
+
+ENV_PREFIX = "CHATLLM_"
+DEFAULT_FILE = "chatllm.toml"
+
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class BrokerConfig(_Section):
+    bootstrap_servers: str = ""
+    """Kafka bootstrap servers; empty starts the embedded tansu broker."""
+    embedded_port: Port = 0
+    """Port of the embedded broker on 127.0.0.1; 0 picks a free one."""
+    enable_idempotence: bool = False
+    """Idempotent producer: turn on for real Kafka; tansu rejects it (InitProducerId)."""
+    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 5
+    request_timeout_ms: Positive = 15000
+    delivery_timeout_ms: Positive = 30000
+    """Upper bound for one append to be acknowledged; a send never waits forever."""
+
+
+class TopicsConfig(_Section):
+    events: str = topics.EVENTS
+    ingest: str = topics.INGEST
+    deadletter: str = topics.DEADLETTER
+    partitions: Positive = 4
+
+
+class ClickHouseConfig(_Section):
+    url: str = ""
+    """http(s)://user:pass@host:8123 of a ClickHouse server; empty uses embedded chDB."""
+    path: str = ".chatllm/chdb"
+    """Data path of embedded chDB (one process per path)."""
+    database: str = "chatllm"
+
+
+class RayConfig(_Section):
+    address: str = ""
+    """Ray cluster address (ray://host:10001 or 'auto'); empty starts Ray locally."""
+    num_cpus: int = 0
+    """CPUs for a local Ray; 0 lets Ray decide."""
+    context_hosts: Positive = 2
+    """Ray actors that host the conversation contexts (a context lives on exactly one)."""
+    namespace: str = "chatllm"
+
+
+class HttpConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+
+
+class ModelConfig(_Section):
+    demo_latency_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Artificial latency of the offline demo model."""
+
+
+class StreamsConfig(_Section):
+    datadir: str = ".chatllm/faust"
+    batch_size: Positive = 1000
+    batch_within_s: PositiveFloat = 0.2
+    session_timeout_s: PositiveFloat = 6.0
+    heartbeat_interval_s: PositiveFloat = 1.0
+    rebalance_timeout_s: PositiveFloat = 3.0
+    commit_interval_s: PositiveFloat = 1.0
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    """The whole configuration."""
+
+    tenant: str = "default"
+    """Tenant used when a request names none."""
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
+    clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key, its source and why."""
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The effective settings and, per dotted key, where its value came from."""
+
+    settings: Settings
+    sources: dict[str, str]
+    values: dict[str, Any]
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+_DEFAULTS = _flatten(msgspec.to_builtins(Settings()))
+
+
+def _merge(
+    values: dict[str, Any], sources: dict[str, str], layer: Mapping[str, Any], source: str
+) -> None:
+    for key, value in _flatten(layer).items():
+        if key not in _DEFAULTS:
+            raise ConfigError(f"unknown config key {key!r} (from {source})")
+        values[key] = value
+        sources[key] = source
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Resolve the layers into validated Settings; ConfigError names what is wrong."""
+    env = os.environ if env is None else env
+    values = dict(_DEFAULTS)
+    sources = dict.fromkeys(_DEFAULTS, "default")
+
+    path = (
+        path
+        or env.get(f"{ENV_PREFIX}CONFIG")
+        or (DEFAULT_FILE if Path(DEFAULT_FILE).is_file() else None)
+    )
+    profile = profile or env.get(f"{ENV_PREFIX}PROFILE") or None
+    profiles: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        try:
+            document = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(file)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+        profiles = document.pop("profiles", {})
+        _merge(values, sources, document, f"file {file}")
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"profile {profile!r} is not defined (profiles: {known})")
+        _merge(values, sources, profiles[profile], f"profile {profile}")
+
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in (
+            f"{ENV_PREFIX}CONFIG",
+            f"{ENV_PREFIX}PROFILE",
+        ):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if key not in _DEFAULTS:
+            raise ConfigError(f"unknown config key {key!r} (from env {name})")
+        values[key] = raw
+        sources[key] = f"env {name}"
+
+    for key, value in (overrides or {}).items():
+        if key not in _DEFAULTS:
+            raise ConfigError(f"unknown config key {key!r} (from override)")
+        values[key] = value
+        sources[key] = "override"
+
+    try:
+        # strict=False lets environment strings become ints, floats and bools.
+        settings = msgspec.convert(_unflatten(values), Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), sources)) from None
+    return LoadedConfig(settings=settings, sources=sources, values=values)
+
+
+def _explain(message: str, sources: Mapping[str, str]) -> str:
+    match = re.search(r" - at `\$\.(.+)`$", message)
+    if not match:
+        return f"invalid configuration: {message}"
+    key = match.group(1)
+    why = message[: match.start()]
+    return f"invalid config key {key!r} (from {sources.get(key, 'default')}): {why}"

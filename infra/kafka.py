@@ -1,0 +1,144 @@
+"""Kafka adapters on aiokafka: the event sink (producer), a stream reader, topic set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
+
+from events import DecodeError, Envelope, decode, encode
+from infra.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+
+class LogUnavailable(RuntimeError):
+    """The broker did not acknowledge an append in time; nothing is acknowledged to the caller."""
+
+
+async def ensure_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            result = await admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing]
+            )
+            for topic, code, message in result.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise KafkaError(f"creating topic {topic!r} failed: {code} {message}")
+    finally:
+        await admin.close()
+
+
+class KafkaEventSink:
+    """Appends events to the log: key = stream_id, acks=all, acknowledged before returning."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, config: BrokerConfig) -> None:
+        self._topic = topic
+        self._timeout_s = config.delivery_timeout_ms / 1000
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=config.enable_idempotence,
+            linger_ms=config.linger_ms,
+            request_timeout_ms=config.request_timeout_ms,
+            client_id="chatllm-events",
+        )
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if not self._started:
+                await self._producer.start()
+                self._started = True
+
+    async def stop(self) -> None:
+        async with self._lock:
+            if self._started:
+                self._started = False
+                await asyncio.wait_for(self._producer.stop(), self._timeout_s)
+
+    async def append(self, events: Sequence[Envelope[Any]]) -> None:
+        if not self._started:
+            await self.start()
+        try:
+            # One send per event (batched by linger), then wait for every ack. The
+            # bound keeps a dead broker from hanging the caller forever.
+            pending = [
+                await self._producer.send(
+                    self._topic, key=event.stream_id.encode(), value=encode(event)
+                )
+                for event in events
+            ]
+            await asyncio.wait_for(asyncio.gather(*pending), self._timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise LogUnavailable(
+                f"the event log did not acknowledge {len(events)} events: {exc!r}"
+            ) from exc
+
+
+def partition_for(key: str, partitions: Sequence[int]) -> int:
+    """The partition the default producer partitioner puts `key` on."""
+    ordered = sorted(partitions)
+    partition: int = DefaultPartitioner()(key.encode(), ordered, ordered)
+    return partition
+
+
+class KafkaStreamReader:
+    """Reads one stream back from its partition of the log (a scan: short retention only)."""
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self._bootstrap = bootstrap_servers
+        self._topic = topic
+
+    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id="chatllm-stream-reader",
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()  # refreshes the metadata
+            partitions = consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                return []
+            tp = TopicPartition(self._topic, partition_for(stream_id, list(partitions)))
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            key = stream_id.encode()
+            found: list[Envelope[Any]] = []
+            while True:
+                batches = await consumer.getmany(tp, timeout_ms=200)
+                for record in batches.get(tp, []):
+                    if record.key != key or not record.value:
+                        continue
+                    try:
+                        found.append(decode(record.value))
+                    except DecodeError:
+                        continue  # not part of the stream; the archive processor dead-letters it
+                highwater = consumer.highwater(tp)
+                if highwater is not None and await consumer.position(tp) >= highwater:
+                    break
+            # A producer retry can write an event twice: keep the first of each version.
+            seen: set[int] = set()
+            unique = []
+            for event in found:
+                if event.stream_version not in seen:
+                    seen.add(event.stream_version)
+                    unique.append(event)
+            return unique
+        finally:
+            await consumer.stop()

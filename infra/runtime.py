@@ -1,0 +1,177 @@
+"""The composition root: starts and wires the broker, ClickHouse, Ray and the Faust worker.
+
+This is the only place where plain classes become Ray actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.broker import EmbeddedBroker
+from infra.config import RayConfig, Settings
+from infra.context_host import ContextHost
+from infra.gateway import Gateway
+from infra.kafka import ensure_topics
+from infra.store import AsyncStore, ClickHouseStore
+from streams.app import ArchiveWorker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(config: RayConfig) -> None:
+    """Connect to the configured Ray cluster, or start Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.address:
+        ray.init(address=config.address, namespace=config.namespace, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=config.num_cpus or None,
+            namespace=config.namespace,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def start_context_hosts(settings: Settings, bootstrap_servers: str) -> list[Any]:
+    """The Ray actors that own the contexts; restarted by Ray if their process dies."""
+    import ray
+
+    remote_host: Any = ray.remote(ContextHost)
+    hosts = [
+        remote_host.options(
+            # Actors reserve a CPU each by default: on 2 cores that would starve Ray.
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+        ).remote(settings, bootstrap_servers)
+        for _ in range(settings.ray.context_hosts)
+    ]
+    ray.get([h.ready.remote() for h in hosts])
+    return hosts
+
+
+def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSettings:
+    s = settings.streams
+    return WorkerSettings(
+        bootstrap_servers=bootstrap_servers,
+        datadir=Path(s.datadir),
+        events_topic=settings.topics.events,
+        deadletter_topic=settings.topics.deadletter,
+        partitions=settings.topics.partitions,
+        batch_size=s.batch_size,
+        batch_within_s=s.batch_within_s,
+        session_timeout_s=s.session_timeout_s,
+        heartbeat_interval_s=s.heartbeat_interval_s,
+        rebalance_timeout_s=s.rebalance_timeout_s,
+        commit_interval_s=s.commit_interval_s,
+    )
+
+
+def start_broker(
+    settings: Settings, log_dir: Path | None = None
+) -> tuple[EmbeddedBroker | None, str]:
+    """The configured Kafka, or the embedded tansu broker when none is configured."""
+    if settings.broker.bootstrap_servers:
+        return None, settings.broker.bootstrap_servers
+    log_path = log_dir / "tansu.log" if log_dir else None
+    broker = EmbeddedBroker(port=settings.broker.embedded_port, log_path=log_path).start()
+    return broker, broker.bootstrap_servers
+
+
+def prepare_topics(settings: Settings, bootstrap_servers: str) -> None:
+    t = settings.topics
+    asyncio.run(ensure_topics(bootstrap_servers, [t.events, t.ingest, t.deadletter], t.partitions))
+
+
+def open_store(settings: Settings) -> ClickHouseStore:
+    if not settings.clickhouse.url:
+        Path(settings.clickhouse.path).parent.mkdir(parents=True, exist_ok=True)
+    store = ClickHouseStore(settings.clickhouse).open()
+    store.migrate()
+    return store
+
+
+@dataclass
+class Stack:
+    """Everything `chatllm up` runs in one process, started in dependency order."""
+
+    settings: Settings
+    bootstrap_servers: str
+    store: ClickHouseStore
+    astore: AsyncStore
+    gateway: Gateway
+    worker: ArchiveWorker
+    hosts: list[Any]
+    broker: EmbeddedBroker | None = None
+    owns_ray: bool = False
+    _stopped: bool = field(default=False, repr=False)
+
+    @classmethod
+    def start(cls, settings: Settings) -> Stack:
+        """Start the stack (blocking); call stop() to take it down in reverse order."""
+        broker, bootstrap = start_broker(settings, Path(settings.streams.datadir).parent)
+        store: ClickHouseStore | None = None
+        owns_ray = False
+        try:
+            prepare_topics(settings, bootstrap)
+            store = open_store(settings)
+            astore = AsyncStore(store)
+            import ray
+
+            owns_ray = not ray.is_initialized()
+            start_ray(settings.ray)
+            hosts = start_context_hosts(settings, bootstrap)
+            worker = ArchiveWorker(worker_settings(settings, bootstrap), astore)
+            gateway = Gateway(hosts)
+        except BaseException:
+            if store is not None:
+                store.close()
+            if broker is not None:
+                broker.stop()
+            raise
+        return cls(
+            settings=settings,
+            bootstrap_servers=bootstrap,
+            store=store,
+            astore=astore,
+            gateway=gateway,
+            worker=worker,
+            hosts=hosts,
+            broker=broker,
+            owns_ray=owns_ray,
+        )
+
+    @contextlib.asynccontextmanager
+    async def processors(self) -> AsyncIterator[None]:
+        """Run the Faust worker on the running loop for the duration of the block."""
+        from faust.contrib.asgi import faust_app_running
+
+        async with faust_app_running(self.worker.app, stop_timeout=30):
+            yield
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.get([h.shutdown.remote() for h in self.hosts], timeout=10)
+        for host in self.hosts:
+            with contextlib.suppress(Exception):
+                ray.kill(host)
+        if self.owns_ray:
+            ray.shutdown()
+        self.astore.close()
+        self.store.close()
+        if self.broker is not None:
+            self.broker.stop()

@@ -1,0 +1,1 @@
+"""Pure projectors and the Faust app whose agents are thin loops around them."""
