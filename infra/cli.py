@@ -427,3 +427,7 @@ async def _demo(stack: Any) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -95,12 +95,16 @@ class ClickHouseStore:
                 )
         except Exception as exc:
             where = self.config.url or f"chDB path {self.config.path!r}"
-            hint = (
-                " (another process has this chDB path open: query it through that process's"
-                " HTTP API, or stop it)"
-                if "EmbeddedServer" in str(exc) or "Code: 36" in str(exc)
-                else ""
-            )
+            text = str(exc)
+            if "already initialized with path" in text:
+                hint = " (chDB allows one data path per process; this process uses another one)"
+            elif "EmbeddedServer" in text:
+                hint = (
+                    " (another process has this chDB path open: if `chatllm up` is running,"
+                    " query through its HTTP API, or stop it first)"
+                )
+            else:
+                hint = ""
             raise StoreError(f"cannot open ClickHouse at {where}: {exc}{hint}") from exc
         return self
 

@@ -1,0 +1,153 @@
+"""Contract tests: every port's adapters (in-memory and real) obey the same rules."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from actors.ports import ChatMessage, EventSink, ModelProvider, StreamReader
+from events import encode
+from infra.broker import EmbeddedBroker
+from infra.config import BrokerConfig
+from infra.kafka import KafkaEventSink, KafkaStreamReader
+from infra.memory import InMemoryArchive, InMemoryLog
+from infra.models import DemoModel
+from infra.store import AsyncStore, ClickHouseStore
+from streams.archive import ArchiveRow, archive_row
+from streams.ports import ArchiveSink
+from tests.conftest import Topics
+from tests.factories import make_event
+
+pytestmark = pytest.mark.integration
+
+
+# ---- EventSink + StreamReader ---------------------------------------------------
+
+
+@dataclass
+class LogAdapter:
+    sink: EventSink
+    reader: StreamReader
+
+
+@pytest.fixture(params=["memory", "kafka"])
+async def log_adapter(
+    request: pytest.FixtureRequest, broker: EmbeddedBroker, topics: Topics
+) -> AsyncIterator[LogAdapter]:
+    if request.param == "memory":
+        log = InMemoryLog()
+        yield LogAdapter(log, log)
+        return
+    sink = KafkaEventSink(broker.bootstrap_servers, topics.events, BrokerConfig())
+    await sink.start()
+    try:
+        yield LogAdapter(sink, KafkaStreamReader(broker.bootstrap_servers, topics.events))
+    finally:
+        await sink.stop()
+
+
+async def test_log_returns_each_stream_in_order_and_nothing_else(log_adapter: LogAdapter) -> None:
+    a = [make_event("ctx-a", v, n=v) for v in range(1, 6)]
+    b = [make_event("ctx-b", v, n=100 + v) for v in range(1, 4)]
+    # Interleaved appends of two streams, in several batches.
+    await log_adapter.sink.append(a[:2] + b[:1])
+    await log_adapter.sink.append(b[1:] + a[2:])
+    assert await log_adapter.reader.read_stream("ctx-a") == a
+    assert await log_adapter.reader.read_stream("ctx-b") == b
+    assert await log_adapter.reader.read_stream("ctx-unknown") == []
+
+
+async def test_log_reader_keeps_the_first_copy_of_a_version(log_adapter: LogAdapter) -> None:
+    # A producer retry can write an event twice; the stream still has it once.
+    events = [make_event("ctx-r", v) for v in range(1, 4)]
+    await log_adapter.sink.append(events)
+    await log_adapter.sink.append(events[1:2])
+    assert await log_adapter.reader.read_stream("ctx-r") == events
+
+
+async def test_log_append_is_durable_before_it_returns(log_adapter: LogAdapter) -> None:
+    event = make_event("ctx-d", 1)
+    await log_adapter.sink.append([event])
+    # A reader created afterwards (no shared state) sees it immediately.
+    assert await log_adapter.reader.read_stream("ctx-d") == [event]
+
+
+# ---- ArchiveSink ----------------------------------------------------------------
+
+
+@dataclass
+class ArchiveAdapter:
+    sink: ArchiveSink
+    read: Callable[[str, str], Any]
+
+
+@pytest.fixture(params=["memory", "clickhouse"])
+async def archive_adapter(
+    request: pytest.FixtureRequest, store: ClickHouseStore
+) -> AsyncIterator[ArchiveAdapter]:
+    if request.param == "memory":
+        archive = InMemoryArchive()
+
+        async def read_memory(tenant: str, stream: str) -> list[tuple[int, str, str]]:
+            return [(r.stream_version, r.event_id, r.body) for r in archive.stream(tenant, stream)]
+
+        yield ArchiveAdapter(archive, read_memory)
+        return
+    astore = AsyncStore(store)
+
+    async def read_clickhouse(tenant: str, stream: str) -> list[tuple[int, str, str]]:
+        return [
+            (r.stream_version, r.event_id, r.body)
+            for r in await astore.stream_events(tenant, stream)
+        ]
+
+    try:
+        yield ArchiveAdapter(astore, read_clickhouse)
+    finally:
+        astore.close()
+
+
+def rows_for(stream: str, versions: range, tenant: str = "t1") -> list[ArchiveRow]:
+    base = uuid.uuid4().int % 10_000 * 1000
+    events = [make_event(stream, v, n=base + v, tenant_id=tenant) for v in versions]
+    return [
+        archive_row(e, encode(e), topic="t", partition=0, offset=i) for i, e in enumerate(events)
+    ]
+
+
+async def test_archive_is_idempotent_by_event_id(archive_adapter: ArchiveAdapter) -> None:
+    rows = rows_for("ctx-1", range(1, 6))
+    await archive_adapter.sink.write_archive(rows)
+    # Re-delivery after a crash: the same rows again, partly overlapping.
+    await archive_adapter.sink.write_archive(rows[2:])
+    await archive_adapter.sink.write_archive(rows[:1])
+    stored = await archive_adapter.read("t1", "ctx-1")
+    assert [(v, e) for v, e, _ in stored] == [(r.stream_version, r.event_id) for r in rows]
+    assert [body for _, _, body in stored] == [r.body for r in rows]
+
+
+async def test_archive_reads_are_scoped_by_tenant(archive_adapter: ArchiveAdapter) -> None:
+    await archive_adapter.sink.write_archive(rows_for("shared-id", range(1, 3), tenant="t1"))
+    await archive_adapter.sink.write_archive(rows_for("shared-id", range(1, 4), tenant="t2"))
+    assert len(await archive_adapter.read("t1", "shared-id")) == 2
+    assert len(await archive_adapter.read("t2", "shared-id")) == 3
+    assert await archive_adapter.read("t3", "shared-id") == []
+
+
+# ---- ModelProvider --------------------------------------------------------------
+
+
+@pytest.fixture(params=["demo"])
+def model(request: pytest.FixtureRequest) -> ModelProvider:
+    return DemoModel(latency_ms=1)
+
+
+async def test_model_answers_with_its_name_and_token_counts(model: ModelProvider) -> None:
+    completion = await model.complete([ChatMessage(role="user", content="what time is it?")])
+    assert completion.content
+    assert completion.model == model.name
+    assert completion.prompt_tokens > 0 and completion.completion_tokens > 0

@@ -1,0 +1,117 @@
+"""A SIGKILLed archive worker (between writing rows and committing offsets) loses nothing
+and duplicates nothing once a new worker has taken over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from events import encode
+from infra.broker import EmbeddedBroker
+from tests.conftest import Topics
+from tests.integration.test_archive_worker import produce, stream_events
+
+pytestmark = pytest.mark.integration
+
+
+class WorkerProcess:
+    """`chatllm worker` in its own process, with its progress lines collected."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.archived = 0
+        self.changed_at = time.monotonic()
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("archived "):
+                count = int(line.split()[1])
+                if count != self.archived:
+                    self.archived, self.changed_at = count, time.monotonic()
+
+    def wait_for(self, predicate: object, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():  # type: ignore[operator]
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("worker did not get there:\n" + "".join(self.lines[-30:]))
+            time.sleep(0.05)
+
+
+COUNT_SCRIPT = """
+import json
+from infra.config import load_config
+from infra.store import ClickHouseStore
+
+store = ClickHouseStore(load_config().settings.clickhouse).open()
+sql = f"SELECT count(), uniqExact(event_id) FROM {store.db}.events FINAL"
+print(json.dumps(store.client.query(sql).result_rows[0]))
+"""
+
+
+def count_archive(env: dict[str, str]) -> tuple[int, int]:
+    """(rows after dedup, distinct ids), read by another process (chDB: one path per process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    rows, distinct = json.loads(out.stdout.strip().splitlines()[-1])
+    return rows, distinct
+
+
+def test_sigkill_mid_stream_then_restart(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CHATLLM_BROKER__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "CHATLLM_TOPICS__EVENTS": topics.events,
+        "CHATLLM_TOPICS__DEADLETTER": topics.deadletter,
+        "CHATLLM_CLICKHOUSE__PATH": str(tmp_path / "chdb"),
+        "CHATLLM_STREAMS__DATADIR": str(tmp_path / "faust"),
+        # Small batches and a slow commit: a kill is likely to land between write and commit.
+        "CHATLLM_STREAMS__BATCH_SIZE": "100",
+        "CHATLLM_STREAMS__COMMIT_INTERVAL_S": "2.0",
+        "CHATLLM_STREAMS__SESSION_TIMEOUT_S": "3.0",
+        "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
+        "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",
+    }
+    events = stream_events(streams=10, per_stream=300)
+    asyncio.run(produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in events]))
+
+    # Step 1: the first worker is SIGKILLed once it has archived part of the log.
+    first = WorkerProcess(env)
+    first.wait_for(lambda: first.archived >= 500, 90)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert first.archived < len(events), "the kill must land mid-stream"
+
+    # Step 2: a new worker re-reads from the last committed offset and goes quiet when caught up.
+    second = WorkerProcess(env)
+    second.wait_for(lambda: second.archived > 0 and time.monotonic() - second.changed_at > 3, 120)
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(60) == 0, "".join(second.lines[-30:])
+
+    # Step 3: the archive holds every event exactly once (re-deliveries deduplicated).
+    assert count_archive(env) == (len(events), len(events))
+    # The restart really re-delivered something: more rows were written than were missing.
+    assert first.archived + second.archived >= len(events)

@@ -1,0 +1,117 @@
+"""Configuration layering: defaults < file < profile < environment, with provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.config import ConfigError, load_config
+
+FILE = """
+tenant = "acme"
+
+[http]
+port = 8100
+
+[clickhouse]
+path = "/data/chdb"
+
+[profiles.prod.http]
+port = 8200
+host = "0.0.0.0"
+
+[profiles.prod.broker]
+bootstrap_servers = "kafka-1:9092,kafka-2:9092"
+enable_idempotence = true
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "chatllm.toml"
+    path.write_text(FILE)
+    return path
+
+
+def test_defaults_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no chatllm.toml here
+    loaded = load_config(env={})
+    assert loaded.settings.http.port == 8000
+    assert loaded.settings.broker.bootstrap_servers == ""
+    assert set(loaded.sources.values()) == {"default"}
+
+
+def test_each_layer_overrides_the_one_below(config_file: Path) -> None:
+    loaded = load_config(
+        config_file, "prod", env={"CHATLLM_HTTP__PORT": "8300", "CHATLLM_RAY__CONTEXT_HOSTS": "3"}
+    )
+    s = loaded.settings
+    assert s.tenant == "acme"  # file
+    assert s.clickhouse.path == "/data/chdb"  # file
+    assert s.http.host == "0.0.0.0"  # profile
+    assert s.broker.enable_idempotence is True  # profile
+    assert s.http.port == 8300  # env beats profile and file
+    assert s.ray.context_hosts == 3
+    assert loaded.sources["tenant"] == f"file {config_file}"
+    assert loaded.sources["http.host"] == "profile prod"
+    assert loaded.sources["http.port"] == "env CHATLLM_HTTP__PORT"
+    assert loaded.sources["log.level"] == "default"
+
+
+def test_file_and_profile_can_come_from_the_environment(config_file: Path) -> None:
+    loaded = load_config(env={"CHATLLM_CONFIG": str(config_file), "CHATLLM_PROFILE": "prod"})
+    assert loaded.settings.http.port == 8200
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"CHATLLM_HTTP__PORT": "eighty"},
+            "'http.port' (from env CHATLLM_HTTP__PORT): Expected `int`",
+        ),
+        (
+            {"CHATLLM_HTTP__PORT": "70000"},
+            "'http.port' (from env CHATLLM_HTTP__PORT): Expected `int` <= 65535",
+        ),
+        ({"CHATLLM_TOPICS__PARTITIONS": "0"}, "'topics.partitions'"),
+        ({"CHATLLM_LOG__LEVEL": "LOUD"}, "'log.level'"),
+        (
+            {"CHATLLM_HTTP__PROT": "1"},
+            "unknown config key 'http.prot' (from env CHATLLM_HTTP__PROT)",
+        ),
+    ],
+)
+def test_bad_values_name_the_key_its_source_and_why(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_the_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[http]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'http.prot' \(from file"):
+        load_config(path, env={})
+
+
+def test_bad_value_in_a_profile_names_the_profile(config_file: Path) -> None:
+    path = config_file.parent / "p.toml"
+    path.write_text('[profiles.dev.http]\nport = "x"\n')
+    with pytest.raises(ConfigError, match=r"'http.port' \(from profile dev\)"):
+        load_config(path, "dev", env={})
+
+
+def test_missing_profile_lists_the_known_ones(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"profile 'staging' is not defined \(profiles: prod\)"):
+        load_config(config_file, "staging", env={})
+
+
+def test_missing_and_invalid_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[http\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})

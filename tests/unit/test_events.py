@@ -1,0 +1,138 @@
+"""The event codec: round trips, clear rejections, schema evolution, the checked-in schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from events import (
+    CURRENT_SCHEMA,
+    ContextCreated,
+    DecodeError,
+    MessageReceived,
+    ReplyCompleted,
+    ReplyFailed,
+    decode,
+    encode,
+    registered_types,
+)
+from events import upcasters as upcaster_module
+from events.schema import render
+from tests.factories import make_event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PAYLOADS = [
+    ContextCreated(title="trip"),
+    MessageReceived(message_id="m1", content="héllo ✓"),
+    ReplyCompleted(message_id="r1", in_reply_to="m1", content="hi", model="demo-1", latency_ms=1.5),
+    ReplyFailed(in_reply_to="m1", error_class="timeout", message="slow"),
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)
+def test_every_type_round_trips_through_json(payload: object) -> None:
+    event = make_event(payload=payload)  # type: ignore[arg-type]
+    wire = encode(event)
+    # Plain JSON: any Kafka client can read it, and the type name sits at the top.
+    as_json = json.loads(wire)
+    assert as_json["type"] == type(payload).__name__
+    assert as_json["payload"] == msgspec.to_builtins(payload)
+    assert decode(wire) == event
+
+
+def test_every_registered_type_has_a_schema_version() -> None:
+    assert set(registered_types().values()) == set(CURRENT_SCHEMA)
+
+
+def _wire(**changes: object) -> bytes:
+    data = json.loads(encode(make_event()))
+    data.update(changes)
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not json", "malformed envelope"),
+        (b"[1,2]", "malformed envelope"),
+        (_wire(type="PizzaOrdered"), "unknown event type 'PizzaOrdered'"),
+        (_wire(event_id="not-a-uuid"), "$.event_id"),
+        (_wire(event_id="0190a0a0-0000-4000-8000-000000000000"), "$.event_id"),  # v4, not v7
+        (_wire(stream_version=0), "$.stream_version"),
+        (_wire(trace_id="xyz"), "$.trace_id"),
+        (_wire(occurred_at="2026-01-01T00:00:00"), "$.occurred_at"),  # no zone
+        (_wire(occurred_at="2026-01-01T01:00:00+01:00"), "must be UTC"),
+        (_wire(payload={"message_id": "m1"}), "malformed MessageReceived payload"),
+        (_wire(payload={"message_id": "m1", "content": 3}), "$.content"),
+        (b"\xff\xfe", "malformed envelope"),
+    ],
+)
+def test_malformed_events_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(data)
+    assert reason in info.value.reason
+
+
+def test_missing_envelope_field_is_named() -> None:
+    data = json.loads(encode(make_event()))
+    del data["tenant_id"]
+    with pytest.raises(DecodeError, match="tenant_id"):
+        decode(json.dumps(data))
+
+
+def test_a_newer_schema_with_extra_fields_is_still_read() -> None:
+    # Schemas only grow: a newer writer's extra field is ignored by an older reader.
+    data = json.loads(encode(make_event()))
+    data["schema"] = 7
+    data["payload"]["language"] = "pt"
+    event = decode(json.dumps(data))
+    assert isinstance(event.payload, MessageReceived)
+    assert event.schema == 7
+
+
+def test_an_older_schema_is_upcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretend MessageReceived v2 renamed `text` (v1) to `content`, with its upcaster.
+    monkeypatch.setitem(CURRENT_SCHEMA, MessageReceived, 2)
+
+    def v1_to_v2(payload: dict[str, object]) -> dict[str, object]:
+        payload = dict(payload)
+        payload["content"] = payload.pop("text")
+        return payload
+
+    monkeypatch.setitem(upcaster_module.UPCASTERS, ("MessageReceived", 1), v1_to_v2)
+    data = json.loads(encode(make_event()))
+    data["schema"] = 1
+    data["payload"] = {"message_id": "m1", "text": "old words"}
+    event = decode(json.dumps(data))
+    assert event.payload == MessageReceived(message_id="m1", content="old words")
+
+
+def test_a_missing_upcaster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(CURRENT_SCHEMA, MessageReceived, 3)
+    data = json.loads(encode(make_event()))
+    data["schema"] = 2
+    with pytest.raises(DecodeError, match="no upcaster for MessageReceived schema 2 -> 3"):
+        decode(json.dumps(data))
+
+
+def test_encode_refuses_an_envelope_whose_type_lies() -> None:
+    event = msgspec.structs.replace(make_event(), type="ReplyCompleted")
+    with pytest.raises(ValueError, match="does not match payload"):
+        encode(event)
+
+
+def test_checked_in_json_schema_is_current() -> None:
+    assert (ROOT / "docs" / "events.schema.json").read_text() == render()
+
+
+def test_json_schema_names_every_type() -> None:
+    schema = json.loads(render())
+    consts = {
+        schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"]
+        for ref in schema["oneOf"]
+    }
+    assert consts == set(registered_types())
