@@ -212,9 +212,9 @@ def chat(
         )
         raise typer.Exit(1)
     turn = response.json()
-    out.print(f"[dim]context {turn['context_id']}[/dim]")
+    err.print(f"[dim]context {turn['context_id']}[/dim]")
     if turn["ok"]:
-        out.print(turn["reply"], highlight=False)
+        sys.stdout.write(turn["reply"] + "\n")  # unwrapped, so it pipes cleanly
     else:
         err.print(f"[red]the model failed ({turn['error_class']})[/red]")
         raise typer.Exit(1)
