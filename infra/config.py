@@ -39,7 +39,8 @@ class BrokerConfig(_Section):
     """Port of the embedded broker on 127.0.0.1; 0 picks a free one."""
     enable_idempotence: bool = False
     """Idempotent producer: turn on for real Kafka; tansu rejects it (InitProducerId)."""
-    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 5
+    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Producer linger: 0 keeps a chat turn fast (sends in one tick are batched anyway)."""
     request_timeout_ms: Positive = 15000
     delivery_timeout_ms: Positive = 30000
     """Upper bound for one append to be acknowledged; a send never waits forever."""

@@ -1,0 +1,54 @@
+"""Run every benchmark and print one table: measurement, baseline from the same run, ratio."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from benchmarks import bench_archive, bench_codec, bench_log, bench_turn
+from benchmarks.common import Result
+
+SUITES = {
+    "codec": bench_codec.run,
+    "log": bench_log.run,
+    "archive": bench_archive.run,
+    "turn": bench_turn.run,
+}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    chosen = argv or list(SUITES)
+    unknown = [name for name in chosen if name not in SUITES]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(SUITES)}", file=sys.stderr)
+        return 2
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    results: list[Result] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarks", total=len(chosen))
+        for name in chosen:
+            progress.update(task, description=f"running {name}")
+            results.extend(SUITES[name]())
+            progress.advance(task)
+    table = Table(title="chat-llm benchmarks (baseline measured in the same run)")
+    for column in ("benchmark", "measured", "baseline", "ratio", "note"):
+        table.add_column(column, justify="right" if column in ("measured", "ratio") else "left")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{r.value:,.1f} {r.unit}",
+            f"{r.baseline:,.1f} {r.unit} ({r.baseline_name})",
+            f"{r.ratio:.2f}",
+            r.note,
+        )
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
