@@ -26,7 +26,9 @@ class ContextHost:
     def __init__(self, settings: Settings, bootstrap_servers: str) -> None:
         topic = settings.topics.events
         self._sink = KafkaEventSink(bootstrap_servers, topic, settings.broker)
-        self._reader = KafkaStreamReader(bootstrap_servers, topic)
+        self._reader = KafkaStreamReader(
+            bootstrap_servers, topic, timeout_s=settings.broker.delivery_timeout_ms / 1000
+        )
         self._model = DemoModel(latency_ms=settings.model.demo_latency_ms)
         self._clock = SystemClock()
         self._contexts: dict[str, ContextActor] = {}

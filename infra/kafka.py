@@ -98,9 +98,10 @@ def partition_for(key: str, partitions: Sequence[int]) -> int:
 class KafkaStreamReader:
     """Reads one stream back from its partition of the log (a scan: short retention only)."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> None:
         self._bootstrap = bootstrap_servers
         self._topic = topic
+        self._timeout_s = timeout_s
 
     async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
         consumer = AIOKafkaConsumer(
@@ -108,6 +109,9 @@ class KafkaStreamReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id="chatllm-stream-reader",
+            # An empty partition would otherwise hold each fetch for 500 ms: a new
+            # context's first turn waits on this read.
+            fetch_max_wait_ms=10,
         )
         await consumer.start()
         try:
@@ -120,8 +124,9 @@ class KafkaStreamReader:
             await consumer.seek_to_beginning(tp)
             key = stream_id.encode()
             found: list[Envelope[Any]] = []
+            deadline = asyncio.get_running_loop().time() + self._timeout_s
             while True:
-                batches = await consumer.getmany(tp, timeout_ms=200)
+                batches = await consumer.getmany(tp, timeout_ms=20)
                 for record in batches.get(tp, []):
                     if record.key != key or not record.value:
                         continue
@@ -132,6 +137,10 @@ class KafkaStreamReader:
                 highwater = consumer.highwater(tp)
                 if highwater is not None and await consumer.position(tp) >= highwater:
                     break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise LogUnavailable(
+                        f"could not read stream {stream_id!r} within {self._timeout_s}s"
+                    )
             # A producer retry can write an event twice: keep the first of each version.
             seen: set[int] = set()
             unique = []
