@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -31,10 +31,14 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 class ModelError(Exception):
     """A model call failed; `error_class` is one of the classes routing reacts to."""
 
-    def __init__(self, error_class: str, message: str) -> None:
+    def __init__(self, error_class: str, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(f"{error_class}: {message}")
         self.error_class = error_class
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the fields across Ray's pickling
+        return (ModelError, (self.error_class, self.message, self.retry_after_s))
 
 
 class ModelProvider(Protocol):
@@ -44,6 +48,20 @@ class ModelProvider(Protocol):
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
         """Answer the conversation; raise ModelError on a classified failure."""
+        ...
+
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """Answer the conversation piece by piece; raise ModelError on a classified failure."""
+        ...
+
+
+class SentimentScorer(Protocol):
+    """Scores a text's sentiment."""
+
+    name: str
+
+    def score(self, text: str) -> float:
+        """A compound score in -1..1."""
         ...
 
 

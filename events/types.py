@@ -20,11 +20,13 @@ class ContextCreated(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MessageReceived(msgspec.Struct, frozen=True, kw_only=True):
-    """A message entered the context (from the user, or a system prompt)."""
+    """A message entered the context: the user's, a system prompt, or earlier history
+    a stateless (OpenAI-style) request carried along."""
 
     message_id: NonEmpty
     content: str
-    role: Literal["user", "system"] = "user"
+    role: Literal["user", "system", "assistant"] = "user"
+    tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class ReplyCompleted(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,6 +40,9 @@ class ReplyCompleted(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     completion_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     finish_reason: str = "stop"
+    deployment: str = ""
+    fallback: bool = False
+    """True when every routed model failed and the offline demo model answered instead."""
 
 
 class ReplyFailed(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,7 +54,94 @@ class ReplyFailed(msgspec.Struct, frozen=True, kw_only=True):
     model: str = ""
 
 
-Event = ContextCreated | MessageReceived | ReplyCompleted | ReplyFailed
+class InputChecked(msgspec.Struct, frozen=True, kw_only=True):
+    """The sanitizer's verdict on an incoming message (recorded whether it passed or not)."""
+
+    message_id: NonEmpty
+    verdict: Literal["allow", "block"]
+    reasons: tuple[str, ...] = ()
+    length: Annotated[int, msgspec.Meta(ge=0)] = 0
+    policy_version: str = ""
+
+
+class SentimentScored(msgspec.Struct, frozen=True, kw_only=True):
+    """The sentiment of a message: a label and a compound score in -1..1."""
+
+    message_id: NonEmpty
+    label: Literal["positive", "neutral", "negative"]
+    score: Annotated[float, msgspec.Meta(ge=-1, le=1)]
+    scorer: str = ""
+
+
+class RateLimitChecked(msgspec.Struct, frozen=True, kw_only=True):
+    """A rate-limit decision for one request: allowed, or denied by the named limit."""
+
+    allowed: bool
+    limit: str = ""
+    """The limit that denied (e.g. `user:10/hour`), empty when allowed."""
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    rate_factor: float = 1.0
+    """The adaptive factor applied to the per-second rate at the time."""
+    policy_version: str = ""
+
+
+class RouteDecided(msgspec.Struct, frozen=True, kw_only=True):
+    """Which model a request goes to, and everything the decision was based on."""
+
+    in_reply_to: NonEmpty
+    model: NonEmpty
+    chain: tuple[str, ...]
+    """The model and its fallbacks, in the order they will be tried."""
+    complexity: Annotated[float, msgspec.Meta(ge=0, le=1)]
+    features: dict[str, float]
+    band: str
+    reason: Literal["table", "sticky", "requested"]
+    policy_version: str
+
+
+class ModelCalled(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt at calling a model deployment, and how it ended."""
+
+    in_reply_to: NonEmpty
+    model: NonEmpty
+    deployment: NonEmpty
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    outcome: str
+    """`ok`, or the error class: network, timeout, rate_limited, malformed_response,
+    content_policy, context_too_long, circuit_open."""
+    latency_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    detail: str = ""
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class CircuitChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment's circuit breaker changed state."""
+
+    deployment: NonEmpty
+    from_state: str
+    to_state: str
+
+
+class RateAdjusted(msgspec.Struct, frozen=True, kw_only=True):
+    """The adaptive limiter changed the per-second rate factor."""
+
+    factor: Annotated[float, msgspec.Meta(gt=0, le=1)]
+    reason: str
+
+
+Event = (
+    ContextCreated
+    | MessageReceived
+    | ReplyCompleted
+    | ReplyFailed
+    | InputChecked
+    | SentimentScored
+    | RateLimitChecked
+    | RouteDecided
+    | ModelCalled
+    | CircuitChanged
+    | RateAdjusted
+)
 
 # The schema version each type is written with today. Bump it only together with
 # an upcaster from the previous version (events/upcasters.py) and its test.
@@ -58,4 +150,11 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     MessageReceived: 1,
     ReplyCompleted: 1,
     ReplyFailed: 1,
+    InputChecked: 1,
+    SentimentScored: 1,
+    RateLimitChecked: 1,
+    RouteDecided: 1,
+    ModelCalled: 1,
+    CircuitChanged: 1,
+    RateAdjusted: 1,
 }

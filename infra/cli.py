@@ -77,7 +77,7 @@ async def _serve(
     api = build_api(
         gateway=stack.gateway,
         store=stack.astore,
-        default_tenant=settings.tenant,
+        settings=settings,
         archive_stats=lambda: (stack.worker.written, stack.worker.dead_lettered),
         lifespan=stack.processors,
     )
@@ -183,41 +183,49 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
 def chat(
     message: str = typer.Argument(..., help="what to say"),
     context: str | None = typer.Option(None, "--context", help="context id (new one if omitted)"),
-    user: str = typer.Option("cli-user", "--user", help="user id"),
+    model: str = typer.Option("", "--model", help="ask for a model (default: the router decides)"),
+    user: str = typer.Option("cli-user", "--user", help="user id (without an API key)"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY", help="API key"),
     tenant: str | None = TenantOpt,
     url: str | None = UrlOpt,
     config: Path | None = ConfigOpt,
     profile: str | None = ProfileOpt,
 ) -> None:
-    """Send one message through the running service and print the reply."""
-    from infra.clock import SystemClock
+    """Send one message through the running service (its OpenAI-compatible API); print the reply."""
+    from infra.client import ChatClient, ChatError
 
     settings = _load(config, profile).settings
-    context_id = context or SystemClock().new_event_id()
-    headers = {"X-Tenant-Id": tenant} if tenant else {}
+    base = _base_url(settings, url)
+    client = ChatClient(base, api_key=api_key, tenant=tenant, user=user)
     try:
-        response = httpx.post(
-            f"{_base_url(settings, url)}/v1/contexts/{context_id}/messages",
-            json={"content": message, "user_id": user},
-            headers=headers,
-            timeout=60,
-        )
-    except httpx.TransportError as exc:
-        base = _base_url(settings, url)
-        err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
+        reply = client.chat(message, context=context, model=model)
+    except ChatError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
-    if response.status_code != 200:
-        err.print(
-            f"[red]{response.status_code}:[/red] {response.json().get('detail', response.text)}"
-        )
-        raise typer.Exit(1)
-    turn = response.json()
-    err.print(f"[dim]context {turn['context_id']}[/dim]")
-    if turn["ok"]:
-        sys.stdout.write(turn["reply"] + "\n")  # unwrapped, so it pipes cleanly
-    else:
-        err.print(f"[red]the model failed ({turn['error_class']})[/red]")
-        raise typer.Exit(1)
+    note = " · fallback" if reply.fallback else ""
+    err.print(f"[dim]context {reply.context_id} · {reply.model}{note}[/dim]")
+    sys.stdout.write(reply.content + "\n")  # unwrapped, so it pipes cleanly
+
+
+@app.command("key")
+def new_key(
+    tenant: str = typer.Option(..., "--tenant", help="tenant the key belongs to"),
+    user: str = typer.Option(..., "--user", help="user the key acts as"),
+) -> None:
+    """Make a new API key: prints the key once, and the config entry that stores only its hash."""
+    import secrets
+
+    from infra.http import hash_key
+
+    key = "sk-chatllm-" + secrets.token_urlsafe(24)
+    err.print("[bold]API key (shown once, store it now):[/bold]")
+    sys.stdout.write(key + "\n")
+    err.print("\nadd to chatllm.toml:\n")
+    err.print(
+        f'[[auth.keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nuser = "{user}"\n',
+        highlight=False,
+        markup=False,
+    )
 
 
 def _fetch_audit(
@@ -269,10 +277,42 @@ def _fetch_audit(
 
 
 def _summary(event: dict[str, Any]) -> str:
-    payload = event.get("payload", {})
-    text = payload.get("content") or payload.get("message") or payload.get("title") or ""
-    if event.get("type") == "ReplyCompleted":
-        text = f"({payload.get('model')}, {payload.get('latency_ms', 0):.1f} ms) {text}"
+    """One line on what an event says, for the audit table."""
+    p = event.get("payload", {})
+    match event.get("type"):
+        case "ReplyCompleted":
+            flag = ", fallback" if p.get("fallback") else ""
+            text = (
+                f"({p.get('model')}{flag}, {p.get('latency_ms', 0):.1f} ms) {p.get('content', '')}"
+            )
+        case "ReplyFailed":
+            text = f"{p.get('error_class')}: {p.get('message')}"
+        case "InputChecked":
+            text = p.get("verdict", "") + (
+                ": " + "; ".join(p["reasons"]) if p.get("reasons") else ""
+            )
+        case "RateLimitChecked":
+            text = (
+                "allowed"
+                if p.get("allowed")
+                else f"denied by {p.get('limit')}, retry after {p.get('retry_after_s')}s"
+            )
+        case "SentimentScored":
+            text = f"{p.get('label')} {p.get('score', 0):+.2f}"
+        case "RouteDecided":
+            text = (
+                f"→ {p.get('model')} (band {p.get('band')}, score {p.get('complexity', 0):.2f},"
+                f" {p.get('reason')}; chain {' > '.join(p.get('chain', []))})"
+            )
+        case "ModelCalled":
+            detail = f" ({p['detail']})" if p.get("detail") else ""
+            text = f"{p.get('deployment')} try {p.get('attempt')}: {p.get('outcome')}{detail}"
+        case "CircuitChanged":
+            text = f"{p.get('deployment')}: {p.get('from_state')} → {p.get('to_state')}"
+        case "RateAdjusted":
+            text = f"rate factor {p.get('factor')} ({p.get('reason')})"
+        case _:
+            text = p.get("content") or p.get("title") or ""
     return text if len(text) <= 90 else text[:87] + "..."
 
 
@@ -294,7 +334,7 @@ def print_audit(rows: list[dict[str, Any]], context: str, fmt: str) -> None:
             row["type"],
             row["occurred_at"][11:23],
             escape(row["user_id"]),
-            "…" + row["event_id"][-12:],
+            "…" + row["event_id"][-8:],
             escape(_summary(row["event"])),
         )
     out.print(table)

@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from actors.limiter import LimitPolicy
+from actors.router import Deployment, RoutingPolicy, default_deployments
+from actors.sanitizer import SanitizerPolicy
 from events import topics
 
 ENV_PREFIX = "CHATLLM_"
@@ -66,8 +69,8 @@ class RayConfig(_Section):
     """Ray cluster address (ray://host:10001 or 'auto'); empty starts Ray locally."""
     num_cpus: int = 0
     """CPUs for a local Ray; 0 lets Ray decide."""
-    context_hosts: Positive = 2
-    """Ray actors that host the conversation contexts (a context lives on exactly one)."""
+    shards: Positive = 2
+    """Ray actors owning the tenants (contexts, limits, routers); a tenant lives on exactly one."""
     namespace: str = "chatllm"
 
 
@@ -95,6 +98,21 @@ class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class ApiKey(_Section):
+    """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
+
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    tenant: str
+    user: str
+    name: str = ""
+
+
+class AuthConfig(_Section):
+    required: bool = False
+    """Refuse requests without a known API key. Off for the local embedded default."""
+    keys: list[ApiKey] = msgspec.field(default_factory=list)
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -108,6 +126,12 @@ class Settings(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
+    routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
+    sanitizer: SanitizerPolicy = msgspec.field(default_factory=SanitizerPolicy)
+    deployments: list[Deployment] = msgspec.field(default_factory=default_deployments)
+    """Where each model is served; the routing table names models, not deployments."""
 
 
 class ConfigError(ValueError):
@@ -123,11 +147,15 @@ class LoadedConfig:
     values: dict[str, Any]
 
 
+# Maps whose keys are data (model names, error classes), not settings: set as a whole.
+_WHOLE_MAPS = frozenset({"routing.fallbacks", "routing.retries"})
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and dotted not in _WHOLE_MAPS:
             flat.update(_flatten(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -201,7 +229,15 @@ def load_config(
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if key not in _DEFAULTS:
             raise ConfigError(f"unknown config key {key!r} (from env {name})")
-        values[key] = raw
+        if isinstance(_DEFAULTS[key], list | tuple | dict):
+            try:  # lists and maps come as JSON in the environment
+                values[key] = msgspec.json.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(
+                    f"config key {key!r} (from env {name}) is not JSON: {exc}"
+                ) from None
+        else:
+            values[key] = raw
         sources[key] = f"env {name}"
 
     for key, value in (overrides or {}).items():
@@ -215,7 +251,26 @@ def load_config(
         settings = msgspec.convert(_unflatten(values), Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), sources)) from None
+    _check_models(settings, sources)
     return LoadedConfig(settings=settings, sources=sources, values=values)
+
+
+def _check_models(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The routing table may only name models that some deployment serves."""
+    served = {d.model for d in settings.deployments}
+    for band in settings.routing.bands:
+        if band.model not in served:
+            raise ConfigError(
+                f"invalid config key 'routing.bands' (from {sources['routing.bands']}): band "
+                f"{band.name!r} routes to model {band.model!r}, which no deployment serves "
+                f"(deployments serve: {', '.join(sorted(served))})"
+            )
+    names = [d.name for d in settings.deployments]
+    if len(names) != len(set(names)):
+        raise ConfigError(
+            f"invalid config key 'deployments' (from {sources['deployments']}): "
+            "deployment names must be unique"
+        )
 
 
 def _explain(message: str, sources: Mapping[str, str]) -> str:

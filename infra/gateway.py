@@ -1,27 +1,38 @@
-"""The request path's front: routes a chat turn to the Ray actor that owns the context."""
+"""The front of the request path: sends a chat turn to the shard that owns the tenant."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.context import ChatTurn, SendMessage
+from actors.chat import ChatRequest, TurnOutcome
 
 
-def host_index(context_id: str, hosts: int) -> int:
-    """Which context host owns `context_id` (stable across restarts and processes)."""
-    return zlib.crc32(context_id.encode()) % hosts
+def shard_index(tenant_id: str, shards: int) -> int:
+    """Which shard owns `tenant_id` (stable across restarts and processes)."""
+    return zlib.crc32(tenant_id.encode()) % shards
 
 
 class Gateway:
     """One actor round trip per chat turn."""
 
-    def __init__(self, hosts: list[Any]) -> None:
-        if not hosts:
-            raise ValueError("the gateway needs at least one context host")
-        self._hosts = hosts
+    def __init__(self, shards: list[Any], models: list[str]) -> None:
+        if not shards:
+            raise ValueError("the gateway needs at least one shard")
+        self._shards = shards
+        self.models = models
 
-    async def chat(self, command: SendMessage) -> ChatTurn:
-        host = self._hosts[host_index(command.context_id, len(self._hosts))]
-        turn: ChatTurn = await host.send_message.remote(command)
-        return turn
+    def _shard(self, request: ChatRequest) -> Any:
+        return self._shards[shard_index(request.meta.tenant_id, len(self._shards))]
+
+    async def turn(self, request: ChatRequest) -> TurnOutcome:
+        outcome: TurnOutcome = await self._shard(request).turn.remote(request)
+        return outcome
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
+        generator = (
+            self._shard(request).stream_turn.options(num_returns="streaming").remote(request)
+        )
+        async for ref in generator:
+            yield await ref

@@ -1,19 +1,26 @@
-"""The HTTP API (FastAPI; OpenAPI at /docs and /openapi.json)."""
+"""The HTTP API (FastAPI): OpenAI-compatible chat completions, contexts, the audit trail.
 
-from __future__ import annotations
+OpenAPI at /docs and /openapi.json. OpenAI clients work unchanged with their
+base_url pointed at http://host:port/v1; errors use OpenAI's error shape there.
+"""
 
 import contextlib
+import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import FastAPI, Header, HTTPException, Path, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actors.context import ChatTurn, ContextRejected, SendMessage, VersionConflict
+from actors.chat import ChatRequest, TurnOutcome
+from actors.context import ContextRejected, RequestMeta, VersionConflict
+from actors.ports import ChatMessage
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
+from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.store import AsyncStore
 
@@ -21,10 +28,51 @@ log = logging.getLogger(__name__)
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 ContextId = Annotated[str, Path(pattern=IDENT, description="context id (letters, digits, . _ : -)")]
-TenantHeader = Annotated[
-    str | None,
-    Header(alias="X-Tenant-Id", pattern=IDENT, description="tenant; default from config"),
-]
+
+
+def hash_key(key: str) -> str:
+    """How API keys are stored: SHA-256 hex of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Caller(BaseModel):
+    tenant_id: str
+    user_id: str
+
+
+class OpenAIError(Exception):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = headers or {}
+
+
+# ---- request and response bodies ---------------------------------------------------
+
+
+class InMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class CompletionIn(BaseModel):
+    """OpenAI's chat completion request; fields chat-llm does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    messages: list[InMessage] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    user: str | None = Field(default=None, pattern=IDENT)
 
 
 class MessageIn(BaseModel):
@@ -44,6 +92,7 @@ class TurnOut(BaseModel):
     ok: bool
     reply: str
     model: str
+    fallback: bool = False
     error_class: str = ""
     events: list[EventRef]
 
@@ -65,11 +114,46 @@ class Health(BaseModel):
     dead_lettered: int
 
 
+def _refs(outcome: TurnOutcome) -> list[EventRef]:
+    return [
+        EventRef(event_id=e.event_id, type=e.type, stream_version=e.stream_version)
+        for e in outcome.events
+    ]
+
+
+def outcome_error(outcome: TurnOutcome) -> OpenAIError | None:
+    """The HTTP error of a turn that did not produce a reply (None if it did)."""
+    if outcome.status == "ok":
+        return None
+    if outcome.status == "denied":
+        return OpenAIError(
+            429,
+            f"{outcome.detail}; retry after {outcome.retry_after_s:g}s",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, round(outcome.retry_after_s + 0.499)))},
+        )
+    if outcome.status == "blocked":
+        return OpenAIError(
+            400, f"message rejected: {outcome.detail}", "invalid_request_error", "input_rejected"
+        )
+    if outcome.error_class == "content_policy":
+        return OpenAIError(400, outcome.detail, "invalid_request_error", "content_policy_violation")
+    if outcome.error_class == "context_too_long":
+        return OpenAIError(400, outcome.detail, "invalid_request_error", "context_length_exceeded")
+    return OpenAIError(
+        502,
+        f"the model failed ({outcome.error_class}): {outcome.detail}",
+        "api_error",
+        outcome.error_class,
+    )
+
+
 def build_api(
     *,
     gateway: Any,
     store: AsyncStore,
-    default_tenant: str,
+    settings: Settings,
     archive_stats: Callable[[], tuple[int, int]],
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
@@ -85,65 +169,215 @@ def build_api(
 
     api = FastAPI(title="chat-llm", version="0.1.0", lifespan=_lifespan)
     clock = SystemClock()
+    keys = {k.sha256: k for k in settings.auth.keys}
+
+    @api.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        body = {
+            "error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
+        }
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @api.exception_handler(LogUnavailable)
     async def _log_down(_: Request, exc: LogUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": f"event log unavailable, nothing was recorded: {exc}"}, 503)
+        message = f"event log unavailable, nothing was recorded: {exc}"
+        return JSONResponse(
+            {
+                "detail": message,
+                "error": {
+                    "message": message,
+                    "type": "api_error",
+                    "param": None,
+                    "code": "log_unavailable",
+                },
+            },
+            503,
+        )
+
+    def caller(
+        authorization: Annotated[str | None, Header()] = None,
+        x_tenant_id: Annotated[str | None, Header(pattern=IDENT)] = None,
+    ) -> Caller:
+        """Who calls: the API key's tenant and user; without keys, the X-Tenant-Id header."""
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            key = keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" else None
+            if key is None:
+                raise OpenAIError(
+                    401, "invalid API key", "invalid_request_error", "invalid_api_key"
+                )
+            return Caller(tenant_id=key.tenant, user_id=key.user)
+        if settings.auth.required:
+            raise OpenAIError(
+                401,
+                "an API key is required (Authorization: Bearer ...)",
+                "invalid_request_error",
+                "missing_api_key",
+            )
+        return Caller(tenant_id=x_tenant_id or settings.tenant, user_id="")
+
+    async def run_turn(request: ChatRequest) -> TurnOutcome:
+        try:
+            outcome: TurnOutcome = await gateway.turn(request)
+        except Exception as exc:
+            raise _as_http(exc) from None
+        return outcome
+
+    def meta_for(
+        who: Caller, context_id: str, user: str | None, traceparent: str | None
+    ) -> RequestMeta:
+        return RequestMeta(
+            context_id=context_id,
+            tenant_id=who.tenant_id,
+            user_id=who.user_id or user or "anonymous",
+            trace_id=parse_traceparent(traceparent) or new_trace_id(),
+            correlation_id=clock.new_event_id(),
+        )
 
     @api.get("/healthz", response_model=Health)
     async def health() -> Health:
         written, dead = archive_stats()
         return Health(status="ok", archived=written, dead_lettered=dead)
 
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The models the router can send requests to (OpenAI's list shape)."""
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "chat-llm"}
+                for m in gateway.models
+            ],
+        }
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        raw: Request,
+        who: Annotated[Caller, Depends(caller)],
+        x_context_id: Annotated[str | None, Header()] = None,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """OpenAI-compatible. Without X-Context-Id every request is a new context holding the
+        whole conversation; with it, the context keeps the history and only the last
+        message is new."""
+        try:
+            body = CompletionIn.model_validate_json(await raw.body())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise OpenAIError(
+                400,
+                f"invalid request: {where}: {first['msg']}",
+                "invalid_request_error",
+                "invalid_request",
+            ) from None
+        if body.messages[-1].role != "user":
+            raise OpenAIError(
+                400,
+                "the last message must have role 'user'",
+                "invalid_request_error",
+                "invalid_request",
+            )
+        if x_context_id is not None and not _valid_ident(x_context_id):
+            raise OpenAIError(
+                400, "invalid X-Context-Id", "invalid_request_error", "invalid_request"
+            )
+        context_id = x_context_id or clock.new_event_id()
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
+        request = ChatRequest(
+            meta=meta_for(who, context_id, body.user, traceparent),
+            messages=messages if x_context_id is None else messages[-1:],
+            model=body.model,
+        )
+        completion_id = f"chatcmpl-{request.meta.correlation_id}"
+        created = int(time.time())
+        headers = {"X-Context-Id": context_id}
+        if body.stream:
+            # Wait for the first item: a denial or rejection comes before any text, and must
+            # be a proper HTTP error (429, 400), not an error inside a 200 stream.
+            items = gateway.stream(request).__aiter__()
+            try:
+                first = await items.__anext__()
+            except Exception as exc:
+                raise _as_http(exc) from None
+            if isinstance(first, TurnOutcome):
+                error = outcome_error(first)
+                if error is not None:
+                    error.headers.update(headers)
+                    raise error
+            return StreamingResponse(
+                _sse(first, items, completion_id, created, body.model),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        outcome = await run_turn(request)
+        error = outcome_error(outcome)
+        if error is not None:
+            error.headers.update(headers)
+            raise error
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": outcome.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": outcome.reply},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "completion_tokens": outcome.completion_tokens,
+                    "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+                },
+                "chatllm": {
+                    "context_id": context_id,
+                    "deployment": outcome.deployment,
+                    "fallback": outcome.fallback,
+                    "events": [r.model_dump() for r in _refs(outcome)],
+                },
+            },
+            headers={**headers, "X-Chatllm-Fallback": str(outcome.fallback).lower()},
+        )
+
     @api.post("/v1/contexts/{context_id}/messages", response_model=TurnOut)
     async def send_message(
         context_id: ContextId,
         body: MessageIn,
-        tenant: TenantHeader = None,
+        who: Annotated[Caller, Depends(caller)],
         traceparent: Annotated[str | None, Header()] = None,
     ) -> TurnOut:
         """Send a message to a context (created on its first message); returns the reply."""
-        command = SendMessage(
-            context_id=context_id,
-            tenant_id=tenant or default_tenant,
-            user_id=body.user_id,
-            content=body.content,
+        request = ChatRequest(
+            meta=meta_for(who, context_id, body.user_id, traceparent),
+            messages=(ChatMessage(role="user", content=body.content),),
             title=body.title,
-            trace_id=parse_traceparent(traceparent) or new_trace_id(),
-            correlation_id=clock.new_event_id(),
         )
-        try:
-            turn: ChatTurn = await gateway.chat(command)
-        except ContextRejected as exc:
-            raise HTTPException(403, str(exc)) from None
-        except VersionConflict as exc:
-            raise HTTPException(409, f"concurrent writer on this context: {exc}") from None
-        except LogUnavailable:
-            raise
-        except Exception as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, LogUnavailable):
-                raise cause from None
-            log.exception("chat turn failed")
-            raise HTTPException(503, f"the context actor failed: {type(exc).__name__}") from None
+        outcome = await run_turn(request)
+        if outcome.status in ("denied", "blocked"):
+            error = outcome_error(outcome)
+            assert error is not None
+            raise HTTPException(error.status, error.message, headers=error.headers)
         return TurnOut(
-            context_id=turn.context_id,
-            ok=turn.ok,
-            reply=turn.reply,
-            model=turn.model,
-            error_class=turn.error_class,
-            events=[
-                EventRef(event_id=e.event_id, type=e.type, stream_version=e.stream_version)
-                for e in turn.events
-            ],
+            context_id=outcome.context_id,
+            ok=outcome.status == "ok",
+            reply=outcome.reply,
+            model=outcome.model,
+            fallback=outcome.fallback,
+            error_class=outcome.error_class,
+            events=_refs(outcome),
         )
 
     @api.get("/v1/contexts/{context_id}/events", response_model=list[AuditEvent])
     async def context_events(
-        context_id: ContextId, tenant: TenantHeader = None
+        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
     ) -> list[AuditEvent]:
         """The context's archived events in stream order (the audit trail)."""
-        records = await store.stream_events(tenant or default_tenant, context_id)
+        records = await store.stream_events(who.tenant_id, context_id)
         return [
             AuditEvent(
                 stream_version=r.stream_version,
@@ -159,3 +393,78 @@ def build_api(
         ]
 
     return api
+
+
+def _valid_ident(value: str) -> bool:
+    import re
+
+    return re.fullmatch(IDENT, value) is not None
+
+
+def _as_http(exc: Exception) -> Exception:
+    """Domain errors from the actor (Ray re-raises them as themselves) to HTTP errors."""
+    if isinstance(exc, ContextRejected):
+        return OpenAIError(403, str(exc), "permission_error", "context_forbidden")
+    if isinstance(exc, VersionConflict):
+        return OpenAIError(
+            409, f"concurrent writer on this context: {exc}", "api_error", "version_conflict"
+        )
+    cause = exc if isinstance(exc, LogUnavailable) else getattr(exc, "cause", None)
+    if isinstance(cause, LogUnavailable):
+        return cause
+    log.error("chat turn failed: %r", exc)
+    return OpenAIError(
+        503, f"the chat shard failed: {type(exc).__name__}", "api_error", "shard_unavailable"
+    )
+
+
+def _chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None
+) -> str:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    return f"data: {msgspec.json.encode(body).decode()}\n\n"
+
+
+async def _sse(
+    first: str | TurnOutcome,
+    items: AsyncIterator[str | TurnOutcome],
+    completion_id: str,
+    created: int,
+    model: str,
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a failure ends the stream with an error
+    event instead of [DONE], so a cut answer is never mistaken for a whole one."""
+    shown_model = model or "chat-llm"
+    yield _chunk(completion_id, created, shown_model, {"role": "assistant", "content": ""}, None)
+
+    async def everything() -> AsyncIterator[str | TurnOutcome]:
+        yield first
+        async for item in items:
+            yield item
+
+    try:
+        async for item in everything():
+            if isinstance(item, TurnOutcome):
+                error = outcome_error(item)
+                if error is not None:
+                    yield _error_event(error.message, error.type, error.code)
+                    return
+                yield _chunk(completion_id, created, item.model, {}, "stop")
+                yield "data: [DONE]\n\n"
+                return
+            yield _chunk(completion_id, created, shown_model, {"content": item}, None)
+        yield _error_event("the stream ended without an outcome", "api_error", "stream_failed")
+    except Exception as exc:
+        failure = _as_http(exc)
+        yield _error_event(getattr(failure, "message", str(failure)), "api_error", "stream_failed")
+
+
+def _error_event(message: str, type_: str, code: str | None) -> str:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return f"data: {msgspec.json.encode(body).decode()}\n\n"

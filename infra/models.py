@@ -1,13 +1,23 @@
-"""Model providers. The demo model is offline and deterministic: the same conversation
-always gets the same reply, so tests, demos and replays are repeatable."""
+"""Model providers: the offline demo model and any OpenAI-compatible HTTP API.
+
+The demo model is deterministic: the same conversation always gets the same reply,
+so tests, demos and replays are repeatable. It streams word by word, and can be
+told to be slow or to fail in a given error class (for tests and fault drills).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
 
-from actors.ports import ChatMessage, Completion
+import httpx
+
+from actors.chat import count_tokens
+from actors.ports import ChatMessage, Completion, ModelError
+from actors.router import Deployment
 
 _OPENERS = (
     "Here is a short answer",
@@ -17,30 +27,180 @@ _OPENERS = (
 )
 
 
-def count_tokens(text: str) -> int:
-    """A cheap token estimate (whitespace words); real providers report their own counts."""
-    return len(text.split())
-
-
 class DemoModel:
     """An offline model: a deterministic reply derived from the conversation."""
 
-    def __init__(self, name: str = "demo-1", latency_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str = "demo-1",
+        latency_ms: float = 0.0,
+        faults: Sequence[str] = (),
+        down: bool = False,
+    ) -> None:
         self.name = name
         self._latency_s = latency_ms / 1000
+        self._faults = list(faults)
+        self._down = down
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
-        if self._latency_s:
-            await asyncio.sleep(self._latency_s)
+    def reply_to(self, messages: Sequence[ChatMessage]) -> str:
         last = next((m.content for m in reversed(messages) if m.role == "user"), "")
         digest = hashlib.sha256("\x1f".join(m.content for m in messages).encode()).digest()
         opener = _OPENERS[digest[0] % len(_OPENERS)]
         topic = " ".join(last.split()[:8]) or "(nothing)"
         turn = sum(1 for m in messages if m.role == "user")
-        content = f"{opener} (turn {turn}): you said \u201c{topic}\u201d."
+        return f"{opener} (turn {turn}): you said \u201c{topic}\u201d."
+
+    def _maybe_fail(self) -> None:
+        if self._down:
+            raise ModelError("network", f"{self.name} is down")
+        if self._faults:
+            fault = self._faults.pop(0)
+            if fault == "stream_cut":
+                self._faults.insert(0, fault)  # raised mid-stream by stream()
+                return
+            retry_after = 0.05 if fault == "rate_limited" else 0.0
+            raise ModelError(fault, f"injected {fault} fault", retry_after_s=retry_after)
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
+        self._maybe_fail()
+        words = self.reply_to(messages).split(" ")
+        for i, word in enumerate(words):
+            if i == len(words) // 2 and self._faults[:1] == ["stream_cut"]:
+                self._faults.pop(0)
+                raise ModelError("network", "stream cut mid-answer")
+            yield word if i == 0 else " " + word
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        content = "".join([piece async for piece in self.stream(messages)])
         return Completion(
             content=content,
             model=self.name,
             prompt_tokens=sum(count_tokens(m.content) for m in messages),
             completion_tokens=count_tokens(content),
         )
+
+
+def _classify_status(status: int, body: str, retry_after: str | None) -> ModelError:
+    text = body[:300]
+    if status == 429:
+        try:
+            seconds = float(retry_after) if retry_after else 1.0
+        except ValueError:
+            seconds = 1.0
+        return ModelError("rate_limited", f"429 from upstream: {text}", retry_after_s=seconds)
+    if status in (400, 413) and (
+        "context_length" in body or "maximum context" in body or status == 413
+    ):
+        return ModelError("context_too_long", f"{status}: {text}")
+    if status == 400 and ("content_policy" in body or "content_filter" in body or "safety" in body):
+        return ModelError("content_policy", f"{status}: {text}")
+    if status in (408, 504):
+        return ModelError("timeout", f"{status} from upstream")
+    if status >= 500:
+        return ModelError("network", f"{status} from upstream: {text}")
+    return ModelError("malformed_response", f"unexpected {status}: {text}")
+
+
+class OpenAICompatibleModel:
+    """Any OpenAI-compatible chat completions API (OpenAI, vLLM, Ollama, LiteLLM, chat-llm)."""
+
+    def __init__(self, deployment: Deployment, client: httpx.AsyncClient | None = None) -> None:
+        if not deployment.base_url:
+            raise ValueError(f"deployment {deployment.name!r}: provider openai needs base_url")
+        self.name = deployment.model
+        self._deployment = deployment
+        self._model = deployment.upstream_model or deployment.model
+        key = os.environ.get(deployment.api_key_env, "") if deployment.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = client or httpx.AsyncClient(
+            base_url=deployment.base_url.rstrip("/"), headers=headers, timeout=deployment.timeout_s
+        )
+
+    def _body(self, messages: Sequence[ChatMessage], stream: bool) -> dict[str, object]:
+        return {
+            "model": self._model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": stream,
+        }
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        try:
+            async with self._client.stream(
+                "POST", "/chat/completions", json=self._body(messages, True)
+            ) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode(errors="replace")
+                    raise _classify_status(
+                        response.status_code, body, response.headers.get("retry-after")
+                    )
+                done = False
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            raise ModelError(
+                                "network", f"upstream error mid-stream: {chunk['error']}"
+                            )
+                        delta = chunk["choices"][0].get("delta", {}).get("content") or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        raise ModelError(
+                            "malformed_response", f"bad stream chunk: {exc!r}"
+                        ) from None
+                    if delta:
+                        yield delta
+                if not done:
+                    raise ModelError("network", "stream ended without [DONE]")
+        except httpx.TimeoutException as exc:
+            raise ModelError("timeout", f"{self._deployment.name}: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise ModelError("network", f"{self._deployment.name}: {exc!r}") from None
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        try:
+            response = await self._client.post(
+                "/chat/completions", json=self._body(messages, False)
+            )
+        except httpx.TimeoutException as exc:
+            raise ModelError("timeout", f"{self._deployment.name}: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise ModelError("network", f"{self._deployment.name}: {exc!r}") from None
+        if response.status_code != 200:
+            raise _classify_status(
+                response.status_code, response.text, response.headers.get("retry-after")
+            )
+        try:
+            data = response.json()
+            content = data["choices"][0]["message"]["content"] or ""
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ModelError("malformed_response", f"bad completion: {exc!r}") from None
+        return Completion(
+            content=content,
+            model=self.name,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", count_tokens(content))),
+            finish_reason=data["choices"][0].get("finish_reason") or "stop",
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def provider_for(deployment: Deployment) -> DemoModel | OpenAICompatibleModel:
+    """The provider that serves a deployment."""
+    if deployment.provider == "openai":
+        return OpenAICompatibleModel(deployment)
+    return DemoModel(
+        name=deployment.model,
+        latency_ms=deployment.latency_ms,
+        faults=deployment.faults,
+        down=deployment.down,
+    )

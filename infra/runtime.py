@@ -15,9 +15,9 @@ from typing import Any
 
 from infra.broker import EmbeddedBroker
 from infra.config import RayConfig, Settings
-from infra.context_host import ContextHost
 from infra.gateway import Gateway
 from infra.kafka import ensure_topics
+from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
 from streams.app import ArchiveWorker, WorkerSettings
 
@@ -41,19 +41,19 @@ def start_ray(config: RayConfig) -> None:
         )
 
 
-def start_context_hosts(settings: Settings, bootstrap_servers: str) -> list[Any]:
-    """The Ray actors that own the contexts; restarted by Ray if their process dies."""
+def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
+    """The Ray actors that own the tenants; restarted by Ray if their process dies."""
     import ray
 
-    remote_host: Any = ray.remote(ContextHost)
+    remote_shard: Any = ray.remote(ChatShard)
     hosts = [
-        remote_host.options(
+        remote_shard.options(
             # Actors reserve a CPU each by default: on 2 cores that would starve Ray.
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
         ).remote(settings, bootstrap_servers)
-        for _ in range(settings.ray.context_hosts)
+        for _ in range(settings.ray.shards)
     ]
     ray.get([h.ready.remote() for h in hosts])
     return hosts
@@ -129,9 +129,9 @@ class Stack:
 
             owns_ray = not ray.is_initialized()
             start_ray(settings.ray)
-            hosts = start_context_hosts(settings, bootstrap)
+            hosts = start_shards(settings, bootstrap)
             worker = ArchiveWorker(worker_settings(settings, bootstrap), astore)
-            gateway = Gateway(hosts)
+            gateway = Gateway(hosts, sorted({d.model for d in settings.deployments}))
         except BaseException:
             if store is not None:
                 store.close()

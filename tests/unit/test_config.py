@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_defaults_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_each_layer_overrides_the_one_below(config_file: Path) -> None:
     loaded = load_config(
-        config_file, "prod", env={"CHATLLM_HTTP__PORT": "8300", "CHATLLM_RAY__CONTEXT_HOSTS": "3"}
+        config_file, "prod", env={"CHATLLM_HTTP__PORT": "8300", "CHATLLM_RAY__SHARDS": "3"}
     )
     s = loaded.settings
     assert s.tenant == "acme"  # file
@@ -52,7 +53,7 @@ def test_each_layer_overrides_the_one_below(config_file: Path) -> None:
     assert s.http.host == "0.0.0.0"  # profile
     assert s.broker.enable_idempotence is True  # profile
     assert s.http.port == 8300  # env beats profile and file
-    assert s.ray.context_hosts == 3
+    assert s.ray.shards == 3
     assert loaded.sources["tenant"] == f"file {config_file}"
     assert loaded.sources["http.host"] == "profile prod"
     assert loaded.sources["http.port"] == "env CHATLLM_HTTP__PORT"
@@ -115,3 +116,53 @@ def test_missing_and_invalid_files_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("[http\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+
+
+def test_policies_and_deployments_come_from_toml_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        """
+[limits]
+user = "10/minute"
+
+[routing]
+fallbacks = {gpt = ["demo-1"]}
+bands = [{name = "all", max_complexity = 1.0, model = "gpt"}]
+
+[[deployments]]
+name = "gpt-a"
+model = "gpt"
+provider = "openai"
+base_url = "http://127.0.0.1:9999/v1"
+
+[[deployments]]
+name = "demo-1-a"
+model = "demo-1"
+"""
+    )
+    loaded = load_config(path, env={"CHATLLM_LIMITS__RATE_PER_S": "5"})
+    s = loaded.settings
+    assert s.limits.user == "10/minute" and s.limits.rate_per_s == 5.0
+    # A map keyed by model names is set as a whole, not merged key by key.
+    assert s.routing.fallbacks == {"gpt": ["demo-1"]}
+    assert [d.name for d in s.deployments] == ["gpt-a", "demo-1-a"]
+
+
+def test_lists_in_the_environment_are_json(tmp_path: Path) -> None:
+    deployments = [{"name": f"{m}-x", "model": m} for m in ("demo-fast", "demo-1", "demo-large")]
+    loaded = load_config(env={"CHATLLM_DEPLOYMENTS": json.dumps(deployments)})
+    assert [d.name for d in loaded.settings.deployments] == [
+        "demo-fast-x",
+        "demo-1-x",
+        "demo-large-x",
+    ]
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_config(env={"CHATLLM_DEPLOYMENTS": "[oops"})
+
+
+def test_a_band_routing_to_an_unserved_model_is_named() -> None:
+    bands = '[{"name": "big", "max_complexity": 1.0, "model": "gpt-9"}]'
+    with pytest.raises(
+        ConfigError, match="band 'big' routes to model 'gpt-9', which no deployment serves"
+    ):
+        load_config(env={"CHATLLM_ROUTING__BANDS": bands})

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-
 import pytest
 
 from actors.context import (
     ContextActor,
     ContextRejected,
     ContextState,
-    SendMessage,
+    RequestMeta,
     VersionConflict,
-    decide_message,
     evolve,
     fold,
 )
-from actors.ports import ChatMessage, Completion, ModelError
-from events import ContextCreated, MessageReceived, ReplyCompleted, ReplyFailed
+from actors.ports import ChatMessage
+from events import (
+    ContextCreated,
+    MessageReceived,
+    RateLimitChecked,
+    ReplyCompleted,
+    ReplyFailed,
+)
 from infra.memory import InMemoryLog
-from infra.models import DemoModel
 from tests.factories import FakeClock, make_event
 
 
-def command(text: str = "hi", *, context: str = "ctx-1", tenant: str = "t1") -> SendMessage:
-    return SendMessage(
+def meta(context: str = "ctx-1", tenant: str = "t1") -> RequestMeta:
+    return RequestMeta(
         context_id=context,
         tenant_id=tenant,
         user_id="u1",
-        content=text,
         trace_id="0af7651916cd43dd8448eb211c80319c",
         correlation_id="req-1",
     )
 
 
-def test_first_message_creates_the_context() -> None:
-    decided = decide_message(ContextState(context_id="ctx-1"), command(), "m1")
-    assert decided == [ContextCreated(title=""), MessageReceived(message_id="m1", content="hi")]
+def reply(model: str = "demo-1", fallback: bool = False) -> ReplyCompleted:
+    return ReplyCompleted(
+        message_id="r1", in_reply_to="m1", content="a", model=model, latency_ms=1, fallback=fallback
+    )
 
 
 def test_evolve_rejects_gaps_duplicates_and_foreign_streams() -> None:
@@ -55,130 +56,86 @@ def test_evolve_rejects_gaps_duplicates_and_foreign_streams() -> None:
 def test_state_is_a_fold_of_the_events() -> None:
     events = [
         make_event(version=1, payload=ContextCreated(title="t")),
-        make_event(version=2, payload=MessageReceived(message_id="m1", content="q")),
+        make_event(version=2, payload=RateLimitChecked(allowed=True)),
+        make_event(version=3, payload=MessageReceived(message_id="m1", content="q")),
+        make_event(version=4, payload=reply("demo-large")),
         make_event(
-            version=3,
-            payload=ReplyCompleted(
-                message_id="r1", in_reply_to="m1", content="a", model="demo-1", latency_ms=1
-            ),
-        ),
-        make_event(
-            version=4, payload=ReplyFailed(in_reply_to="m1", error_class="timeout", message="")
+            version=5, payload=ReplyFailed(in_reply_to="m1", error_class="timeout", message="")
         ),
     ]
     state = fold(ContextState(context_id="ctx-1"), events)
-    assert state.version == 4
-    assert state.tenant_id == "t1" and state.title == "t"
+    assert state.version == 5
+    assert (state.tenant_id, state.title, state.model) == ("t1", "t", "demo-large")
     assert state.messages == (
         ChatMessage(role="user", content="q", message_id="m1"),
         ChatMessage(role="assistant", content="a", message_id="r1"),
     )
 
 
-def make_actor(
-    log: InMemoryLog, model: object | None = None, context: str = "ctx-1"
-) -> ContextActor:
-    return ContextActor(
-        context,
-        sink=log,
-        model=model or DemoModel(),
-        clock=FakeClock(),
-        history=[],  # type: ignore[arg-type]
-    )
-
-
-async def test_a_turn_writes_gapless_versions_and_returns_the_reply() -> None:
-    log = InMemoryLog()
-    actor = make_actor(log)
-    first = await actor.send_message(command("hello"))
-    second = await actor.send_message(command("again"))
-    # Step 1: the turn's events are in the log before the call returned.
-    events = await log.read_stream("ctx-1")
-    assert [e.stream_version for e in events] == [1, 2, 3, 4, 5]
-    assert [e.type for e in events] == [
-        "ContextCreated",
-        "MessageReceived",
-        "ReplyCompleted",
-        "MessageReceived",
-        "ReplyCompleted",
+def test_a_fallback_reply_does_not_move_the_conversation_off_its_model() -> None:
+    events = [
+        make_event(version=1, payload=reply("demo-1")),
+        make_event(version=2, payload=reply("demo-fallback", True)),
     ]
-    # Step 2: what the caller got is exactly what was logged.
-    assert [*first.events, *second.events] == events
-    assert first.ok and "hello" in first.reply
-    # Step 3: the reply is caused by the message it answers, within one correlation.
-    assert events[2].causation_id == events[1].event_id
-    assert {e.correlation_id for e in events} == {"req-1"}
+    assert fold(ContextState(context_id="ctx-1"), events).model == "demo-1"
 
 
-async def test_concurrent_messages_to_one_context_never_interleave() -> None:
-    log = InMemoryLog()
-    actor = make_actor(log, DemoModel(latency_ms=2))
-    await asyncio.gather(*(actor.send_message(command(f"m{i}")) for i in range(10)))
-    events = await log.read_stream("ctx-1")
-    assert [e.stream_version for e in events] == list(range(1, 22))
-    # Every reply directly follows the message it answers.
-    for received, reply in zip(events[1::2], events[2::2], strict=True):
-        assert reply.payload.in_reply_to == received.payload.message_id
-
-
-async def test_a_restarted_actor_rebuilds_exactly_from_its_stream() -> None:
-    log = InMemoryLog()
-    actor = make_actor(log)
-    for text in ("one", "two", "three"):
-        await actor.send_message(command(text))
-    rebuilt = ContextActor(
-        "ctx-1",
-        sink=log,
-        model=DemoModel(),
-        clock=FakeClock(),
-        history=await log.read_stream("ctx-1"),
+def test_the_first_event_of_any_kind_fixes_the_tenant() -> None:
+    # A denied first request still opens the stream; the context then belongs to that tenant.
+    state = evolve(
+        ContextState(context_id="ctx-1"),
+        make_event(version=1, payload=RateLimitChecked(allowed=False)),
     )
-    assert rebuilt.state == actor.state
-    turn = await rebuilt.send_message(command("four"))
-    assert turn.events[0].stream_version == 8
+    assert state.tenant_id == "t1"
+
+
+async def test_record_assigns_gapless_versions_and_causation() -> None:
+    log = InMemoryLog()
+    actor = ContextActor("ctx-1", sink=log, clock=FakeClock())
+    first = await actor.record(
+        [ContextCreated(), MessageReceived(message_id="m1", content="q")], meta(), "m1"
+    )
+    second = await actor.record([reply()], meta())
+    assert [e.stream_version for e in first + second] == [1, 2, 3]
+    assert await log.read_stream("ctx-1") == first + second
+    assert first[1].causation_id is None  # the message itself is caused by the request
+
+
+async def test_events_after_the_message_are_caused_by_it() -> None:
+    actor = ContextActor("ctx-1", sink=InMemoryLog(), clock=FakeClock())
+    events = await actor.record(
+        [MessageReceived(message_id="m1", content="q"), RateLimitChecked(allowed=True), reply()],
+        meta(),
+        "m1",
+    )
+    assert events[1].causation_id == events[0].event_id == events[2].causation_id
 
 
 async def test_a_failed_append_leaves_state_behind_the_log_and_marks_the_actor() -> None:
     log = InMemoryLog()
-    actor = make_actor(log)
+    actor = ContextActor("ctx-1", sink=log, clock=FakeClock())
     log.fail_next = ConnectionError("broker down")
     with pytest.raises(ConnectionError):
-        await actor.send_message(command())
+        await actor.record([ContextCreated()], meta())
     assert actor.broken
     assert actor.state.version == 0  # the state never runs ahead of the log
 
 
-class FailingModel:
-    name = "flaky"
-
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
-        raise ModelError("timeout", "no answer in 30 s")
-
-
-async def test_a_model_failure_is_recorded_not_swallowed() -> None:
+async def test_a_restarted_actor_rebuilds_exactly_from_its_stream() -> None:
     log = InMemoryLog()
-    turn = await make_actor(log, FailingModel()).send_message(command())
-    assert not turn.ok and turn.error_class == "timeout"
-    last = (await log.read_stream("ctx-1"))[-1]
-    assert last.payload == ReplyFailed(
-        in_reply_to=turn.events[1].payload.message_id,
-        error_class="timeout",
-        message="no answer in 30 s",
+    actor = ContextActor("ctx-1", sink=log, clock=FakeClock())
+    await actor.record(
+        [ContextCreated(), MessageReceived(message_id="m1", content="q"), reply()], meta()
     )
+    rebuilt = ContextActor(
+        "ctx-1", sink=log, clock=FakeClock(), history=await log.read_stream("ctx-1")
+    )
+    assert rebuilt.state == actor.state
 
 
 async def test_another_tenant_cannot_write_to_a_context() -> None:
-    log = InMemoryLog()
-    actor = make_actor(log)
-    await actor.send_message(command(tenant="t1"))
+    actor = ContextActor("ctx-1", sink=InMemoryLog(), clock=FakeClock())
+    await actor.record([ContextCreated()], meta(tenant="t1"))
     with pytest.raises(ContextRejected, match="another tenant"):
-        await actor.send_message(command(tenant="t2"))
-    assert len(await log.read_stream("ctx-1")) == 3
-
-
-async def test_demo_model_is_deterministic() -> None:
-    messages = [ChatMessage(role="user", content="what is a log?")]
-    first = await DemoModel().complete(messages)
-    assert first == await DemoModel().complete(messages)
-    assert "what is a log?" in first.content
-    assert first.completion_tokens > 0 and first.prompt_tokens == 4
+        actor.admit(meta(tenant="t2"))
+    actor.admit(meta(tenant="t1"))

@@ -1,0 +1,430 @@
+"""One chat turn, end to end inside the shard that owns the context: input check,
+rate limit, routing, model calls with retries, breakers and fallbacks, and the reply.
+
+Every decision is an event, and the whole turn is appended to the log in one batch
+(one broker acknowledgement), after the model has answered: a turn is in the log
+completely or not at all, and the request path waits for the broker once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+import pybreaker
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    wait_random_exponential,
+)
+
+from actors.context import ContextActor, RequestMeta
+from actors.limiter import RateLimiter
+from actors.ports import ChatMessage, ModelError, ModelProvider, SentimentScorer
+from actors.router import REQUEST_ERRORS, Deployment, ModelRouter, RetryRule
+from actors.sanitizer import Sanitizer
+from events import (
+    ContextCreated,
+    Envelope,
+    Event,
+    InputChecked,
+    MessageReceived,
+    ModelCalled,
+    RateLimitChecked,
+    ReplyCompleted,
+    ReplyFailed,
+    RouteDecided,
+    SentimentScored,
+)
+
+FALLBACK_NOTE = "[fallback: every routed model failed; this answer is from the offline demo model] "
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat request: the new message last; for a new stateless context, its history first."""
+
+    meta: RequestMeta
+    messages: tuple[ChatMessage, ...]
+    model: str = ""
+    """A model the caller asks for (OpenAI's `model`); empty or unknown lets the router choose."""
+    title: str = ""
+
+
+class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What the caller gets once the turn's events are acknowledged by the log."""
+
+    status: Literal["ok", "failed", "denied", "blocked"]
+    context_id: str
+    reply: str = ""
+    model: str = ""
+    deployment: str = ""
+    fallback: bool = False
+    error_class: str = ""
+    detail: str = ""
+    retry_after_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    events: tuple[Envelope[Any], ...] = ()
+
+
+def count_tokens(text: str) -> int:
+    """A cheap token estimate (whitespace words); enough for limits and usage reports."""
+    return len(text.split())
+
+
+def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
+    # VADER's conventional thresholds on the compound score.
+    if score >= 0.05:
+        return "positive"
+    if score <= -0.05:
+        return "negative"
+    return "neutral"
+
+
+class _Attempt:
+    """The state of the model calls of one turn: events so far, streamed text so far."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.text: list[str] = []
+        self.streamed = False
+
+
+class ChatService:
+    """The turn workflow of one shard; collaborators arrive through __init__."""
+
+    def __init__(
+        self,
+        *,
+        limiter: RateLimiter,
+        router: ModelRouter,
+        providers: Mapping[str, ModelProvider],
+        fallback: ModelProvider,
+        sanitizer: Sanitizer,
+        sentiment: SentimentScorer,
+        clock: Any,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.limiter = limiter
+        self.router = router
+        self.providers = providers
+        self.fallback = fallback
+        self.sanitizer = sanitizer
+        self.sentiment = sentiment
+        self.clock = clock
+        self.sleep = sleep
+
+    async def turn(self, context: ContextActor, request: ChatRequest) -> TurnOutcome:
+        """The whole turn; the reply comes back complete."""
+        outcome: TurnOutcome | None = None
+        async for item in self.stream(context, request):
+            if isinstance(item, TurnOutcome):
+                outcome = item
+        assert outcome is not None
+        return outcome
+
+    async def stream(
+        self, context: ContextActor, request: ChatRequest
+    ) -> AsyncIterator[str | TurnOutcome]:
+        """The turn, yielding reply text as the model produces it, and the outcome last."""
+        meta = request.meta
+        context.admit(meta)
+        if not request.messages or request.messages[-1].role != "user":
+            raise ValueError("the last message of a request must be the user's")
+        async with context.lock:
+            state = context.state
+            message_id = self.clock.new_event_id()
+            verdict = self.sanitizer.check(request.messages[-1].content)
+            checked = InputChecked(
+                message_id=message_id,
+                verdict="allow" if verdict.allowed else "block",
+                reasons=verdict.reasons,
+                length=len(request.messages[-1].content),
+                policy_version=self.sanitizer.policy.version,
+            )
+            if not verdict.allowed:
+                events = await context.record([checked], meta)
+                yield TurnOutcome(
+                    status="blocked",
+                    context_id=meta.context_id,
+                    error_class="input_rejected",
+                    detail="; ".join(verdict.reasons),
+                    events=tuple(events),
+                )
+                return
+            decision = self.limiter.check(meta.tenant_id, meta.user_id)
+            if not decision.allowed:
+                events = await context.record([checked, decision], meta)
+                yield TurnOutcome(
+                    status="denied",
+                    context_id=meta.context_id,
+                    error_class="rate_limited",
+                    detail=f"rate limit {decision.limit} reached",
+                    retry_after_s=decision.retry_after_s,
+                    events=tuple(events),
+                )
+                return
+
+            payloads: list[Event] = []
+            if state.version == 0:
+                payloads.append(ContextCreated(title=request.title))
+                # A stateless request brings its history along: it becomes the context's start.
+                for i, old in enumerate(request.messages[:-1]):
+                    payloads.append(
+                        MessageReceived(
+                            message_id=f"{message_id}-h{i}",
+                            content=old.content,
+                            role=old.role,  # type: ignore[arg-type]
+                            tokens=count_tokens(old.content),
+                        )
+                    )
+            payloads += [checked, decision]
+            received = MessageReceived(
+                message_id=message_id, content=verdict.text, tokens=count_tokens(verdict.text)
+            )
+            score = max(-1.0, min(1.0, self.sentiment.score(verdict.text)))
+            payloads += [
+                received,
+                SentimentScored(
+                    message_id=message_id,
+                    label=sentiment_label(score),
+                    score=round(score, 4),
+                    scorer=self.sentiment.name,
+                ),
+            ]
+            conversation = [
+                *state.messages,
+                *(
+                    ChatMessage(role=m.role, content=m.content)
+                    for m in request.messages[:-1]
+                    if state.version == 0
+                ),
+                ChatMessage(role="user", content=verdict.text, message_id=message_id),
+            ]
+            depth = sum(1 for m in conversation if m.role == "user") - 1
+            route = self.router.route(
+                in_reply_to=message_id,
+                text=verdict.text,
+                depth=depth,
+                current_model=state.model,
+                requested=request.model,
+            )
+            payloads.append(route)
+
+            attempt = _Attempt()
+            final: ReplyCompleted | ReplyFailed | None = None
+            deployment_used = ""
+            try:
+                async for piece in self._call_chain(route, conversation, attempt):
+                    if isinstance(piece, tuple):
+                        deployment_used, final = piece
+                    else:
+                        yield piece
+            finally:
+                payloads += attempt.events
+            assert final is not None
+            payloads += self.router.take_circuit_events()
+            payloads.append(final)
+            events = await context.record(payloads, meta, cause_after=message_id)
+
+        prompt_tokens = sum(count_tokens(m.content) for m in conversation)
+        if isinstance(final, ReplyFailed):
+            yield TurnOutcome(
+                status="failed",
+                context_id=meta.context_id,
+                error_class=final.error_class,
+                detail=final.message,
+                model=final.model,
+                prompt_tokens=prompt_tokens,
+                events=tuple(events),
+            )
+            return
+        yield TurnOutcome(
+            status="ok",
+            context_id=meta.context_id,
+            reply=final.content,
+            model=final.model,
+            deployment=deployment_used,
+            fallback=final.fallback,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            events=tuple(events),
+        )
+
+    async def _call_chain(
+        self, route: RouteDecided, conversation: Sequence[ChatMessage], attempt: _Attempt
+    ) -> AsyncIterator[str | tuple[str, ReplyCompleted | ReplyFailed]]:
+        """Try the route's models in order; yields text, and (deployment, final event) last."""
+        last_error: ModelError | None = None
+        policy = self.router.policy
+        for model in route.chain:
+            try:
+                async for piece in self._call_model(
+                    model, conversation, attempt, route.in_reply_to
+                ):
+                    if isinstance(piece, tuple):
+                        deployment, latency_ms = piece
+                        text = "".join(attempt.text)
+                        yield (
+                            deployment,
+                            ReplyCompleted(
+                                message_id=self.clock.new_event_id(),
+                                in_reply_to=route.in_reply_to,
+                                content=text,
+                                model=model,
+                                latency_ms=latency_ms,
+                                prompt_tokens=sum(count_tokens(m.content) for m in conversation),
+                                completion_tokens=count_tokens(text),
+                                deployment=deployment,
+                            ),
+                        )
+                        return
+                    yield piece
+            except ModelError as exc:
+                last_error = exc
+                if attempt.streamed:
+                    # Text already reached the caller: no silent retry into a different answer.
+                    break
+                if self._rule(exc.error_class).then == "fail":
+                    break
+        assert last_error is not None
+        if (
+            policy.demo_fallback
+            and not attempt.streamed
+            and self._rule(last_error.error_class).then != "fail"
+        ):
+            started = time.perf_counter()
+            text = FALLBACK_NOTE
+            yield FALLBACK_NOTE
+            async for piece in self.fallback.stream(conversation):
+                text += piece
+                yield piece
+            yield (
+                self.fallback.name,
+                ReplyCompleted(
+                    message_id=self.clock.new_event_id(),
+                    in_reply_to=route.in_reply_to,
+                    content=text,
+                    model=self.fallback.name,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    prompt_tokens=sum(count_tokens(m.content) for m in conversation),
+                    completion_tokens=count_tokens(text),
+                    deployment=self.fallback.name,
+                    fallback=True,
+                ),
+            )
+            return
+        yield (
+            "",
+            ReplyFailed(
+                in_reply_to=route.in_reply_to,
+                error_class=last_error.error_class,
+                message=last_error.message,
+                model=route.chain[-1],
+            ),
+        )
+
+    def _rule(self, error_class: str) -> RetryRule:
+        return self.router.policy.retries.get(error_class, RetryRule())
+
+    def _wait(self, state: RetryCallState) -> float:
+        policy = self.router.policy
+        error = state.outcome.exception() if state.outcome else None
+        if (
+            isinstance(error, ModelError)
+            and error.error_class == "rate_limited"
+            and error.retry_after_s
+        ):
+            return min(error.retry_after_s, policy.retry_after_cap_s)
+        backoff = wait_random_exponential(
+            multiplier=policy.backoff_base_s, max=policy.backoff_max_s
+        )
+        return float(backoff(state))
+
+    def _stop(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        if not isinstance(error, ModelError):
+            return True
+        if (
+            error.error_class == "rate_limited"
+            and error.retry_after_s > self.router.policy.retry_after_cap_s
+        ):
+            return True  # waiting that long is worse than falling back
+        return state.attempt_number >= self._rule(error.error_class).attempts
+
+    async def _call_model(
+        self, model: str, conversation: Sequence[ChatMessage], attempt: _Attempt, in_reply_to: str
+    ) -> AsyncIterator[str | tuple[str, float]]:
+        """One model with its retry rule; yields text, and (deployment, latency_ms) on success."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, ModelError) and not attempt.streamed),
+            stop=self._stop,
+            wait=self._wait,
+            sleep=self.sleep,
+            reraise=True,
+        )
+        number = 0
+        async for try_ in retrying:
+            with try_:
+                number += 1
+                deployment = self.router.pick(model)
+                if deployment is None:
+                    raise ModelError("network", f"model {model!r} has no deployment")
+                async for piece in self._one_call(
+                    deployment, conversation, attempt, in_reply_to, number
+                ):
+                    yield piece
+
+    async def _one_call(
+        self,
+        deployment: Deployment,
+        conversation: Sequence[ChatMessage],
+        attempt: _Attempt,
+        in_reply_to: str,
+        number: int,
+    ) -> AsyncIterator[str | tuple[str, float]]:
+        provider = self.providers[deployment.name]
+        breaker = self.router.breakers[deployment.name]
+        started = time.perf_counter()
+        outcome, detail, retry_after = "ok", "", 0.0
+        try:
+            try:
+                with breaker.calling():
+                    async for piece in provider.stream(conversation):
+                        attempt.streamed = True
+                        attempt.text.append(piece)
+                        yield piece
+            except pybreaker.CircuitBreakerError as exc:
+                cause = exc.__context__
+                if isinstance(cause, ModelError):
+                    raise cause from None  # the failure that tripped the breaker
+                raise ModelError("circuit_open", f"circuit of {deployment.name} is open") from None
+        except ModelError as exc:
+            outcome, detail, retry_after = exc.error_class, exc.message, exc.retry_after_s
+            raise
+        finally:
+            latency_ms = (time.perf_counter() - started) * 1000
+            attempt.events.append(
+                ModelCalled(
+                    in_reply_to=in_reply_to,
+                    model=deployment.model,
+                    deployment=deployment.name,
+                    attempt=number,
+                    outcome=outcome,
+                    latency_ms=round(latency_ms, 3),
+                    detail=detail[:500],
+                    retry_after_s=retry_after,
+                )
+            )
+            if outcome not in REQUEST_ERRORS and outcome != "circuit_open":
+                adjusted = self.limiter.observe_upstream(outcome, latency_ms)
+                if adjusted is not None:
+                    attempt.events.append(adjusted)
+        yield (deployment.name, latency_ms)
+
+
+__all__ = ["ChatRequest", "ChatService", "RateLimitChecked", "TurnOutcome"]

@@ -1,0 +1,230 @@
+"""Model routing: a complexity score per query mapped to models by a routing table,
+sticky conversations, weighted load balancing across a model's deployments,
+fallback chains, and a circuit breaker (pybreaker) per deployment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+import pybreaker
+
+from events import CircuitChanged, RouteDecided
+
+ERROR_CLASSES = (
+    "network",
+    "timeout",
+    "rate_limited",
+    "malformed_response",
+    "content_policy",
+    "context_too_long",
+)
+# Errors that say something about the request, not the deployment: they never trip a breaker.
+REQUEST_ERRORS = frozenset({"content_policy", "context_too_long"})
+
+
+class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One place a model is served from."""
+
+    name: str
+    model: str
+    provider: Literal["demo", "openai"] = "demo"
+    base_url: str = ""
+    """OpenAI-compatible base URL (…/v1) for provider "openai"."""
+    api_key_env: str = ""
+    """Environment variable holding the API key (keys never live in config files or events)."""
+    upstream_model: str = ""
+    """The model name the upstream expects; defaults to `model`."""
+    weight: int = 1
+    timeout_s: float = 60.0
+    latency_ms: float = 0.0
+    """Demo provider: artificial latency."""
+    faults: tuple[str, ...] = ()
+    """Demo provider: error classes to raise on its first calls, in order (for tests and drills)."""
+    down: bool = False
+    """Demo provider: fail every call with a network error."""
+
+
+class Band(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    max_complexity: float
+    model: str
+
+
+class RetryRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    attempts: int = 1
+    """Tries on this model (1 = no retry)."""
+    then: Literal["fallback", "fail"] = "fallback"
+    """After the last try: go down the fallback chain, or fail the request."""
+
+
+def _default_retries() -> dict[str, RetryRule]:
+    return {
+        "network": RetryRule(attempts=3),
+        "timeout": RetryRule(attempts=2),
+        "rate_limited": RetryRule(attempts=3),
+        "malformed_response": RetryRule(attempts=2),
+        "content_policy": RetryRule(attempts=1, then="fail"),
+        "context_too_long": RetryRule(attempts=1),
+        "circuit_open": RetryRule(attempts=1),
+    }
+
+
+class RoutingPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The routing table and the recovery strategy per error class."""
+
+    version: str = "1"
+    bands: tuple[Band, ...] = (
+        Band(name="simple", max_complexity=0.25, model="demo-fast"),
+        Band(name="standard", max_complexity=0.6, model="demo-1"),
+        Band(name="complex", max_complexity=1.0, model="demo-large"),
+    )
+    fallbacks: dict[str, list[str]] = msgspec.field(
+        default_factory=lambda: {
+            "demo-large": ["demo-1"],
+            "demo-1": ["demo-fast"],
+            "demo-fast": ["demo-1"],
+        }
+    )
+    sticky: bool = True
+    """A conversation stays on the model that answered it last, unless it is not in the table."""
+    retries: dict[str, RetryRule] = msgspec.field(default_factory=_default_retries)
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 2.0
+    retry_after_cap_s: float = 10.0
+    """Longest Retry-After the gateway honours by waiting; longer ones move to the fallback."""
+    breaker_fail_max: int = 5
+    breaker_reset_s: float = 30.0
+    demo_fallback: bool = True
+    """When every model of the chain failed, the offline demo model answers (flagged fallback)."""
+
+
+def default_deployments() -> list[Deployment]:
+    return [
+        Deployment(name="demo-fast-a", model="demo-fast"),
+        Deployment(name="demo-1-a", model="demo-1"),
+        Deployment(name="demo-1-b", model="demo-1"),
+        Deployment(name="demo-large-a", model="demo-large"),
+    ]
+
+
+_CODE = re.compile(r"```|\bdef |\bclass |\bimport |[{};]\s*$|=>|\breturn\b", re.M)
+_MATH = re.compile(
+    r"\d+\s*[-+*/^=]\s*\d+|\b(integral|derivative|equation|solve|prove|sum of)\b", re.I
+)
+_ENUM = re.compile(r"^\s*(\d+[.)]|[-*•])\s+", re.M)
+
+
+def complexity(text: str, depth: int) -> tuple[float, dict[str, float]]:
+    """A 0..1 score from length, code, math, multi-part questions and conversation depth."""
+    features = {
+        "length": min(len(text) / 2000, 1.0),
+        "code": min(len(_CODE.findall(text)) / 3, 1.0),
+        "math": min(len(_MATH.findall(text)) / 3, 1.0),
+        "multi_part": min((max(text.count("?") - 1, 0) + len(_ENUM.findall(text))) / 4, 1.0),
+        "depth": min(depth / 20, 1.0),
+    }
+    weights = {"length": 0.3, "code": 0.3, "math": 0.2, "multi_part": 0.15, "depth": 0.05}
+    score = sum(weights[k] * v for k, v in features.items())
+    return round(min(score, 1.0), 4), {k: round(v, 4) for k, v in features.items()}
+
+
+class _BreakerEvents(pybreaker.CircuitBreakerListener):
+    def __init__(self, sink: list[CircuitChanged]) -> None:
+        self._sink = sink
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else "none"
+        self._sink.append(
+            CircuitChanged(deployment=cb.name or "", from_state=old, to_state=new_state.name)
+        )
+
+
+class ModelRouter:
+    """Chooses models and deployments; keeps each deployment's circuit breaker."""
+
+    def __init__(self, policy: RoutingPolicy, deployments: Sequence[Deployment]) -> None:
+        self.policy = policy
+        self.deployments = {d.name: d for d in deployments}
+        self._by_model: dict[str, list[Deployment]] = {}
+        for d in deployments:
+            self._by_model.setdefault(d.model, []).append(d)
+        self.circuit_events: list[CircuitChanged] = []
+        listener = _BreakerEvents(self.circuit_events)
+        self.breakers = {
+            d.name: pybreaker.CircuitBreaker(
+                fail_max=policy.breaker_fail_max,
+                reset_timeout=policy.breaker_reset_s,
+                exclude=[lambda e: getattr(e, "error_class", "") in REQUEST_ERRORS],
+                listeners=[listener],
+                name=d.name,
+            )
+            for d in deployments
+        }
+        self._turn: dict[str, int] = {}
+        missing = {b.model for b in policy.bands} - set(self._by_model)
+        if missing:
+            raise ValueError(f"routing table names models without deployments: {sorted(missing)}")
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._by_model)
+
+    def route(
+        self,
+        *,
+        in_reply_to: str,
+        text: str,
+        depth: int,
+        current_model: str = "",
+        requested: str = "",
+    ) -> RouteDecided:
+        """The decision for one query, with its inputs (so a replay can recompute it)."""
+        score, features = complexity(text, depth)
+        band = next(
+            (b for b in self.policy.bands if score <= b.max_complexity), self.policy.bands[-1]
+        )
+        reason: Literal["table", "sticky", "requested"] = "table"
+        model = band.model
+        if requested and requested in self._by_model:
+            model, reason = requested, "requested"
+        elif self.policy.sticky and current_model in self._by_model:
+            model, reason = current_model, "sticky"
+        chain = [model]
+        for fallback in self.policy.fallbacks.get(model, []):
+            if fallback not in chain and fallback in self._by_model:
+                chain.append(fallback)
+        return RouteDecided(
+            in_reply_to=in_reply_to,
+            model=model,
+            chain=tuple(chain),
+            complexity=score,
+            features=features,
+            band=band.name,
+            reason=reason,
+            policy_version=self.policy.version,
+        )
+
+    def pick(self, model: str) -> Deployment | None:
+        """The next deployment of `model` by weighted round robin, preferring closed circuits.
+
+        When every circuit of the model is open, one is still returned: its breaker lets a
+        trial call through once the reset timeout has passed, and refuses it otherwise.
+        """
+        deployments = self._by_model.get(model, [])
+        healthy = [
+            d for d in deployments if self.breakers[d.name].current_state != pybreaker.STATE_OPEN
+        ]
+        pool = [d for d in (healthy or deployments) for _ in range(max(d.weight, 1))]
+        if not pool:
+            return None
+        turn = self._turn.get(model, 0)
+        self._turn[model] = turn + 1
+        return pool[turn % len(pool)]
+
+    def take_circuit_events(self) -> list[CircuitChanged]:
+        taken = list(self.circuit_events)
+        self.circuit_events.clear()
+        return taken

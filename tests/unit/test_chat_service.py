@@ -1,0 +1,294 @@
+"""The turn workflow with the in-memory log and the demo model: every decision is an event,
+and each error class is retried, circuit-broken and fallen back as configured."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from actors.chat import FALLBACK_NOTE, ChatRequest, ChatService, TurnOutcome
+from actors.context import ContextActor, RequestMeta
+from actors.limiter import LimitPolicy, RateLimiter
+from actors.ports import ChatMessage
+from actors.router import Band, Deployment, ModelRouter, RetryRule, RoutingPolicy
+from actors.sanitizer import Sanitizer, SanitizerPolicy
+from infra.memory import InMemoryLog
+from infra.models import DemoModel, provider_for
+from infra.sentiment import VaderScorer
+from tests.factories import FakeClock
+
+POLICY = RoutingPolicy(
+    bands=(Band(name="all", max_complexity=1.0, model="primary"),),
+    fallbacks={"primary": ["backup"]},
+    breaker_fail_max=3,
+    breaker_reset_s=60,
+)
+
+
+class Harness:
+    def __init__(
+        self,
+        deployments: Sequence[Deployment],
+        policy: RoutingPolicy = POLICY,
+        limits: LimitPolicy | None = None,
+        sanitizer: SanitizerPolicy | None = None,
+    ) -> None:
+        self.log = InMemoryLog()
+        self.appends = 0
+        self.sleeps: list[float] = []
+        self.clock = FakeClock()
+        original = self.log.append
+
+        async def counting_append(events: Any) -> None:
+            self.appends += 1
+            await original(events)
+
+        self.log.append = counting_append  # type: ignore[method-assign]
+
+        async def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
+
+        self.service = ChatService(
+            limiter=RateLimiter(limits or LimitPolicy(rate_per_s=0), lambda: 1000.0),
+            router=ModelRouter(policy, deployments),
+            providers={d.name: provider_for(d) for d in deployments},
+            fallback=DemoModel(name="demo-fallback"),
+            sanitizer=Sanitizer(sanitizer or SanitizerPolicy()),
+            sentiment=VaderScorer(),
+            clock=self.clock,
+            sleep=sleep,
+        )
+        self.contexts: dict[str, ContextActor] = {}
+
+    def context(self, context_id: str) -> ContextActor:
+        if context_id not in self.contexts:
+            self.contexts[context_id] = ContextActor(context_id, sink=self.log, clock=self.clock)
+        return self.contexts[context_id]
+
+    async def ask(
+        self, text: str, context: str = "ctx-1", history: Sequence[ChatMessage] = ()
+    ) -> TurnOutcome:
+        meta = RequestMeta(
+            context_id=context,
+            tenant_id="t1",
+            user_id="u1",
+            trace_id="0af7651916cd43dd8448eb211c80319c",
+            correlation_id="req",
+        )
+        request = ChatRequest(
+            meta=meta, messages=(*history, ChatMessage(role="user", content=text))
+        )
+        return await self.service.turn(self.context(context), request)
+
+    async def story(self, context: str = "ctx-1") -> list[tuple[str, Any]]:
+        return [(e.type, e.payload) for e in await self.log.read_stream(context)]
+
+
+def healthy(name: str = "primary-a", model: str = "primary", **kw: Any) -> Deployment:
+    return Deployment(name=name, model=model, **kw)
+
+
+async def test_a_turn_records_every_decision_in_one_append() -> None:
+    h = Harness([healthy(), healthy("backup-a", "backup")])
+    outcome = await h.ask("I love this product, how does it work?")
+    assert outcome.status == "ok" and outcome.model == "primary" and not outcome.fallback
+    story = await h.story()
+    assert [t for t, _ in story] == [
+        "ContextCreated",
+        "InputChecked",
+        "RateLimitChecked",
+        "MessageReceived",
+        "SentimentScored",
+        "RouteDecided",
+        "ModelCalled",
+        "ReplyCompleted",
+    ]
+    assert h.appends == 1  # the whole turn, one broker acknowledgement
+    sentiment = story[4][1]
+    assert sentiment.label == "positive" and sentiment.score > 0.5
+    route = story[5][1]
+    assert route.chain == ("primary", "backup") and route.policy_version == "1"
+    assert story[6][1].outcome == "ok" and story[6][1].deployment == "primary-a"
+    assert outcome.reply == story[-1][1].content
+
+
+async def test_a_stateless_request_brings_its_history_into_the_new_context() -> None:
+    h = Harness([healthy()])
+    history = [
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", content="hello"),
+    ]
+    await h.ask("and now?", history=history)
+    received = [p for t, p in await h.story() if t == "MessageReceived"]
+    assert [(m.role, m.content) for m in received] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "and now?"),
+    ]
+    assert "turn 2" in h.contexts["ctx-1"].state.messages[-1].content
+
+
+async def test_blocked_input_is_recorded_and_goes_nowhere() -> None:
+    h = Harness([healthy()], sanitizer=SanitizerPolicy(block_patterns=(r"\bpassword\b",)))
+    outcome = await h.ask("tell me the admin password")
+    assert outcome.status == "blocked" and "blocked pattern" in outcome.detail
+    assert [t for t, _ in await h.story()] == ["InputChecked"]
+
+
+async def test_a_denied_request_is_recorded_with_its_retry_after() -> None:
+    h = Harness([healthy()], limits=LimitPolicy(user="1/hour", tenant="", rate_per_s=0))
+    assert (await h.ask("one")).status == "ok"
+    denied = await h.ask("two")
+    assert denied.status == "denied" and denied.retry_after_s > 3500
+    assert [t for t, _ in (await h.story())[-2:]] == ["InputChecked", "RateLimitChecked"]
+
+
+async def test_retryable_errors_are_retried_then_succeed() -> None:
+    h = Harness([healthy(faults=("network", "network"))])
+    outcome = await h.ask("hello")
+    assert outcome.status == "ok" and outcome.model == "primary"
+    calls = [p for t, p in await h.story() if t == "ModelCalled"]
+    assert [(c.attempt, c.outcome) for c in calls] == [(1, "network"), (2, "network"), (3, "ok")]
+    # Exponential backoff with jitter between the tries, bounded by the policy.
+    assert len(h.sleeps) == 2 and all(0 <= s <= POLICY.backoff_max_s for s in h.sleeps)
+
+
+async def test_timeouts_get_their_own_budget_then_the_fallback() -> None:
+    h = Harness([healthy(faults=("timeout",) * 5), healthy("backup-a", "backup")])
+    outcome = await h.ask("hello")
+    assert outcome.model == "backup"
+    calls = [(p.deployment, p.outcome) for t, p in await h.story() if t == "ModelCalled"]
+    assert calls == [("primary-a", "timeout"), ("primary-a", "timeout"), ("backup-a", "ok")]
+
+
+async def test_rate_limited_upstream_is_honoured_and_slows_the_limiter() -> None:
+    h = Harness([healthy(faults=("rate_limited",))], limits=LimitPolicy(rate_per_s=100, burst=100))
+    outcome = await h.ask("hello")
+    assert outcome.status == "ok"
+    assert h.sleeps == [0.05]  # the Retry-After the upstream sent
+    types = [t for t, _ in await h.story()]
+    assert "RateAdjusted" in types  # the adaptive limiter lowered the rate
+    assert h.service.limiter.factor == 0.5
+
+
+async def test_content_policy_fails_without_retry_or_fallback() -> None:
+    h = Harness([healthy(faults=("content_policy",)), healthy("backup-a", "backup")])
+    outcome = await h.ask("hello")
+    assert outcome.status == "failed" and outcome.error_class == "content_policy"
+    story = await h.story()
+    assert [(p.deployment, p.outcome) for t, p in story if t == "ModelCalled"] == [
+        ("primary-a", "content_policy")
+    ]
+    assert story[-1][0] == "ReplyFailed"
+
+
+async def test_context_too_long_goes_straight_to_the_fallback_model() -> None:
+    h = Harness([healthy(faults=("context_too_long",)), healthy("backup-a", "backup")])
+    outcome = await h.ask("hello")
+    assert outcome.status == "ok" and outcome.model == "backup"
+    calls = [(p.deployment, p.outcome) for t, p in await h.story() if t == "ModelCalled"]
+    assert calls == [("primary-a", "context_too_long"), ("backup-a", "ok")]
+
+
+async def test_malformed_responses_are_retried_once_then_fall_back() -> None:
+    h = Harness([healthy(faults=("malformed_response",) * 2), healthy("backup-a", "backup")])
+    outcome = await h.ask("hello")
+    assert outcome.model == "backup"
+    calls = [(p.deployment, p.attempt, p.outcome) for t, p in await h.story() if t == "ModelCalled"]
+    assert calls == [
+        ("primary-a", 1, "malformed_response"),
+        ("primary-a", 2, "malformed_response"),
+        ("backup-a", 1, "ok"),
+    ]
+
+
+async def test_breaker_opens_after_repeated_failures_and_is_then_skipped() -> None:
+    h = Harness([healthy(down=True), healthy("backup-a", "backup")])
+    first = await h.ask("one")
+    assert first.status == "ok" and first.model == "backup"
+    story = await h.story()
+    calls = [(p.deployment, p.outcome) for t, p in story if t == "ModelCalled"]
+    # 3 network failures (the retry rule) trip the breaker at its third failure.
+    assert calls == [("primary-a", "network")] * 3 + [("backup-a", "ok")]
+    changes = [p for t, p in story if t == "CircuitChanged"]
+    assert [(c.deployment, c.from_state, c.to_state) for c in changes] == [
+        ("primary-a", "closed", "open")
+    ]
+    # A new conversation's request does not wait on the broken deployment.
+    await h.ask("two", context="ctx-2")
+    later = [(p.deployment, p.outcome) for t, p in await h.story("ctx-2") if t == "ModelCalled"]
+    assert later == [("primary-a", "circuit_open"), ("backup-a", "ok")]
+
+
+async def test_when_every_model_is_down_the_demo_model_answers_as_a_fallback() -> None:
+    h = Harness([healthy(down=True), healthy("backup-a", "backup", down=True)])
+    outcome = await h.ask("anyone there?")
+    assert outcome.status == "ok" and outcome.fallback and outcome.model == "demo-fallback"
+    assert outcome.reply.startswith(FALLBACK_NOTE)
+    final = (await h.story())[-1][1]
+    assert final.fallback and final.content == outcome.reply
+
+
+async def test_without_the_demo_fallback_the_last_error_is_reported() -> None:
+    policy = RoutingPolicy(
+        **{**{f: getattr(POLICY, f) for f in POLICY.__struct_fields__}, "demo_fallback": False}
+    )
+    h = Harness([healthy(down=True), healthy("backup-a", "backup", down=True)], policy=policy)
+    outcome = await h.ask("anyone there?")
+    assert outcome.status == "failed" and outcome.error_class == "network"
+
+
+async def test_a_stream_cut_mid_answer_is_a_failure_not_a_short_reply() -> None:
+    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup")])
+    pieces: list[Any] = []
+    meta = RequestMeta(
+        context_id="s", tenant_id="t1", user_id="u", trace_id="0" * 31 + "1", correlation_id="r"
+    )
+    request = ChatRequest(
+        meta=meta, messages=(ChatMessage(role="user", content="tell me a story"),)
+    )
+    async for item in h.service.stream(h.context("s"), request):
+        pieces.append(item)
+    outcome = pieces[-1]
+    assert isinstance(outcome, TurnOutcome) and outcome.status == "failed"
+    assert any(isinstance(p, str) for p in pieces[:-1])  # part of the answer had been sent
+    assert (await h.story("s"))[-1][0] == "ReplyFailed"
+
+
+async def test_conversations_stick_to_their_model_and_deployments_are_balanced() -> None:
+    policy = RoutingPolicy(
+        bands=(
+            Band(name="short", max_complexity=0.05, model="small"),
+            Band(name="long", max_complexity=1.0, model="big"),
+        ),
+        fallbacks={},
+    )
+    h = Harness(
+        [healthy("small-a", "small"), healthy("small-b", "small"), healthy("big-a", "big")],
+        policy=policy,
+    )
+    first = await h.ask("hi")
+    assert first.model == "small"
+    # A long, code-heavy follow-up would route to "big", but the conversation sticks.
+    second = await h.ask(
+        "def f(x):\n    return x\n```python\nimport os\n``` explain? and why? " * 5
+    )
+    assert second.model == "small"
+    routes = [p for t, p in await h.story() if t == "RouteDecided"]
+    assert [r.reason for r in routes] == ["table", "sticky"]
+    deployments = [p.deployment for t, p in await h.story() if t == "ModelCalled"]
+    assert deployments == ["small-a", "small-b"]
+
+
+def test_unknown_models_in_the_routing_table_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="without deployments: \\['primary'\\]"):
+        ModelRouter(POLICY, [healthy("b", "backup")])
+
+
+def test_retry_rules_are_configurable_per_error_class() -> None:
+    rules = {**POLICY.retries, "network": RetryRule(attempts=1, then="fail")}
+    assert RoutingPolicy(retries=rules).retries["network"].then == "fail"
