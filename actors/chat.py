@@ -420,6 +420,8 @@ class ChatService:
                     retry_after_s=retry_after,
                 )
             )
+            # A breaker that changed state on this call says so right after it, in order.
+            attempt.events.extend(self.router.take_circuit_events())
             if outcome not in REQUEST_ERRORS and outcome != "circuit_open":
                 adjusted = self.limiter.observe_upstream(outcome, latency_ms)
                 if adjusted is not None:

@@ -24,6 +24,8 @@ from events import topics
 
 ENV_PREFIX = "CHATLLM_"
 DEFAULT_FILE = "chatllm.toml"
+# Environment variables of ours that are not settings: the file, the profile, the CLI's key.
+_NOT_SETTINGS = frozenset({"CHATLLM_CONFIG", "CHATLLM_PROFILE", "CHATLLM_API_KEY"})
 
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]

@@ -173,10 +173,11 @@ def build_api(
 
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        body = {
-            "error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
-        }
-        return JSONResponse(body, exc.status, headers=exc.headers)
+        # OpenAI's shape, plus FastAPI's usual `detail` for clients of the non-OpenAI routes.
+        error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
+        return JSONResponse(
+            {"error": error, "detail": exc.message}, exc.status, headers=exc.headers
+        )
 
     @api.exception_handler(LogUnavailable)
     async def _log_down(_: Request, exc: LogUnavailable) -> JSONResponse:

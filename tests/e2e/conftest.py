@@ -1,0 +1,100 @@
+"""`chatllm up` as a user runs it, in its own process, for the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.broker import free_port
+
+CHATLLM = [sys.executable, "-m", "infra.cli"]
+
+
+@dataclass
+class Service:
+    base: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    def log(self) -> str:
+        return (self.workdir / "up.log").read_text()
+
+
+def start_service(
+    workdir: Path, config: str = "", extra_env: dict[str, str] | None = None
+) -> Service:
+    port = free_port()
+    (workdir / "chatllm.toml").write_text(config.replace("{port}", str(port)))
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CHATLLM_HTTP__PORT": str(port),
+        "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
+        "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
+        "CHATLLM_RAY__NAMESPACE": f"chatllm-e2e-{port}",
+        **(extra_env or {}),
+    }
+    log = open(workdir / "up.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*CHATLLM, "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        start_new_session=True,
+    )
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = (workdir / "up.log").read_text()[-3000:]
+            raise AssertionError(f"chatllm up did not come up:\n{tail}")
+        time.sleep(0.2)
+    return Service(base=base, env=env, proc=proc, workdir=workdir)
+
+
+def stop_service(service: Service) -> None:
+    if service.proc.poll() is None:
+        service.proc.send_signal(signal.SIGINT)
+        try:
+            service.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The embedded default, no config file."""
+    running = start_service(tmp_path_factory.mktemp("up"))
+    try:
+        yield running
+    finally:
+        stop_service(running)
+
+
+def cli(service: Service, *args: str, url: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHATLLM, *args, *(["--url", service.base] if url else [])],
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=service.workdir,
+    )

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible API, driven by the official `openai` SDK against `chatllm up`
+(real broker, chDB and Ray), with API keys, limits, faults and an OpenAI-compatible upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from infra.client import ChatClient
+from infra.http import hash_key
+from tests.e2e.conftest import Service, start_service, stop_service
+
+pytestmark = pytest.mark.e2e
+
+KEYS = {
+    "alice": "sk-test-alice",
+    "carol": "sk-test-carol",
+    "loop": "sk-test-loop",
+    "dave": "sk-test-dave",
+}
+TENANTS = {"alice": "acme", "carol": "gamma", "loop": "loop", "dave": "delta"}
+
+CONFIG = (
+    """
+[auth]
+required = true
+"""
+    + "".join(
+        f'[[auth.keys]]\nsha256 = "{hash_key(KEYS[u])}"\ntenant = "{TENANTS[u]}"\nuser = "{u}"\n\n'
+        for u in KEYS
+    )
+    + """
+[limits]
+user = "25/minute"
+rate_per_s = 0
+
+[routing]
+breaker_fail_max = 3
+backoff_base_s = 0.01
+
+[routing.fallbacks]
+flaky = ["demo-1"]
+loop = ["demo-1"]
+demo-large = ["demo-1"]
+demo-1 = ["demo-fast"]
+demo-fast = ["demo-1"]
+
+[[deployments]]
+name = "demo-fast-a"
+model = "demo-fast"
+
+[[deployments]]
+name = "demo-1-a"
+model = "demo-1"
+
+[[deployments]]
+name = "demo-large-a"
+model = "demo-large"
+
+[[deployments]]
+name = "flaky-a"
+model = "flaky"
+down = true
+
+[[deployments]]
+name = "loop-a"
+model = "loop"
+provider = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key_env = "LOOP_UPSTREAM_KEY"
+upstream_model = "demo-1"
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = start_service(
+        tmp_path_factory.mktemp("openai"), CONFIG, {"LOOP_UPSTREAM_KEY": KEYS["loop"]}
+    )
+    try:
+        yield running
+    finally:
+        stop_service(running)
+
+
+def client(api: Service, user: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.base}/v1", api_key=KEYS[user], max_retries=0)
+
+
+def audit(
+    api: Service, context: str, user: str = "alice", expect_type: str = "ReplyCompleted"
+) -> list[Any]:
+    """The context's archived events, once the archive has caught up to the reply."""
+    deadline = time.monotonic() + 30
+    while True:
+        rows = httpx.get(
+            f"{api.base}/v1/contexts/{context}/events",
+            headers={"Authorization": f"Bearer {KEYS[user]}"},
+        ).json()
+        if any(r["type"] == expect_type for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def test_non_streaming_completion_with_the_openai_sdk(api: Service) -> None:
+    completion = client(api).chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "What is an event log?"}]
+    )
+    assert completion.object == "chat.completion"
+    assert "What is an event log?" in (completion.choices[0].message.content or "")
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model in ("demo-fast", "demo-1", "demo-large")
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+
+
+def test_streaming_gives_the_same_answer_piece_by_piece(api: Service) -> None:
+    messages: Any = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Explain replay in one line."},
+    ]
+    whole = client(api).chat.completions.create(model="auto", messages=messages)
+    stream = client(api).chat.completions.create(model="auto", messages=messages, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) > 3  # really streamed, not one blob
+    assert "".join(pieces) == whole.choices[0].message.content  # the demo model is deterministic
+
+
+def test_models_are_listed(api: Service) -> None:
+    ids = {m.id for m in client(api).models.list()}
+    assert {"demo-fast", "demo-1", "demo-large", "flaky", "loop"} <= ids
+
+
+def test_keys_are_required_and_checked(api: Service) -> None:
+    bad = openai.OpenAI(base_url=f"{api.base}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        bad.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    response = httpx.post(
+        f"{api.base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+    )
+    assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+
+
+def test_bad_requests_are_400_in_openai_shape(api: Service) -> None:
+    with pytest.raises(openai.BadRequestError, match="last message must have role 'user'"):
+        client(api).chat.completions.create(
+            model="auto", messages=[{"role": "assistant", "content": "hi"}]
+        )
+    response = httpx.post(
+        f"{api.base}/v1/chat/completions",
+        json={"messages": []},
+        headers={"Authorization": f"Bearer {KEYS['alice']}"},
+    )
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+
+
+def test_a_stateful_context_through_the_python_client(api: Service) -> None:
+    with ChatClient(api.base, api_key=KEYS["alice"]) as chat:
+        first = chat.chat("Plan a day in Lisbon", context="py-client-ctx")
+        second = chat.chat("And the evening?", context="py-client-ctx")
+    assert first.context_id == second.context_id == "py-client-ctx"
+    assert "turn 2" in second.content  # the service kept the conversation
+
+
+def test_rate_limit_is_exact_under_concurrency_and_every_denial_is_audited(api: Service) -> None:
+    async def flood() -> list[Any]:
+        carol = openai.AsyncOpenAI(base_url=f"{api.base}/v1", api_key=KEYS["carol"], max_retries=0)
+
+        async def one(i: int) -> Any:
+            try:
+                return await carol.chat.completions.with_raw_response.create(
+                    model="auto",
+                    messages=[{"role": "user", "content": f"request {i}"}],
+                    extra_headers={"X-Context-Id": f"flood-{i % 8}"},
+                )
+            except openai.RateLimitError as exc:
+                return exc
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await carol.close()
+
+    results = asyncio.run(flood())
+    denied = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(results) - len(denied) == 25  # exactly the limit, never more
+    assert len(denied) == 39
+    assert all(int(d.response.headers["retry-after"]) >= 1 for d in denied)
+    assert all(d.code == "rate_limit_exceeded" for d in denied)
+    # The audit trail has every decision: 25 allowed, 39 denied.
+    decisions = [
+        row["event"]["payload"]["allowed"]
+        for i in range(8)
+        for row in audit(api, f"flood-{i}", "carol", expect_type="RateLimitChecked")
+        if row["type"] == "RateLimitChecked"
+    ]
+    deadline = time.monotonic() + 30
+    while len(decisions) < 64 and time.monotonic() < deadline:
+        time.sleep(0.3)
+        decisions = [
+            row["event"]["payload"]["allowed"]
+            for i in range(8)
+            for row in audit(api, f"flood-{i}", "carol", expect_type="RateLimitChecked")
+            if row["type"] == "RateLimitChecked"
+        ]
+    assert decisions.count(True) == 25 and decisions.count(False) == 39
+
+
+def test_a_failing_model_is_retried_circuit_broken_and_fallen_back_and_the_audit_tells_it(
+    api: Service,
+) -> None:
+    completion = client(api, "dave").chat.completions.create(
+        model="flaky",
+        messages=[{"role": "user", "content": "are you there?"}],
+        extra_headers={"X-Context-Id": "fault-story"},
+    )
+    assert completion.model == "demo-1"  # the fallback chain's next model answered
+    rows = audit(api, "fault-story", "dave")
+    story = []
+    for row in rows:
+        p = row["event"]["payload"]
+        match row["type"]:
+            case "RouteDecided":
+                story.append(("route", p["model"], p["reason"], tuple(p["chain"])))
+            case "ModelCalled":
+                story.append(("call", p["deployment"], p["attempt"], p["outcome"]))
+            case "CircuitChanged":
+                story.append(("circuit", p["deployment"], p["to_state"]))
+            case "ReplyCompleted":
+                story.append(("reply", p["model"], p["fallback"]))
+            case other:
+                story.append((other,))
+    assert story == [
+        ("ContextCreated",),
+        ("InputChecked",),
+        ("RateLimitChecked",),
+        ("MessageReceived",),
+        ("SentimentScored",),
+        ("route", "flaky", "requested", ("flaky", "demo-1")),
+        ("call", "flaky-a", 1, "network"),
+        ("call", "flaky-a", 2, "network"),
+        ("call", "flaky-a", 3, "network"),
+        ("circuit", "flaky-a", "open"),
+        ("call", "demo-1-a", 1, "ok"),
+        ("reply", "demo-1", False),
+    ]
+    assert [r["stream_version"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_an_openai_compatible_upstream_streaming_and_not(api: Service) -> None:
+    # The "loop" model is served by an OpenAI-compatible upstream: chat-llm itself (tenant loop).
+    messages: Any = [{"role": "user", "content": "Hello upstream"}]
+    whole = client(api).chat.completions.create(model="loop", messages=messages)
+    assert whole.model == "loop"
+    assert "Hello upstream" in (whole.choices[0].message.content or "")
+    extra = whole.model_extra or {}
+    assert extra["chatllm"]["deployment"] == "loop-a" and not extra["chatllm"]["fallback"]
+    streamed = client(api).chat.completions.create(model="loop", messages=messages, stream=True)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        == whole.choices[0].message.content
+    )
