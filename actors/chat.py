@@ -52,6 +52,20 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     model: str = ""
     """A model the caller asks for (OpenAI's `model`); empty or unknown lets the router choose."""
     title: str = ""
+    new_context: bool = False
+    """The gateway minted this context id just now (a UUIDv7): there is no stream to read back."""
+
+
+class EventRef(msgspec.Struct, frozen=True):
+    """Which event a turn wrote (the events themselves are on the log)."""
+
+    event_id: str
+    type: str
+    stream_version: int
+
+
+def refs(events: Sequence[Envelope[Any]]) -> tuple[EventRef, ...]:
+    return tuple(EventRef(e.event_id, e.type, e.stream_version) for e in events)
 
 
 class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,7 +82,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    events: tuple[Envelope[Any], ...] = ()
+    events: tuple[EventRef, ...] = ()
+    """The events the turn wrote; kept small, since outcomes cross the actor boundary."""
 
 
 def count_tokens(text: str) -> int:
@@ -153,7 +168,7 @@ class ChatService:
                     context_id=meta.context_id,
                     error_class="input_rejected",
                     detail="; ".join(verdict.reasons),
-                    events=tuple(events),
+                    events=refs(events),
                 )
                 return
             decision = self.limiter.check(meta.tenant_id, meta.user_id)
@@ -165,7 +180,7 @@ class ChatService:
                     error_class="rate_limited",
                     detail=f"rate limit {decision.limit} reached",
                     retry_after_s=decision.retry_after_s,
-                    events=tuple(events),
+                    events=refs(events),
                 )
                 return
 
@@ -240,7 +255,7 @@ class ChatService:
                 detail=final.message,
                 model=final.model,
                 prompt_tokens=prompt_tokens,
-                events=tuple(events),
+                events=refs(events),
             )
             return
         yield TurnOutcome(
@@ -252,7 +267,7 @@ class ChatService:
             fallback=final.fallback,
             prompt_tokens=prompt_tokens,
             completion_tokens=final.completion_tokens,
-            events=tuple(events),
+            events=refs(events),
         )
 
     async def _call_chain(

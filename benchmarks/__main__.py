@@ -9,14 +9,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks import bench_archive, bench_codec, bench_log, bench_turn
+from benchmarks import bench_archive, bench_codec, bench_gateway, bench_log
 from benchmarks.common import Result
 
 SUITES = {
     "codec": bench_codec.run,
     "log": bench_log.run,
     "archive": bench_archive.run,
-    "turn": bench_turn.run,
+    "gateway": bench_gateway.run,
 }
 
 

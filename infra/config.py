@@ -74,6 +74,8 @@ class RayConfig(_Section):
     shards: Positive = 2
     """Ray actors owning the tenants (contexts, limits, routers); a tenant lives on exactly one."""
     namespace: str = "chatllm"
+    contexts_per_shard: Positive = 10_000
+    """Contexts a shard keeps in memory; the least recently used are rebuilt from the log."""
 
 
 class HttpConfig(_Section):

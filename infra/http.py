@@ -118,7 +118,7 @@ def _refs(outcome: TurnOutcome) -> list[EventRef]:
     return [
         EventRef(event_id=e.event_id, type=e.type, stream_version=e.stream_version)
         for e in outcome.events
-    ]
+    ]  # the actor returns msgspec refs; the API documents them as a pydantic model
 
 
 def outcome_error(outcome: TurnOutcome) -> OpenAIError | None:
@@ -289,6 +289,7 @@ def build_api(
             meta=meta_for(who, context_id, body.user, traceparent),
             messages=messages if x_context_id is None else messages[-1:],
             model=body.model,
+            new_context=x_context_id is None,
         )
         completion_id = f"chatcmpl-{request.meta.correlation_id}"
         created = int(time.time())

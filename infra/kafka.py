@@ -56,6 +56,7 @@ class KafkaEventSink:
         )
         self._started = False
         self._lock = asyncio.Lock()
+        self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
         async with self._lock:
@@ -69,6 +70,18 @@ class KafkaEventSink:
                 self._started = False
                 await asyncio.wait_for(self._producer.stop(), self._timeout_s)
 
+    async def _partition(self, stream_id: str) -> int:
+        # The default partitioner's choice, computed once per stream: its murmur2 is pure
+        # Python, and a turn writes several events of one stream.
+        partition = self._partitions.get(stream_id)
+        if partition is None:
+            available = await self._producer.partitions_for(self._topic)
+            partition = partition_for(stream_id, list(available))
+            if len(self._partitions) > 100_000:
+                self._partitions.clear()
+            self._partitions[stream_id] = partition
+        return partition
+
     async def append(self, events: Sequence[Envelope[Any]]) -> None:
         if not self._started:
             await self.start()
@@ -77,7 +90,10 @@ class KafkaEventSink:
             # bound keeps a dead broker from hanging the caller forever.
             pending = [
                 await self._producer.send(
-                    self._topic, key=event.stream_id.encode(), value=encode(event)
+                    self._topic,
+                    key=event.stream_id.encode(),
+                    value=encode(event),
+                    partition=await self._partition(event.stream_id),
                 )
                 for event in events
             ]

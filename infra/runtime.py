@@ -38,6 +38,9 @@ def start_ray(config: RayConfig) -> None:
             namespace=config.namespace,
             include_dashboard=False,
             log_to_driver=False,
+            # Ray nices its workers (15) by default; ours are on the request path, and a
+            # niced shard waits behind everything else on a busy machine.
+            _system_config={"worker_niceness": 0},
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from actors.chat import ChatRequest, ChatService, TurnOutcome
@@ -49,7 +50,9 @@ class ChatShard:
             sentiment=VaderScorer(),
             clock=self._clock,
         )
-        self._contexts: dict[str, ContextActor] = {}
+        # Least recently used first; an evicted context is rebuilt from the log when it returns.
+        self._contexts: OrderedDict[str, ContextActor] = OrderedDict()
+        self._capacity = settings.ray.contexts_per_shard
         self._loading: dict[str, asyncio.Lock] = {}
 
     async def ready(self) -> int:
@@ -58,7 +61,7 @@ class ChatShard:
         return len(self._contexts)
 
     async def turn(self, request: ChatRequest) -> TurnOutcome:
-        context = await self._context(request.meta.context_id)
+        context = await self._context(request.meta.context_id, request.new_context)
         try:
             return await self.service.turn(context, request)
         finally:
@@ -66,7 +69,7 @@ class ChatShard:
 
     async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
         """The turn as a Ray streaming generator: text pieces, then the outcome."""
-        context = await self._context(request.meta.context_id)
+        context = await self._context(request.meta.context_id, request.new_context)
         try:
             async for item in self.service.stream(context, request):
                 yield item
@@ -78,9 +81,23 @@ class ChatShard:
             # Its last append may be partly in the log: rebuild it on the next request.
             self._contexts.pop(context.state.context_id, None)
 
-    async def _context(self, context_id: str) -> ContextActor:
+    def _keep(self, context: ContextActor) -> None:
+        self._contexts[context.state.context_id] = context
+        self._contexts.move_to_end(context.state.context_id)
+        while len(self._contexts) > self._capacity:
+            oldest_id, oldest = next(iter(self._contexts.items()))
+            if oldest.lock.locked():  # mid-turn: keep it, evict later
+                break
+            del self._contexts[oldest_id]
+
+    async def _context(self, context_id: str, new: bool = False) -> ContextActor:
         context = self._contexts.get(context_id)
         if context is not None:
+            self._contexts.move_to_end(context_id)
+            return context
+        if new:  # a fresh id minted by the gateway: nothing to read back from the log
+            context = ContextActor(context_id, sink=self._sink, clock=self._clock)
+            self._keep(context)
             return context
         lock = self._loading.setdefault(context_id, asyncio.Lock())
         async with lock:
@@ -90,7 +107,7 @@ class ChatShard:
                 context = ContextActor(
                     context_id, sink=self._sink, clock=self._clock, history=history
                 )
-                self._contexts[context_id] = context
+                self._keep(context)
                 if history:
                     log.info("rebuilt context %s from %d events", context_id, len(history))
         self._loading.pop(context_id, None)

@@ -1,0 +1,211 @@
+"""The gateway's own overhead per chat turn, through the HTTP API of a real `chatllm up`
+(demo model, zero latency), against what it stands on, measured in the same run:
+calling the demo model directly, one blocking Ray actor round trip, one acks=all produce.
+Also the sustained turns/s with 64 concurrent clients.
+
+Targets (2 cores): p50 overhead <= 2x one blocking actor round trip; >= 300 turns/s at 64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from actors.ports import ChatMessage
+from benchmarks.common import Result
+from infra.broker import EmbeddedBroker, free_port
+from infra.models import DemoModel
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def _direct_model(n: int) -> list[float]:
+    model = DemoModel()
+    messages = [ChatMessage(role="user", content="What is the capital of Portugal?")]
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await model.complete(messages)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHATLLM_HTTP__PORT": str(port),
+        "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
+        "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
+        "CHATLLM_LIMITS__USER": "",  # measure the path, not the limits
+        "CHATLLM_LIMITS__TENANT": "",
+        "CHATLLM_LIMITS__RATE_PER_S": "0",
+        "CHATLLM_LOG__LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "up"],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("chatllm up did not start")
+
+
+async def _turns(base: str, n: int, clients: int) -> tuple[list[float], float]:
+    # aiohttp, not httpx, on the client side: httpx's client costs more CPU per request than
+    # the server does, and on 2 cores the load generator must not be the bottleneck.
+    import aiohttp
+
+    body = json.dumps(
+        {
+            "model": "demo-fast",
+            "messages": [{"role": "user", "content": "What is the capital of Portugal?"}],
+        }
+    )
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(base, connector=connector) as session:
+        samples: list[float] = []
+        per_client = n // clients
+
+        async def worker() -> None:
+            for _ in range(per_client):
+                started = time.perf_counter()
+                async with session.post(
+                    "/v1/chat/completions", data=body, headers=headers
+                ) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"turn failed: {response.status}")
+                samples.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return samples, per_client * clients / (time.perf_counter() - started)
+
+
+class _Echo:
+    def ping(self) -> int:
+        return 1
+
+
+def _ray_round_trips(n: int) -> list[float]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        echo = ray.remote(_Echo).options(num_cpus=0).remote()  # type: ignore[attr-defined]
+        ray.get([echo.ping.remote() for _ in range(50)])  # warm up
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            ray.get(echo.ping.remote())
+            samples.append(time.perf_counter() - started)
+        return samples
+    finally:
+        ray.shutdown()
+
+
+async def _produce_acks(bootstrap: str, n: int) -> list[float]:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    try:
+        for _ in range(20):
+            await producer.send_and_wait("bench-acks", b"warm", key=b"k")
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            await producer.send_and_wait("bench-acks", b'{"event": "x"}', key=b"k")
+            samples.append(time.perf_counter() - started)
+        return samples
+    finally:
+        await producer.stop()
+
+
+def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) -> list[Result]:
+    direct = asyncio.run(_direct_model(2000))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, base = _start_service(Path(tmp))
+        try:
+            asyncio.run(_turns(base, 200, 1))  # warm up: connections, code paths, shard caches
+            turns, _ = asyncio.run(_turns(base, sequential, 1))
+            asyncio.run(_turns(base, 640, clients))
+            _, throughput = asyncio.run(_turns(base, concurrent_turns, clients))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    ray_rtt = _ray_round_trips(1000)
+    with EmbeddedBroker() as broker:
+        acks = asyncio.run(_produce_acks(broker.bootstrap_servers, 1000))
+
+    overhead50 = pct(turns, 0.5) - pct(direct, 0.5)
+    overhead99 = pct(turns, 0.99) - pct(direct, 0.99)
+    ray50, ray99 = pct(ray_rtt, 0.5), pct(ray_rtt, 0.99)
+    note = (
+        f"turn p50 {pct(turns, 0.5):.2f} ms, p99 {pct(turns, 0.99):.2f} ms;"
+        f" direct model p50 {pct(direct, 0.5) * 1000:.0f} µs"
+    )
+    return [
+        Result(
+            "gateway overhead per turn, p50 (HTTP)",
+            "ms",
+            overhead50,
+            "2 x blocking Ray round trip p50",
+            2 * ray50,
+            higher_is_better=False,
+            note=note + "; target ratio >= 1",
+        ),
+        Result(
+            "gateway overhead per turn, p99 (HTTP)",
+            "ms",
+            overhead99,
+            "2 x blocking Ray round trip p99",
+            2 * ray99,
+            higher_is_better=False,
+        ),
+        Result(
+            "one acks=all produce, p50",
+            "ms",
+            pct(acks, 0.5),
+            "blocking Ray round trip p50",
+            ray50,
+            higher_is_better=False,
+            note=f"produce p99 {pct(acks, 0.99):.2f} ms, Ray p99 {ray99:.2f} ms",
+        ),
+        Result(
+            f"sustained turns/s, {clients} clients",
+            "turns/s",
+            throughput,
+            "target",
+            300.0,
+            note=f"{concurrent_turns} turns in all",
+        ),
+    ]
