@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -112,14 +112,18 @@ def partition_for(key: str, partitions: Sequence[int]) -> int:
 
 
 class KafkaStreamReader:
-    """Reads one stream back from its partition of the log (a scan: short retention only)."""
+    """Reads the log back: one stream from its partition, or chosen events from every
+    partition (scans from the start: fine while the broker's retention is short)."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> None:
         self._bootstrap = bootstrap_servers
         self._topic = topic
         self._timeout_s = timeout_s
 
-    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+    async def _scan(
+        self, keep: Callable[[Any], bool], partition_of: str | None = None
+    ) -> list[Envelope[Any]]:
+        """Decoded events of the records `keep` accepts, up to each partition's end now."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
@@ -135,35 +139,57 @@ class KafkaStreamReader:
             partitions = consumer.partitions_for_topic(self._topic)
             if not partitions:
                 return []
-            tp = TopicPartition(self._topic, partition_for(stream_id, list(partitions)))
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            key = stream_id.encode()
+            chosen = (
+                [partition_for(partition_of, list(partitions))]
+                if partition_of is not None
+                else sorted(partitions)
+            )
+            pending = {TopicPartition(self._topic, p) for p in chosen}
+            consumer.assign(list(pending))
+            await consumer.seek_to_beginning(*pending)
             found: list[Envelope[Any]] = []
             deadline = asyncio.get_running_loop().time() + self._timeout_s
-            while True:
-                batches = await consumer.getmany(tp, timeout_ms=20)
-                for record in batches.get(tp, []):
-                    if record.key != key or not record.value:
-                        continue
-                    try:
-                        found.append(decode(record.value))
-                    except DecodeError:
-                        continue  # not part of the stream; the archive processor dead-letters it
-                highwater = consumer.highwater(tp)
-                if highwater is not None and await consumer.position(tp) >= highwater:
-                    break
-                if asyncio.get_running_loop().time() > deadline:
-                    raise LogUnavailable(
-                        f"could not read stream {stream_id!r} within {self._timeout_s}s"
-                    )
-            # A producer retry can write an event twice: keep the first of each version.
-            seen: set[int] = set()
-            unique = []
-            for event in found:
-                if event.stream_version not in seen:
-                    seen.add(event.stream_version)
-                    unique.append(event)
-            return unique
+            while pending:
+                batches = await consumer.getmany(*pending, timeout_ms=20)
+                for records in batches.values():
+                    for record in records:
+                        if not record.value or not keep(record):
+                            continue
+                        try:
+                            found.append(decode(record.value))
+                        except DecodeError:
+                            continue  # not an event; the archive processor dead-letters it
+                for tp in list(pending):
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and await consumer.position(tp) >= highwater:
+                        pending.discard(tp)
+                if pending and asyncio.get_running_loop().time() > deadline:
+                    raise LogUnavailable(f"could not read the log within {self._timeout_s}s")
+            return found
         finally:
             await consumer.stop()
+
+    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+        key = stream_id.encode()
+        found = await self._scan(lambda record: record.key == key, partition_of=stream_id)
+        # A producer retry can write an event twice: keep the first of each version.
+        seen: set[int] = set()
+        unique = []
+        for event in found:
+            if event.stream_version not in seen:
+                seen.add(event.stream_version)
+                unique.append(event)
+        return unique
+
+    async def read_types(self, types: Collection[str]) -> list[Envelope[Any]]:
+        """Every event of the given types, in log order per partition, deduplicated by id."""
+        # The type sits near the start of each record: test the bytes before decoding.
+        needles = [f'"type":"{t}"'.encode() for t in types]
+        found = await self._scan(lambda record: any(n in record.value for n in needles))
+        seen: set[str] = set()
+        unique = []
+        for event in found:
+            if event.type in types and event.event_id not in seen:
+                seen.add(event.event_id)
+                unique.append(event)
+        return unique

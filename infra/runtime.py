@@ -55,8 +55,8 @@ def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
-        ).remote(settings, bootstrap_servers)
-        for _ in range(settings.ray.shards)
+        ).remote(settings, bootstrap_servers, index, settings.ray.shards)
+        for index in range(settings.ray.shards)
     ]
     ray.get([h.ready.remote() for h in hosts])
     return hosts

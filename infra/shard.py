@@ -23,6 +23,7 @@ from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
 from infra.clock import SystemClock
 from infra.config import Settings
+from infra.gateway import shard_index
 from infra.kafka import KafkaEventSink, KafkaStreamReader
 from infra.models import DemoModel, provider_for
 from infra.sentiment import VaderScorer
@@ -30,10 +31,31 @@ from infra.sentiment import VaderScorer
 log = logging.getLogger(__name__)
 
 
+class ReplayClock:
+    """Wall-clock time, or a recorded event's time while the limiter replays the log."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.at is None else self.at
+
+
+# A restarted shard replays the limit decisions of this long ago and since (the widest
+# window `limits` offers is a day; longer ones would need a longer replay).
+LIMITER_MEMORY_S = 86_400.0
+
+
 class ChatShard:
     """Made remote with ray.remote in the composition root; plain and testable without Ray."""
 
-    def __init__(self, settings: Settings, bootstrap_servers: str) -> None:
+    def __init__(
+        self, settings: Settings, bootstrap_servers: str, index: int = 0, count: int = 1
+    ) -> None:
+        self._index, self._count = index, count
+        self._limiter_clock = ReplayClock()
+        self._restored = False
+        self._restoring = asyncio.Lock()
         topic = settings.topics.events
         self._sink = KafkaEventSink(bootstrap_servers, topic, settings.broker)
         self._reader = KafkaStreamReader(
@@ -42,7 +64,7 @@ class ChatShard:
         self._clock = SystemClock()
         router = ModelRouter(settings.routing, settings.deployments)
         self.service = ChatService(
-            limiter=RateLimiter(settings.limits, time.time),
+            limiter=RateLimiter(settings.limits, self._limiter_clock),
             router=router,
             providers={d.name: provider_for(d) for d in settings.deployments},
             fallback=DemoModel(name="demo-fallback"),
@@ -56,11 +78,42 @@ class ChatShard:
         self._loading: dict[str, asyncio.Lock] = {}
 
     async def ready(self) -> int:
-        """Connect to the broker; returns the number of contexts held."""
+        """Connect to the broker and restore the limits; returns the number of contexts held."""
         await self._sink.start()
+        await self._restore_limits()
         return len(self._contexts)
 
+    async def _restore_limits(self) -> None:
+        """Replay this shard's recorded limit decisions, so a restart does not reset the
+        windows (an actor that forgot its counts would let a user past the limit)."""
+        if self._restored:
+            return
+        async with self._restoring:
+            if self._restored:
+                return
+            since = time.time() - LIMITER_MEMORY_S
+            events = await self._reader.read_types({"RateLimitChecked", "RateAdjusted"})
+            mine = sorted(
+                (
+                    e
+                    for e in events
+                    if shard_index(e.tenant_id, self._count) == self._index
+                    and e.occurred_at.timestamp() >= since
+                ),
+                key=lambda e: e.occurred_at,
+            )
+            try:
+                for event in mine:
+                    self._limiter_clock.at = event.occurred_at.timestamp()
+                    self.service.limiter.replay(event.payload, event.tenant_id, event.user_id)
+            finally:
+                self._limiter_clock.at = None
+            self._restored = True
+            if mine:
+                log.info("shard %d restored its limits from %d decisions", self._index, len(mine))
+
     async def turn(self, request: ChatRequest) -> TurnOutcome:
+        await self._restore_limits()
         context = await self._context(request.meta.context_id, request.new_context)
         try:
             return await self.service.turn(context, request)
@@ -69,6 +122,7 @@ class ChatShard:
 
     async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
         """The turn as a Ray streaming generator: text pieces, then the outcome."""
+        await self._restore_limits()
         context = await self._context(request.meta.context_id, request.new_context)
         try:
             async for item in self.service.stream(context, request):
