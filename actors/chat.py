@@ -212,7 +212,7 @@ class ChatService:
                 ),
             ]
             conversation = [
-                *state.messages,
+                *state.prompt(),
                 *(
                     ChatMessage(role=m.role, content=m.content)
                     for m in request.messages[:-1]
@@ -226,7 +226,7 @@ class ChatService:
                 text=verdict.text,
                 depth=depth,
                 current_model=state.model,
-                requested=request.model,
+                requested=request.model or state.config.get("model", ""),
             )
             payloads.append(route)
 

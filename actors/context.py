@@ -4,6 +4,7 @@ the single writer of its stream (gapless versions, acknowledged before returning
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -13,12 +14,38 @@ import msgspec
 from actors.ports import ChatMessage, EventSink
 from events import (
     CURRENT_SCHEMA,
+    ContextConfigured,
     ContextCreated,
+    DocumentAttached,
+    DocumentRemoved,
     Envelope,
     Event,
     MessageReceived,
     ReplyCompleted,
+    TagsChanged,
 )
+
+# What a context may override, and what each override does in a turn.
+CONFIG_KEYS = {
+    "model": "ask for this model on every turn (the router still falls back when it fails)",
+    "system_prompt": "a system message placed before the conversation",
+}
+TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-yaml")
+
+
+class Document(msgspec.Struct, frozen=True, kw_only=True):
+    """An attached document; text documents are given to the model with the conversation."""
+
+    document_id: str
+    name: str
+    mime_type: str
+    size: int
+    sha256: str
+    content: bytes
+
+    @property
+    def is_text(self) -> bool:
+        return self.mime_type.startswith(TEXT_TYPES)
 
 
 class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +69,22 @@ class ContextState(msgspec.Struct, frozen=True, kw_only=True):
     model: str = ""
     """The model that answered last (for sticky routing); empty if none yet."""
     messages: tuple[ChatMessage, ...] = ()
+    documents: tuple[Document, ...] = ()
+    tags: tuple[str, ...] = ()
+    config: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def prompt(self) -> list[ChatMessage]:
+        """What the model sees: the system prompt, text documents, then the conversation."""
+        head: list[ChatMessage] = []
+        if self.config.get("system_prompt"):
+            head.append(ChatMessage(role="system", content=self.config["system_prompt"]))
+        for doc in self.documents:
+            if doc.is_text:
+                text = doc.content.decode("utf-8", errors="replace")
+                head.append(
+                    ChatMessage(role="system", content=f"Attached document {doc.name}:\n{text}")
+                )
+        return [*head, *self.messages]
 
 
 class VersionConflict(Exception):
@@ -84,9 +127,129 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             state = msgspec.structs.replace(
                 state, messages=(*state.messages, message), model=state.model if fallback else model
             )
+        case DocumentAttached() as doc:
+            document = Document(
+                document_id=doc.document_id,
+                name=doc.name,
+                mime_type=doc.mime_type,
+                size=doc.size,
+                sha256=doc.sha256,
+                content=doc.content,
+            )
+            state = msgspec.structs.replace(state, documents=(*state.documents, document))
+        case DocumentRemoved(document_id=document_id):
+            kept = tuple(d for d in state.documents if d.document_id != document_id)
+            state = msgspec.structs.replace(state, documents=kept)
+        case TagsChanged(added=added, removed=removed):
+            tags = (set(state.tags) | set(added)) - set(removed)
+            state = msgspec.structs.replace(state, tags=tuple(sorted(tags)))
+        case ContextConfigured(overrides=overrides):
+            config = {**state.config, **overrides}
+            config = {k: v for k, v in config.items() if v}
+            state = msgspec.structs.replace(state, config=config)
         case _:
             pass  # decisions (limits, routing, calls) do not change the conversation
     return msgspec.structs.replace(state, version=event.stream_version)
+
+
+class DocumentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    document_id: str
+    name: str
+    mime_type: str
+    size: int
+    sha256: str
+
+
+class ContextView(msgspec.Struct, frozen=True, kw_only=True):
+    """What a caller may see of a context's state (documents without their bytes)."""
+
+    context_id: str
+    version: int
+    title: str
+    model: str
+    messages: int
+    tags: tuple[str, ...]
+    config: dict[str, str]
+    documents: tuple[DocumentInfo, ...]
+
+
+def view(state: ContextState) -> ContextView:
+    return ContextView(
+        context_id=state.context_id,
+        version=state.version,
+        title=state.title,
+        model=state.model,
+        messages=len(state.messages),
+        tags=state.tags,
+        config=dict(state.config),
+        documents=tuple(
+            DocumentInfo(
+                document_id=d.document_id,
+                name=d.name,
+                mime_type=d.mime_type,
+                size=d.size,
+                sha256=d.sha256,
+            )
+            for d in state.documents
+        ),
+    )
+
+
+class ContextCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """A change to a context other than a chat turn; exactly one of the fields is set."""
+
+    meta: RequestMeta
+    attach: tuple[str, str, bytes] | None = None
+    """(name, MIME type, bytes) of a document to attach."""
+    remove_document: str = ""
+    set_tags: tuple[str, ...] | None = None
+    configure: dict[str, str] | None = None
+
+
+class CommandRejected(ValueError):
+    """The command is invalid for this context; the message says why (a 4xx)."""
+
+
+def decide_command(
+    state: ContextState, command: ContextCommand, *, max_document_bytes: int, document_id: str
+) -> list[Event]:
+    """The events a context command produces, or CommandRejected."""
+    decided: list[Event] = [] if state.version else [ContextCreated()]
+    if command.attach is not None:
+        name, mime_type, content = command.attach
+        if len(content) > max_document_bytes:
+            raise CommandRejected(
+                f"document {name!r} is {len(content)} bytes; the limit is {max_document_bytes}"
+            )
+        decided.append(
+            DocumentAttached(
+                document_id=document_id,
+                name=name,
+                mime_type=mime_type,
+                size=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content=content,
+            )
+        )
+    elif command.remove_document:
+        if not any(d.document_id == command.remove_document for d in state.documents):
+            raise CommandRejected(f"no document {command.remove_document!r} in this context")
+        decided.append(DocumentRemoved(document_id=command.remove_document))
+    elif command.set_tags is not None:
+        wanted = set(command.set_tags)
+        added = tuple(sorted(wanted - set(state.tags)))
+        removed = tuple(sorted(set(state.tags) - wanted))
+        if not added and not removed:
+            return decided  # nothing changes: no event
+        decided.append(TagsChanged(added=added, removed=removed))
+    elif command.configure is not None:
+        unknown = sorted(set(command.configure) - set(CONFIG_KEYS))
+        if unknown:
+            raise CommandRejected(
+                f"unknown context settings {unknown}; known: {sorted(CONFIG_KEYS)}"
+            )
+        decided.append(ContextConfigured(overrides=dict(command.configure)))
+    return decided
 
 
 def fold(state: ContextState, events: Iterable[Envelope[Any]]) -> ContextState:

@@ -5,7 +5,10 @@ from events.envelope import Envelope
 from events.types import (
     CURRENT_SCHEMA,
     CircuitChanged,
+    ContextConfigured,
     ContextCreated,
+    DocumentAttached,
+    DocumentRemoved,
     Event,
     InputChecked,
     MessageReceived,
@@ -16,13 +19,17 @@ from events.types import (
     ReplyFailed,
     RouteDecided,
     SentimentScored,
+    TagsChanged,
 )
 
 __all__ = [
     "CURRENT_SCHEMA",
     "CircuitChanged",
+    "ContextConfigured",
     "ContextCreated",
     "DecodeError",
+    "DocumentAttached",
+    "DocumentRemoved",
     "Envelope",
     "Event",
     "InputChecked",
@@ -34,6 +41,7 @@ __all__ = [
     "ReplyFailed",
     "RouteDecided",
     "SentimentScored",
+    "TagsChanged",
     "decode",
     "encode",
     "payload_type",

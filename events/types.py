@@ -129,6 +129,33 @@ class RateAdjusted(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class DocumentAttached(msgspec.Struct, frozen=True, kw_only=True):
+    """A document was attached to the context (its bytes travel in the event, size-limited)."""
+
+    document_id: NonEmpty
+    name: NonEmpty
+    mime_type: NonEmpty
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    content: bytes
+    """The document's bytes (base64 in JSON)."""
+
+
+class DocumentRemoved(msgspec.Struct, frozen=True, kw_only=True):
+    document_id: NonEmpty
+
+
+class TagsChanged(msgspec.Struct, frozen=True, kw_only=True):
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+class ContextConfigured(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-context overrides of the service's defaults; an empty value removes an override."""
+
+    overrides: dict[str, str]
+
+
 Event = (
     ContextCreated
     | MessageReceived
@@ -141,6 +168,10 @@ Event = (
     | ModelCalled
     | CircuitChanged
     | RateAdjusted
+    | DocumentAttached
+    | DocumentRemoved
+    | TagsChanged
+    | ContextConfigured
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -157,4 +188,8 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     ModelCalled: 1,
     CircuitChanged: 1,
     RateAdjusted: 1,
+    DocumentAttached: 1,
+    DocumentRemoved: 1,
+    TagsChanged: 1,
+    ContextConfigured: 1,
 }

@@ -102,6 +102,12 @@ class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class ContextsConfig(_Section):
+    max_document_bytes: Annotated[int, msgspec.Meta(ge=1, le=768 * 1024)] = 256 * 1024
+    """Largest attachable document (its bytes travel in an event; Kafka's default message
+    limit is 1 MB, and base64 adds a third)."""
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -131,6 +137,7 @@ class Settings(_Section):
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    contexts: ContextsConfig = msgspec.field(default_factory=ContextsConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
     sanitizer: SanitizerPolicy = msgspec.field(default_factory=SanitizerPolicy)

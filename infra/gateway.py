@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.chat import ChatRequest, TurnOutcome
+from actors.context import ContextCommand, ContextView, RequestMeta
 
 
 def shard_index(tenant_id: str, shards: int) -> int:
@@ -23,8 +24,19 @@ class Gateway:
         self._shards = shards
         self.models = models
 
-    def _shard(self, request: ChatRequest) -> Any:
-        return self._shards[shard_index(request.meta.tenant_id, len(self._shards))]
+    def _shard(self, request: ChatRequest | ContextCommand) -> Any:
+        return self._owner(request.meta)
+
+    def _owner(self, meta: RequestMeta) -> Any:
+        return self._shards[shard_index(meta.tenant_id, len(self._shards))]
+
+    async def command(self, command: ContextCommand) -> ContextView:
+        result: ContextView = await self._shard(command).command.remote(command)
+        return result
+
+    async def view(self, meta: RequestMeta) -> ContextView:
+        result: ContextView = await self._owner(meta).view.remote(meta)
+        return result
 
     async def turn(self, request: ChatRequest) -> TurnOutcome:
         outcome: TurnOutcome = await self._shard(request).turn.remote(request)

@@ -4,6 +4,8 @@ OpenAPI at /docs and /openapi.json. OpenAI clients work unchanged with their
 base_url pointed at http://host:port/v1; errors use OpenAI's error shape there.
 """
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -17,7 +19,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.chat import ChatRequest, TurnOutcome
-from actors.context import ContextRejected, RequestMeta, VersionConflict
+from actors.context import (
+    CommandRejected,
+    ContextCommand,
+    ContextRejected,
+    RequestMeta,
+    VersionConflict,
+)
 from actors.ports import ChatMessage
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
@@ -79,6 +87,22 @@ class MessageIn(BaseModel):
     content: str = Field(min_length=1, max_length=100_000)
     user_id: str = Field(default="anonymous", pattern=IDENT)
     title: str = Field(default="", max_length=500)
+
+
+class DocumentIn(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    mime_type: str = Field(default="text/plain", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content_base64: str = Field(description="the document's bytes, base64")
+
+
+class TagsIn(BaseModel):
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(max_length=100)
+
+
+class ConfigIn(BaseModel):
+    overrides: dict[str, str] = Field(
+        description="model, system_prompt; an empty string removes an override"
+    )
 
 
 class EventRef(BaseModel):
@@ -373,6 +397,73 @@ def build_api(
             error_class=outcome.error_class,
             events=_refs(outcome),
         )
+
+    async def run_command(command: ContextCommand) -> dict[str, Any]:
+        try:
+            result = await gateway.command(command)
+        except CommandRejected as exc:
+            status = 413 if "the limit is" in str(exc) else 400
+            raise OpenAIError(
+                status, str(exc), "invalid_request_error", "invalid_command"
+            ) from None
+        except Exception as exc:
+            raise _as_http(exc) from None
+        view: dict[str, Any] = msgspec.to_builtins(result)
+        return view
+
+    @api.get("/v1/contexts/{context_id}")
+    async def get_context(
+        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        """The context's state: tags, overrides, documents (without their bytes), counts."""
+        try:
+            result = await gateway.view(meta_for(who, context_id, None, None))
+        except Exception as exc:
+            raise _as_http(exc) from None
+        view: dict[str, Any] = msgspec.to_builtins(result)
+        return view
+
+    @api.post("/v1/contexts/{context_id}/documents")
+    async def attach_document(
+        context_id: ContextId, body: DocumentIn, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        """Attach a document (size-limited); text documents are given to the model."""
+        try:
+            content = base64.b64decode(body.content_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise OpenAIError(
+                400,
+                "content_base64 is not valid base64",
+                "invalid_request_error",
+                "invalid_request",
+            ) from None
+        meta = meta_for(who, context_id, None, None)
+        return await run_command(
+            ContextCommand(meta=meta, attach=(body.name, body.mime_type, content))
+        )
+
+    @api.delete("/v1/contexts/{context_id}/documents/{document_id}")
+    async def remove_document(
+        context_id: ContextId, document_id: str, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        meta = meta_for(who, context_id, None, None)
+        return await run_command(ContextCommand(meta=meta, remove_document=document_id))
+
+    @api.put("/v1/contexts/{context_id}/tags")
+    async def set_tags(
+        context_id: ContextId, body: TagsIn, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        """Replace the context's tags (the event records what was added and removed)."""
+        meta = meta_for(who, context_id, None, None)
+        return await run_command(ContextCommand(meta=meta, set_tags=tuple(body.tags)))
+
+    @api.patch("/v1/contexts/{context_id}/config")
+    async def configure(
+        context_id: ContextId, body: ConfigIn, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        """Per-context overrides: model, system_prompt."""
+        meta = meta_for(who, context_id, None, None)
+        return await run_command(ContextCommand(meta=meta, configure=body.overrides))
 
     @api.get("/v1/contexts/{context_id}/events", response_model=list[AuditEvent])
     async def context_events(

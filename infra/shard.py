@@ -17,7 +17,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from actors.chat import ChatRequest, ChatService, TurnOutcome
-from actors.context import ContextActor
+from actors.context import (
+    ContextActor,
+    ContextCommand,
+    ContextView,
+    RequestMeta,
+    decide_command,
+    view,
+)
 from actors.limiter import RateLimiter
 from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
@@ -75,6 +82,7 @@ class ChatShard:
         # Least recently used first; an evicted context is rebuilt from the log when it returns.
         self._contexts: OrderedDict[str, ContextActor] = OrderedDict()
         self._capacity = settings.ray.contexts_per_shard
+        self._max_document_bytes = settings.contexts.max_document_bytes
         self._loading: dict[str, asyncio.Lock] = {}
 
     async def ready(self) -> int:
@@ -129,6 +137,30 @@ class ChatShard:
                 yield item
         finally:
             self._drop_if_broken(context)
+
+    async def command(self, command: ContextCommand) -> ContextView:
+        """Attach or remove a document, set tags or overrides; returns the new view."""
+        context = await self._context(command.meta.context_id)
+        try:
+            context.admit(command.meta)
+            async with context.lock:
+                decided = decide_command(
+                    context.state,
+                    command,
+                    max_document_bytes=self._max_document_bytes,
+                    document_id=self._clock.new_event_id(),
+                )
+                if decided:
+                    await context.record(decided, command.meta)
+            return view(context.state)
+        finally:
+            self._drop_if_broken(context)
+
+    async def view(self, meta: RequestMeta) -> ContextView:
+        """The context's state as the caller may see it."""
+        context = await self._context(meta.context_id)
+        context.admit(meta)
+        return view(context.state)
 
     def _drop_if_broken(self, context: ContextActor) -> None:
         if context.broken:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -99,6 +100,72 @@ def test_audit_of_an_unknown_context_says_so(service: Service) -> None:
     assert "no events archived for context 'never-used'" in result.stderr
 
 
+def test_demo_runs_and_ends_with_an_audit_trail(tmp_path: Path) -> None:
+    env = {**os.environ, "CHATLLM_RAY__NAMESPACE": "chatllm-demo-test"}
+    result = subprocess.run(
+        [*CHATLLM, "demo"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "audit trail of context demo-trip-lisbon" in result.stdout
+    assert result.stdout.count("ReplyCompleted") == 3
+    assert "events over 2 contexts went Ray actor" in result.stdout
+
+
+def test_documents_tags_and_overrides_over_http(service: Service) -> None:
+    base, context = service.base, "e2e-docs"
+    doc = base64.b64encode(b"Opening hours: 9 to 17.").decode()
+    # Step 1: attach a text document, tag the context, override its model and system prompt.
+    attached = httpx.post(
+        f"{base}/v1/contexts/{context}/documents",
+        json={"name": "hours.txt", "mime_type": "text/plain", "content_base64": doc},
+    )
+    assert attached.status_code == 200, attached.text
+    (document,) = attached.json()["documents"]
+    assert document["size"] == 23 and "content" not in document
+    tags = httpx.put(f"{base}/v1/contexts/{context}/tags", json={"tags": ["support", "hours"]})
+    assert tags.json()["tags"] == ["hours", "support"]
+    config = httpx.patch(
+        f"{base}/v1/contexts/{context}/config",
+        json={"overrides": {"model": "demo-large", "system_prompt": "Be brief."}},
+    )
+    assert config.json()["config"] == {"model": "demo-large", "system_prompt": "Be brief."}
+    # Step 2: a turn uses them: the override picks the model.
+    turn = httpx.post(
+        f"{base}/v1/contexts/{context}/messages", json={"content": "When are you open?"}
+    )
+    assert turn.json()["model"] == "demo-large"
+    view = httpx.get(f"{base}/v1/contexts/{context}").json()
+    assert view["messages"] == 2 and view["tags"] == ["hours", "support"]
+    # Step 3: removing the document is an event too; the audit trail has the whole history.
+    removed = httpx.delete(f"{base}/v1/contexts/{context}/documents/{document['document_id']}")
+    assert removed.json()["documents"] == []
+    deadline = time.monotonic() + 30
+    while True:
+        types = [row["type"] for row in httpx.get(f"{base}/v1/contexts/{context}/events").json()]
+        if "DocumentRemoved" in types or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert types[:4] == ["ContextCreated", "DocumentAttached", "TagsChanged", "ContextConfigured"]
+    assert types[-1] == "DocumentRemoved"
+
+
+def test_bad_context_commands_are_4xx_with_a_reason(service: Service) -> None:
+    base = service.base
+    too_big = base64.b64encode(b"x" * (256 * 1024 + 1)).decode()
+    response = httpx.post(
+        f"{base}/v1/contexts/e2e-big/documents", json={"name": "big.txt", "content_base64": too_big}
+    )
+    assert response.status_code == 413 and "the limit is 262144" in response.json()["detail"]
+    response = httpx.post(
+        f"{base}/v1/contexts/e2e-big/documents", json={"name": "x.txt", "content_base64": "%%%"}
+    )
+    assert response.status_code == 400 and "base64" in response.json()["detail"]
+    response = httpx.patch(
+        f"{base}/v1/contexts/e2e-big/config", json={"overrides": {"temperature": "9"}}
+    )
+    assert response.status_code == 400 and "unknown context settings" in response.json()["detail"]
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc
@@ -120,14 +187,3 @@ def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
             break
         time.sleep(0.2)
     assert not left.stdout.strip(), "tansu outlived chatllm up"
-
-
-def test_demo_runs_and_ends_with_an_audit_trail(tmp_path: Path) -> None:
-    env = {**os.environ, "CHATLLM_RAY__NAMESPACE": "chatllm-demo-test"}
-    result = subprocess.run(
-        [*CHATLLM, "demo"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "audit trail of context demo-trip-lisbon" in result.stdout
-    assert result.stdout.count("ReplyCompleted") == 3
-    assert "events over 2 contexts went Ray actor" in result.stdout

@@ -292,3 +292,69 @@ def test_unknown_models_in_the_routing_table_are_a_clear_error() -> None:
 def test_retry_rules_are_configurable_per_error_class() -> None:
     rules = {**POLICY.retries, "network": RetryRule(attempts=1, then="fail")}
     assert RoutingPolicy(retries=rules).retries["network"].then == "fail"
+
+
+class Recording:
+    """A provider that remembers what it was asked (pure logic under test: the prompt)."""
+
+    name = "primary"
+
+    def __init__(self) -> None:
+        self.seen: list[list[ChatMessage]] = []
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> Any:
+        self.seen.append(list(messages))
+        yield "ok"
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Any:
+        raise AssertionError("the workflow streams")
+
+
+async def test_context_overrides_and_documents_reach_the_model() -> None:
+    from events import ContextConfigured, DocumentAttached
+
+    h = Harness([healthy(), healthy("backup-a", "backup")])
+    recorder = Recording()
+    h.service.providers = {"primary-a": recorder, "backup-a": recorder}  # type: ignore[dict-item]
+    context = h.context("ctx-1")
+    meta = RequestMeta(
+        context_id="ctx-1",
+        tenant_id="t1",
+        user_id="u1",
+        trace_id="0" * 31 + "1",
+        correlation_id="c",
+    )
+    await context.record(
+        [
+            ContextConfigured(
+                overrides={"system_prompt": "Answer in Portuguese.", "model": "backup"}
+            ),
+            DocumentAttached(
+                document_id="d1",
+                name="faq.txt",
+                mime_type="text/plain",
+                size=5,
+                sha256="0" * 64,
+                content=b"Tram!",
+            ),
+            DocumentAttached(
+                document_id="d2",
+                name="logo.png",
+                mime_type="image/png",
+                size=3,
+                sha256="1" * 64,
+                content=b"\x89PN",
+            ),
+        ],
+        meta,
+    )
+    outcome = await h.ask("hello")
+    assert outcome.model == "backup"  # the context's model override
+    route = next(p for t, p in await h.story() if t == "RouteDecided")
+    assert route.reason == "requested"
+    (prompt,) = recorder.seen
+    assert [(m.role, m.content) for m in prompt] == [
+        ("system", "Answer in Portuguese."),
+        ("system", "Attached document faq.txt:\nTram!"),  # text documents only
+        ("user", "hello"),
+    ]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from actors.context import (
+    CommandRejected,
     ContextActor,
+    ContextCommand,
     ContextRejected,
     ContextState,
     RequestMeta,
     VersionConflict,
+    decide_command,
     evolve,
     fold,
 )
@@ -139,3 +142,84 @@ async def test_another_tenant_cannot_write_to_a_context() -> None:
     with pytest.raises(ContextRejected, match="another tenant"):
         actor.admit(meta(tenant="t2"))
     actor.admit(meta(tenant="t1"))
+
+
+def command(**change: object) -> ContextCommand:
+    return ContextCommand(meta=meta(), **change)  # type: ignore[arg-type]
+
+
+def apply(state: ContextState, decided: list[object]) -> ContextState:
+    events = [
+        make_event(version=state.version + i, payload=p, n=100 + state.version + i)
+        for i, p in enumerate(decided, 1)
+    ]  # type: ignore[arg-type]
+    return fold(state, events)
+
+
+def test_documents_tags_and_overrides_are_folded_from_their_events() -> None:
+    state = ContextState(context_id="ctx-1")
+    attach = command(attach=("notes.md", "text/markdown", b"# Lisbon\nTram 28."))
+    state = apply(state, decide_command(state, attach, max_document_bytes=1000, document_id="d1"))
+    assert state.version == 2  # ContextCreated, DocumentAttached
+    state = apply(
+        state,
+        decide_command(
+            state, command(set_tags=("travel", "pt")), max_document_bytes=1, document_id="x"
+        ),
+    )
+    state = apply(
+        state,
+        decide_command(
+            state, command(set_tags=("travel", "food")), max_document_bytes=1, document_id="x"
+        ),
+    )
+    assert state.tags == ("food", "travel")
+    state = apply(
+        state,
+        decide_command(
+            state,
+            command(configure={"system_prompt": "Be brief.", "model": "demo-large"}),
+            max_document_bytes=1,
+            document_id="x",
+        ),
+    )
+    state = apply(
+        state,
+        decide_command(
+            state, command(configure={"model": ""}), max_document_bytes=1, document_id="x"
+        ),
+    )
+    assert state.config == {"system_prompt": "Be brief."}
+    prompt = state.prompt()
+    assert prompt[0] == ChatMessage(role="system", content="Be brief.")
+    assert prompt[1].content == "Attached document notes.md:\n# Lisbon\nTram 28."
+    state = apply(
+        state,
+        decide_command(state, command(remove_document="d1"), max_document_bytes=1, document_id="x"),
+    )
+    assert state.documents == () and len(state.prompt()) == 1
+
+
+def test_context_commands_reject_what_is_wrong() -> None:
+    state = ContextState(context_id="ctx-1")
+    with pytest.raises(CommandRejected, match="the limit is 10"):
+        decide_command(
+            state,
+            command(attach=("big.bin", "application/octet-stream", b"x" * 11)),
+            max_document_bytes=10,
+            document_id="d",
+        )
+    with pytest.raises(CommandRejected, match="unknown context settings \\['temperature'\\]"):
+        decide_command(
+            state, command(configure={"temperature": "2"}), max_document_bytes=10, document_id="d"
+        )
+    with pytest.raises(CommandRejected, match="no document 'nope'"):
+        decide_command(
+            state, command(remove_document="nope"), max_document_bytes=10, document_id="d"
+        )
+    # Setting the tags a context already has changes nothing and records nothing.
+    tagged = ContextState(context_id="ctx-1", version=3, tags=("a",))
+    assert (
+        decide_command(tagged, command(set_tags=("a",)), max_document_bytes=1, document_id="d")
+        == []
+    )
