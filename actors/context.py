@@ -56,6 +56,8 @@ class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     trace_id: str
     correlation_id: str
+    span_id: str = ""
+    """The span acting for the request (events carry it); empty: a new span id per event."""
 
 
 class ContextState(msgspec.Struct, frozen=True, kw_only=True):
@@ -283,7 +285,7 @@ def stamp(
             tenant_id=meta.tenant_id,
             user_id=meta.user_id,
             trace_id=meta.trace_id,
-            span_id=clock.new_span_id(),
+            span_id=meta.span_id or clock.new_span_id(),
             correlation_id=meta.correlation_id,
             causation_id=causation,
             payload=payload,

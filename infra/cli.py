@@ -72,8 +72,10 @@ async def _serve(
     import uvicorn
 
     from infra.http import build_api
+    from infra.tracing import setup_tracing
 
     settings: Settings = stack.settings
+    setup_tracing(settings.tracing.otlp_endpoint, "chatllm-api", settings.tracing.export_delay_ms)
     api = build_api(
         gateway=stack.gateway,
         store=stack.astore,
@@ -128,7 +130,10 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
     except KeyboardInterrupt:
         pass
     finally:
+        from infra.tracing import shutdown_tracing
+
         stack.stop()
+        shutdown_tracing()
     out.print("chat-llm stopped")
 
 

@@ -102,6 +102,12 @@ class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class TracingConfig(_Section):
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); empty: spans are not exported."""
+    export_delay_ms: Positive = 1000
+
+
 class ContextsConfig(_Section):
     max_document_bytes: Annotated[int, msgspec.Meta(ge=1, le=768 * 1024)] = 256 * 1024
     """Largest attachable document (its bytes travel in an event; Kafka's default message
@@ -138,6 +144,7 @@ class Settings(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     contexts: ContextsConfig = msgspec.field(default_factory=ContextsConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
     sanitizer: SanitizerPolicy = msgspec.field(default_factory=SanitizerPolicy)

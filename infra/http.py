@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.chat import ChatRequest, TurnOutcome
@@ -31,6 +32,7 @@ from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.store import AsyncStore
+from infra.tracing import hex_ids
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,8 @@ def build_api(
             async with lifespan():
                 yield
 
+    # FastAPI's own OpenTelemetry support makes the server span of each request, continuing
+    # the caller's traceparent, once a tracer provider is installed (infra/tracing.py).
     api = FastAPI(title="chat-llm", version="0.1.0", lifespan=_lifespan)
     clock = SystemClock()
     keys = {k.sha256: k for k in settings.auth.keys}
@@ -249,13 +253,21 @@ def build_api(
         return outcome
 
     def meta_for(
-        who: Caller, context_id: str, user: str | None, traceparent: str | None
+        who: Caller, context_id: str, user: str | None, traceparent: str | None = None
     ) -> RequestMeta:
+        # The request's span continues the caller's W3C trace; without a tracer provider it
+        # is invalid, and the traceparent header is read directly.
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            trace_id, span_id = hex_ids(trace.get_current_span())
+        else:
+            trace_id, span_id = parse_traceparent(traceparent) or new_trace_id(), ""
         return RequestMeta(
             context_id=context_id,
             tenant_id=who.tenant_id,
             user_id=who.user_id or user or "anonymous",
-            trace_id=parse_traceparent(traceparent) or new_trace_id(),
+            trace_id=trace_id,
+            span_id=span_id,
             correlation_id=clock.new_event_id(),
         )
 

@@ -15,6 +15,9 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
 
 from actors.chat import ChatRequest, ChatService, TurnOutcome
 from actors.context import (
@@ -34,6 +37,7 @@ from infra.gateway import shard_index
 from infra.kafka import KafkaEventSink, KafkaStreamReader
 from infra.models import DemoModel, provider_for
 from infra.sentiment import VaderScorer
+from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ class ChatShard:
         self, settings: Settings, bootstrap_servers: str, index: int = 0, count: int = 1
     ) -> None:
         self._index, self._count = index, count
+        setup_tracing(
+            settings.tracing.otlp_endpoint, "chatllm-shard", settings.tracing.export_delay_ms
+        )
         self._limiter_clock = ReplayClock()
         self._restored = False
         self._restoring = asyncio.Lock()
@@ -120,26 +127,61 @@ class ChatShard:
             if mine:
                 log.info("shard %d restored its limits from %d decisions", self._index, len(mine))
 
+    def _span(self, name: str, meta: RequestMeta) -> tuple[Any, RequestMeta]:
+        """A span for the request, child of the caller's; the request's events will carry it."""
+        parent = remote_parent(meta.trace_id, meta.span_id or self._clock.new_span_id())
+        span = tracer().start_span(
+            name,
+            context=parent,
+            attributes={"chatllm.tenant": meta.tenant_id, "chatllm.context": meta.context_id},
+        )
+        _, span_id = hex_ids(span)
+        return span, msgspec.structs.replace(meta, span_id=span_id)
+
+    @staticmethod
+    def _describe(span: Any, outcome: TurnOutcome) -> None:
+        span.set_attribute("chatllm.status", outcome.status)
+        span.set_attribute("chatllm.model", outcome.model)
+        span.set_attribute("chatllm.deployment", outcome.deployment)
+        span.set_attribute("chatllm.fallback", outcome.fallback)
+        if outcome.error_class:
+            span.set_attribute("chatllm.error_class", outcome.error_class)
+
     async def turn(self, request: ChatRequest) -> TurnOutcome:
         await self._restore_limits()
-        context = await self._context(request.meta.context_id, request.new_context)
+        span, meta = self._span("chat.turn", request.meta)
+        request = msgspec.structs.replace(request, meta=meta)
+        context = await self._context(meta.context_id, request.new_context)
         try:
-            return await self.service.turn(context, request)
+            outcome = await self.service.turn(context, request)
+            self._describe(span, outcome)
+            return outcome
+        except BaseException as exc:
+            span.record_exception(exc)
+            raise
         finally:
+            span.end()
             self._drop_if_broken(context)
 
     async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
         """The turn as a Ray streaming generator: text pieces, then the outcome."""
         await self._restore_limits()
-        context = await self._context(request.meta.context_id, request.new_context)
+        span, meta = self._span("chat.turn", request.meta)
+        request = msgspec.structs.replace(request, meta=meta)
+        context = await self._context(meta.context_id, request.new_context)
         try:
             async for item in self.service.stream(context, request):
+                if isinstance(item, TurnOutcome):
+                    self._describe(span, item)
                 yield item
         finally:
+            span.end()
             self._drop_if_broken(context)
 
     async def command(self, command: ContextCommand) -> ContextView:
         """Attach or remove a document, set tags or overrides; returns the new view."""
+        span, meta = self._span("chat.context_command", command.meta)
+        command = msgspec.structs.replace(command, meta=meta)
         context = await self._context(command.meta.context_id)
         try:
             context.admit(command.meta)
@@ -154,6 +196,7 @@ class ChatShard:
                     await context.record(decided, command.meta)
             return view(context.state)
         finally:
+            span.end()
             self._drop_if_broken(context)
 
     async def view(self, meta: RequestMeta) -> ContextView:
@@ -201,3 +244,4 @@ class ChatShard:
 
     async def shutdown(self) -> None:
         await self._sink.stop()
+        shutdown_tracing()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -79,10 +81,67 @@ upstream_model = "demo-1"
 )
 
 
+class Collector:
+    """A minimal OTLP/HTTP trace collector: keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.spans: list[dict[str, str]] = []
+        spans = self.spans
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    service = next(
+                        a.value.string_value
+                        for a in resource.resource.attributes
+                        if a.key == "service.name"
+                    )
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            spans.append(
+                                {
+                                    "service": service,
+                                    "name": span.name,
+                                    "trace_id": span.trace_id.hex(),
+                                    "span_id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(),
+                                }
+                            )
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def collector() -> Iterator[Collector]:
+    running = Collector()
+    yield running
+    running.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Service]:
     running = start_service(
-        tmp_path_factory.mktemp("openai"), CONFIG, {"LOOP_UPSTREAM_KEY": KEYS["loop"]}
+        tmp_path_factory.mktemp("openai"),
+        CONFIG,
+        {
+            "LOOP_UPSTREAM_KEY": KEYS["loop"],
+            "CHATLLM_TRACING__OTLP_ENDPOINT": collector.url,
+            "CHATLLM_TRACING__EXPORT_DELAY_MS": "100",
+        },
     )
     try:
         yield running
@@ -266,3 +325,34 @@ def test_an_openai_compatible_upstream_streaming_and_not(api: Service) -> None:
         "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         == whole.choices[0].message.content
     )
+
+
+def test_the_trace_context_flows_from_http_through_the_shard_into_every_event(
+    api: Service, collector: Collector
+) -> None:
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    client(api).chat.completions.create(
+        model="auto",
+        messages=[{"role": "user", "content": "trace me"}],
+        extra_headers={"X-Context-Id": "traced", "traceparent": f"00-{trace_id}-{caller_span}-01"},
+    )
+    # Step 1: every event of the turn carries the caller's trace and the shard's turn span.
+    rows = audit(api, "traced")
+    assert {r["event"]["trace_id"] for r in rows} == {trace_id}
+    (turn_span,) = {r["event"]["span_id"] for r in rows}
+    # Step 2: both processes exported their spans over OTLP, linked parent to child.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        mine = [s for s in collector.spans if s["trace_id"] == trace_id]
+        if {s["service"] for s in mine} >= {"chatllm-api", "chatllm-shard"}:
+            break
+        time.sleep(0.2)
+    server = next(s for s in mine if s["name"] == "POST /v1/chat/completions")
+    assert server["service"] == "chatllm-api" and server["parent"] == caller_span
+    shard = next(s for s in mine if s["service"] == "chatllm-shard")
+    assert shard["name"] == "chat.turn" and shard["span_id"] == turn_span
+    # The shard's span hangs under the API's request span, across the process boundary.
+    by_id = {s["span_id"]: s for s in mine}
+    ancestor = by_id[shard["parent"]]
+    while ancestor["span_id"] != server["span_id"]:
+        ancestor = by_id[ancestor["parent"]]
