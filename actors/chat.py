@@ -54,6 +54,26 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     title: str = ""
     new_context: bool = False
     """The gateway minted this context id just now (a UUIDv7): there is no stream to read back."""
+    fanout: tuple[str, ...] = ()
+    """Ask these models at once (each with its own fallbacks) instead of routing to one."""
+    merge: Literal["first", "all"] = "first"
+    """Fan-out: keep the first complete answer (the others are cancelled), or all side by side."""
+
+
+class Piece(msgspec.Struct, frozen=True, array_like=True):
+    """A piece of the answer of fan-out member `index` (single-model turns yield plain str)."""
+
+    index: int
+    text: str
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    """One fan-out member's answer."""
+
+    model: str
+    content: str = ""
+    fallback: bool = False
+    error_class: str = ""
 
 
 class EventRef(msgspec.Struct, frozen=True):
@@ -84,6 +104,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
     events: tuple[EventRef, ...] = ()
     """The events the turn wrote; kept small, since outcomes cross the actor boundary."""
+    choices: tuple[Choice, ...] = ()
+    """Fan-out with merge "all": every member's answer, in the order asked."""
 
 
 def count_tokens(text: str) -> int:
@@ -144,7 +166,7 @@ class ChatService:
 
     async def stream(
         self, context: ContextActor, request: ChatRequest
-    ) -> AsyncIterator[str | TurnOutcome]:
+    ) -> AsyncIterator[str | Piece | TurnOutcome]:
         """The turn, yielding reply text as the model produces it, and the outcome last."""
         meta = request.meta
         context.admit(meta)
@@ -228,6 +250,28 @@ class ChatService:
                 current_model=state.model,
                 requested=request.model or state.config.get("model", ""),
             )
+            if len(request.fanout) > 1:
+                routes = [
+                    self.router.route(
+                        in_reply_to=message_id, text=verdict.text, depth=depth, requested=model
+                    )
+                    for model in request.fanout
+                ]
+                payloads += routes
+                members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
+                async for item in self._fan_out(routes, conversation, request.merge):
+                    if isinstance(item, Piece):
+                        yield item
+                    else:
+                        members = item
+                for _, _, member_attempt in members:
+                    payloads += member_attempt.events
+                payloads += self.router.take_circuit_events()
+                finals = [f for _, f, _ in members if f is not None]
+                payloads += finals
+                events = await context.record(payloads, meta, cause_after=message_id)
+                yield self._fan_out_outcome(meta, members, conversation, events, request.merge)
+                return
             payloads.append(route)
 
             attempt = _Attempt()
@@ -268,6 +312,87 @@ class ChatService:
             prompt_tokens=prompt_tokens,
             completion_tokens=final.completion_tokens,
             events=refs(events),
+        )
+
+    async def _fan_out(
+        self, routes: Sequence[RouteDecided], conversation: Sequence[ChatMessage], merge: str
+    ) -> AsyncIterator[Piece | list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]]]:
+        """Run every route at once; yields pieces as they come ("all") or the winner's answer
+        ("first"), then each member's (deployment, final event or None if cancelled, attempt)."""
+        queue: asyncio.Queue[Piece | tuple[int, str, ReplyCompleted | ReplyFailed | None]] = (
+            asyncio.Queue()
+        )
+        attempts = [_Attempt() for _ in routes]
+
+        async def member(index: int, route: RouteDecided) -> None:
+            deployment, final = "", None
+            try:
+                async for piece in self._call_chain(route, conversation, attempts[index]):
+                    if isinstance(piece, tuple):
+                        deployment, final = piece
+                    elif merge == "all":
+                        queue.put_nowait(Piece(index, piece))
+            finally:
+                queue.put_nowait((index, deployment, final))
+
+        tasks = [asyncio.create_task(member(i, r)) for i, r in enumerate(routes)]
+        finished: dict[int, tuple[str, ReplyCompleted | ReplyFailed | None]] = {}
+        try:
+            while len(finished) < len(tasks):
+                item = await queue.get()
+                if isinstance(item, Piece):
+                    yield item
+                    continue
+                index, deployment, final = item
+                finished[index] = (deployment, final)
+                if merge == "first" and isinstance(final, ReplyCompleted):
+                    yield Piece(0, final.content)
+                    break
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        yield [(*finished.get(i, ("", None)), attempts[i]) for i in range(len(routes))]
+
+    def _fan_out_outcome(
+        self,
+        meta: RequestMeta,
+        members: Sequence[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]],
+        conversation: Sequence[ChatMessage],
+        events: Sequence[Envelope[Any]],
+        merge: str,
+    ) -> TurnOutcome:
+        prompt_tokens = sum(count_tokens(m.content) for m in conversation)
+        answers = [(d, f) for d, f, _ in members if isinstance(f, ReplyCompleted)]
+        if not answers:
+            failed = next((f for _, f, _ in members if isinstance(f, ReplyFailed)), None)
+            return TurnOutcome(
+                status="failed",
+                context_id=meta.context_id,
+                error_class=failed.error_class if failed else "network",
+                detail=failed.message if failed else "no fan-out member answered",
+                prompt_tokens=prompt_tokens,
+                events=refs(events),
+            )
+        deployment, first = answers[0]
+        choices = tuple(
+            Choice(model=f.model, content=f.content, fallback=f.fallback)
+            if isinstance(f, ReplyCompleted)
+            else Choice(model=f.model if f else "", error_class=f.error_class if f else "cancelled")
+            for _, f, _ in members
+        )
+        return TurnOutcome(
+            status="ok",
+            context_id=meta.context_id,
+            reply=first.content,
+            model=first.model,
+            deployment=deployment,
+            fallback=first.fallback,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(f.completion_tokens for _, f in answers),
+            events=refs(events),
+            choices=choices if merge == "all" else (),
         )
 
     async def _call_chain(
@@ -421,6 +546,9 @@ class ChatService:
         except ModelError as exc:
             outcome, detail, retry_after = exc.error_class, exc.message, exc.retry_after_s
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome, detail = "cancelled", "another fan-out member answered first"
+            raise
         finally:
             latency_ms = (time.perf_counter() - started) * 1000
             attempt.events.append(
@@ -437,11 +565,11 @@ class ChatService:
             )
             # A breaker that changed state on this call says so right after it, in order.
             attempt.events.extend(self.router.take_circuit_events())
-            if outcome not in REQUEST_ERRORS and outcome != "circuit_open":
+            if outcome not in REQUEST_ERRORS and outcome not in ("circuit_open", "cancelled"):
                 adjusted = self.limiter.observe_upstream(outcome, latency_ms)
                 if adjusted is not None:
                     attempt.events.append(adjusted)
         yield (deployment.name, latency_ms)
 
 
-__all__ = ["ChatRequest", "ChatService", "RateLimitChecked", "TurnOutcome"]
+__all__ = ["ChatRequest", "ChatService", "Choice", "Piece", "RateLimitChecked", "TurnOutcome"]

@@ -6,7 +6,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.chat import ChatRequest, TurnOutcome
+from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import ContextCommand, ContextView, RequestMeta
 
 
@@ -42,7 +42,7 @@ class Gateway:
         outcome: TurnOutcome = await self._shard(request).turn.remote(request)
         return outcome
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Piece | TurnOutcome]:
         generator = (
             self._shard(request).stream_turn.options(num_returns="streaming").remote(request)
         )

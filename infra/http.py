@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actors.chat import ChatRequest, TurnOutcome
+from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import (
     CommandRejected,
     ContextCommand,
@@ -83,6 +83,14 @@ class CompletionIn(BaseModel):
     messages: list[InMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     user: str | None = Field(default=None, pattern=IDENT)
+    fanout: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="chat-llm extension: ask these models at once (OpenAI SDK: extra_body)",
+    )
+    merge: Literal["first", "all"] = Field(
+        default="first", description="fan-out: the first complete answer, or all as choices"
+    )
 
 
 class MessageIn(BaseModel):
@@ -326,6 +334,8 @@ def build_api(
             messages=messages if x_context_id is None else messages[-1:],
             model=body.model,
             new_context=x_context_id is None,
+            fanout=tuple(body.fanout),
+            merge=body.merge,
         )
         completion_id = f"chatcmpl-{request.meta.correlation_id}"
         created = int(time.time())
@@ -361,11 +371,16 @@ def build_api(
                 "model": outcome.model,
                 "choices": [
                     {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": outcome.reply},
-                        "finish_reason": "stop",
+                        "index": i,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop" if content or not error else "error",
                         "logprobs": None,
+                        **({"model": model} if outcome.choices else {}),
                     }
+                    for i, (model, content, error) in enumerate(
+                        [(c.model, c.content, c.error_class) for c in outcome.choices]
+                        or [(outcome.model, outcome.reply, "")]
+                    )
                 ],
                 "usage": {
                     "prompt_tokens": outcome.prompt_tokens,
@@ -524,31 +539,37 @@ def _as_http(exc: Exception) -> Exception:
 
 
 def _chunk(
-    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None
+    completion_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    index: int = 0,
 ) -> str:
     body = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
     }
     return f"data: {msgspec.json.encode(body).decode()}\n\n"
 
 
 async def _sse(
-    first: str | TurnOutcome,
-    items: AsyncIterator[str | TurnOutcome],
+    first: str | Piece | TurnOutcome,
+    items: AsyncIterator[str | Piece | TurnOutcome],
     completion_id: str,
     created: int,
     model: str,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a failure ends the stream with an error
-    event instead of [DONE], so a cut answer is never mistaken for a whole one."""
+    event instead of [DONE], so a cut answer is never mistaken for a whole one. Fan-out
+    members stream as choices side by side (their `index`)."""
     shown_model = model or "chat-llm"
     yield _chunk(completion_id, created, shown_model, {"role": "assistant", "content": ""}, None)
 
-    async def everything() -> AsyncIterator[str | TurnOutcome]:
+    async def everything() -> AsyncIterator[str | Piece | TurnOutcome]:
         yield first
         async for item in items:
             yield item
@@ -560,10 +581,16 @@ async def _sse(
                 if error is not None:
                     yield _error_event(error.message, error.type, error.code)
                     return
-                yield _chunk(completion_id, created, item.model, {}, "stop")
+                for index in range(max(len(item.choices), 1)):
+                    yield _chunk(completion_id, created, item.model, {}, "stop", index)
                 yield "data: [DONE]\n\n"
                 return
-            yield _chunk(completion_id, created, shown_model, {"content": item}, None)
+            if isinstance(item, Piece):
+                yield _chunk(
+                    completion_id, created, shown_model, {"content": item.text}, None, item.index
+                )
+            else:
+                yield _chunk(completion_id, created, shown_model, {"content": item}, None)
         yield _error_event("the stream ended without an outcome", "api_error", "stream_failed")
     except Exception as exc:
         failure = _as_http(exc)

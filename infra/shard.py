@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from actors.chat import ChatRequest, ChatService, TurnOutcome
+from actors.chat import ChatRequest, ChatService, Piece, TurnOutcome
 from actors.context import (
     ContextActor,
     ContextCommand,
@@ -163,7 +163,7 @@ class ChatShard:
             span.end()
             self._drop_if_broken(context)
 
-    async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | TurnOutcome]:
+    async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | Piece | TurnOutcome]:
         """The turn as a Ray streaming generator: text pieces, then the outcome."""
         await self._restore_limits()
         span, meta = self._span("chat.turn", request.meta)

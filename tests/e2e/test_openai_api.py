@@ -356,3 +356,22 @@ def test_the_trace_context_flows_from_http_through_the_shard_into_every_event(
     ancestor = by_id[shard["parent"]]
     while ancestor["span_id"] != server["span_id"]:
         ancestor = by_id[ancestor["parent"]]
+
+
+def test_fan_out_to_several_models_with_the_openai_sdk(api: Service) -> None:
+    messages: Any = [{"role": "user", "content": "Say something about logs."}]
+    fanout = {"fanout": ["demo-fast", "demo-large"], "merge": "all"}
+    both = client(api).chat.completions.create(model="auto", messages=messages, extra_body=fanout)
+    assert len(both.choices) == 2
+    assert [c.model_extra["model"] for c in both.choices] == ["demo-fast", "demo-large"]  # type: ignore[index]
+    streamed: dict[int, str] = {}
+    for chunk in client(api).chat.completions.create(
+        model="auto", messages=messages, extra_body=fanout, stream=True
+    ):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert streamed == {0: both.choices[0].message.content, 1: both.choices[1].message.content}
+    first = client(api).chat.completions.create(
+        model="auto", messages=messages, extra_body={**fanout, "merge": "first"}
+    )
+    assert len(first.choices) == 1 and first.choices[0].message.content in streamed.values()

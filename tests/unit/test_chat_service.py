@@ -358,3 +358,38 @@ async def test_context_overrides_and_documents_reach_the_model() -> None:
         ("system", "Attached document faq.txt:\nTram!"),  # text documents only
         ("user", "hello"),
     ]
+
+
+async def fan(h: Harness, merge: str, context: str = "f") -> list[Any]:
+    meta = RequestMeta(
+        context_id=context, tenant_id="t1", user_id="u", trace_id="0" * 31 + "1", correlation_id="c"
+    )
+    request = ChatRequest(
+        meta=meta,
+        messages=(ChatMessage(role="user", content="compare yourselves"),),
+        fanout=("primary", "backup"),
+        merge=merge,  # type: ignore[arg-type]
+    )
+    return [item async for item in h.service.stream(h.context(context), request)]
+
+
+async def test_fan_out_all_streams_every_answer_side_by_side() -> None:
+    h = Harness([healthy(), healthy("backup-a", "backup")])
+    items = await fan(h, "all")
+    outcome = items[-1]
+    assert outcome.status == "ok" and [c.model for c in outcome.choices] == ["primary", "backup"]
+    for index, choice in enumerate(outcome.choices):
+        assert "".join(p.text for p in items[:-1] if p.index == index) == choice.content
+    story = [t for t, _ in await h.story("f")]
+    assert story.count("RouteDecided") == 2 and story.count("ReplyCompleted") == 2
+
+
+async def test_fan_out_first_keeps_the_first_answer_and_cancels_the_rest() -> None:
+    h = Harness([healthy(latency_ms=300), healthy("backup-a", "backup")])
+    items = await fan(h, "first")
+    outcome = items[-1]
+    assert outcome.model == "backup" and outcome.choices == ()
+    assert [p.text for p in items[:-1]] == [outcome.reply]  # the winner, whole
+    calls = {p.deployment: p.outcome for t, p in await h.story("f") if t == "ModelCalled"}
+    assert calls == {"backup-a": "ok", "primary-a": "cancelled"}
+    assert [t for t, _ in await h.story("f")].count("ReplyCompleted") == 1
