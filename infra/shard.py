@@ -128,14 +128,15 @@ class ChatShard:
                 log.info("shard %d restored its limits from %d decisions", self._index, len(mine))
 
     def _span(self, name: str, meta: RequestMeta) -> tuple[Any, RequestMeta]:
-        """A span for the request, child of the caller's; the request's events will carry it."""
+        """A span for the request, child of the caller's; the request's events will carry it
+        (when tracing is off the span is a no-op and each event gets a span id of its own)."""
         parent = remote_parent(meta.trace_id, meta.span_id or self._clock.new_span_id())
         span = tracer().start_span(
             name,
             context=parent,
             attributes={"chatllm.tenant": meta.tenant_id, "chatllm.context": meta.context_id},
         )
-        _, span_id = hex_ids(span)
+        span_id = hex_ids(span)[1] if span.is_recording() else ""
         return span, msgspec.structs.replace(meta, span_id=span_id)
 
     @staticmethod

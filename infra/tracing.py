@@ -15,9 +15,13 @@ _installed = False
 
 
 def setup_tracing(otlp_endpoint: str, service_name: str, export_delay_ms: int = 1000) -> None:
-    """Install the SDK tracer provider for this process (once); export when an endpoint is set."""
+    """With an OTLP endpoint, install the SDK tracer provider for this process (once).
+
+    Without one, nothing is installed: spans stay no-ops (no cost on the request path), the
+    trace id still comes from the caller's traceparent, and events get their own span ids.
+    """
     global _installed
-    if _installed:
+    if _installed or not otlp_endpoint:
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
