@@ -74,6 +74,9 @@ class RayConfig(_Section):
     shards: Positive = 2
     """Ray actors owning the tenants (contexts, limits, routers); a tenant lives on exactly one."""
     namespace: str = "chatllm"
+    lease_ttl_s: PositiveFloat = 6.0
+    """Write lease of a shard: a replaced shard stops writing within this time, and its
+    replacement waits for the old lease to run out before its first write."""
     contexts_per_shard: Positive = 10_000
     """Contexts a shard keeps in memory; the least recently used are rebuilt from the log."""
 

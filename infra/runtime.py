@@ -17,6 +17,7 @@ from infra.broker import EmbeddedBroker
 from infra.config import RayConfig, Settings
 from infra.gateway import Gateway
 from infra.kafka import ensure_topics
+from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
 from streams.app import ArchiveWorker, WorkerSettings
@@ -48,6 +49,18 @@ def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
     """The Ray actors that own the tenants; restarted by Ray if their process dies."""
     import ray
 
+    # One registry of write leases: a shard Ray replaced while its old process still ran
+    # can no longer write (infra/lease.py).
+    leases = (
+        ray.remote(LeaseRegistry)
+        .options(
+            name=f"{LEASE_REGISTRY}:{settings.topics.events}",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+        )
+        .remote(settings.ray.lease_ttl_s)
+    )
     remote_shard: Any = ray.remote(ChatShard)
     hosts = [
         remote_shard.options(
@@ -55,7 +68,7 @@ def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
-        ).remote(settings, bootstrap_servers, index, settings.ray.shards)
+        ).remote(settings, bootstrap_servers, index, settings.ray.shards, leases)
         for index in range(settings.ray.shards)
     ]
     ray.get([h.ready.remote() for h in hosts])

@@ -35,6 +35,7 @@ from infra.clock import SystemClock
 from infra.config import Settings
 from infra.gateway import shard_index
 from infra.kafka import KafkaEventSink, KafkaStreamReader
+from infra.lease import Lease, LeasedSink
 from infra.models import DemoModel, provider_for
 from infra.sentiment import VaderScorer
 from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
@@ -61,8 +62,15 @@ class ChatShard:
     """Made remote with ray.remote in the composition root; plain and testable without Ray."""
 
     def __init__(
-        self, settings: Settings, bootstrap_servers: str, index: int = 0, count: int = 1
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        index: int = 0,
+        count: int = 1,
+        leases: Any = None,
     ) -> None:
+        """`leases`: the LeaseRegistry actor handle; None runs without write fencing (a shard
+        that is certainly alone, as in a single-process test)."""
         self._index, self._count = index, count
         setup_tracing(
             settings.tracing.otlp_endpoint, "chatllm-shard", settings.tracing.export_delay_ms
@@ -71,7 +79,18 @@ class ChatShard:
         self._restored = False
         self._restoring = asyncio.Lock()
         topic = settings.topics.events
-        self._sink = KafkaEventSink(bootstrap_servers, topic, settings.broker)
+        self._kafka = KafkaEventSink(bootstrap_servers, topic, settings.broker)
+        self._lease: Lease | None = None
+        self._sink: Any = self._kafka
+        if leases is not None:
+            self._lease = Lease(
+                index,
+                settings.ray.lease_ttl_s,
+                acquire=lambda i, holder: leases.acquire.remote(i, holder),
+                renew=lambda i, epoch: leases.renew.remote(i, epoch),
+                release=lambda i, epoch: leases.release.remote(i, epoch),
+            )
+            self._sink = LeasedSink(self._kafka, self._lease)
         self._reader = KafkaStreamReader(
             bootstrap_servers, topic, timeout_s=settings.broker.delivery_timeout_ms / 1000
         )
@@ -93,10 +112,15 @@ class ChatShard:
         self._loading: dict[str, asyncio.Lock] = {}
 
     async def ready(self) -> int:
-        """Connect to the broker and restore the limits; returns the number of contexts held."""
-        await self._sink.start()
-        await self._restore_limits()
+        """Connect, take the write lease, restore the limits; returns the contexts held."""
+        await self._prepare()
         return len(self._contexts)
+
+    async def _prepare(self) -> None:
+        await self._kafka.start()
+        if self._lease is not None:
+            await self._lease.hold()
+        await self._restore_limits()
 
     async def _restore_limits(self) -> None:
         """Replay this shard's recorded limit decisions, so a restart does not reset the
@@ -149,7 +173,7 @@ class ChatShard:
             span.set_attribute("chatllm.error_class", outcome.error_class)
 
     async def turn(self, request: ChatRequest) -> TurnOutcome:
-        await self._restore_limits()
+        await self._prepare()
         span, meta = self._span("chat.turn", request.meta)
         request = msgspec.structs.replace(request, meta=meta)
         context = await self._context(meta.context_id, request.new_context)
@@ -166,7 +190,7 @@ class ChatShard:
 
     async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | Piece | TurnOutcome]:
         """The turn as a Ray streaming generator: text pieces, then the outcome."""
-        await self._restore_limits()
+        await self._prepare()
         span, meta = self._span("chat.turn", request.meta)
         request = msgspec.structs.replace(request, meta=meta)
         context = await self._context(meta.context_id, request.new_context)
@@ -181,6 +205,7 @@ class ChatShard:
 
     async def command(self, command: ContextCommand) -> ContextView:
         """Attach or remove a document, set tags or overrides; returns the new view."""
+        await self._prepare()
         span, meta = self._span("chat.context_command", command.meta)
         command = msgspec.structs.replace(command, meta=meta)
         context = await self._context(command.meta.context_id)
@@ -244,5 +269,7 @@ class ChatShard:
         return context
 
     async def shutdown(self) -> None:
-        await self._sink.stop()
+        if self._lease is not None:
+            await self._lease.release()
+        await self._kafka.stop()
         shutdown_tracing()

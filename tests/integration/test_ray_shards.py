@@ -25,7 +25,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
     settings = make_settings(
-        broker=broker, topics=topics, ray__shards=2, limits__user="30/minute", limits__rate_per_s=0
+        broker=broker,
+        topics=topics,
+        ray__shards=2,
+        ray__lease_ttl_s=1.5,  # a restarted shard waits out its predecessor's lease
+        limits__user="30/minute",
+        limits__rate_per_s=0,
     )
     started = start_shards(settings, broker.bootstrap_servers)
     try:
@@ -175,3 +180,36 @@ async def test_a_restarted_shard_still_enforces_the_limits_it_had(
     # Step 3: the restarted shard remembers: the next request is denied, not a fresh budget.
     after = await gateway.turn(ask(f"{tenant}-c", "one more", tenant=tenant))
     assert after.status == "denied" and 0 < after.retry_after_s <= 60
+
+
+async def test_a_stale_second_writer_loses_and_writes_nothing(
+    ray_runtime: Any, broker: EmbeddedBroker, topics: Topics
+) -> None:
+    from infra.lease import LeaseLost, LeaseRegistry
+    from infra.shard import ChatShard
+
+    settings = make_settings(
+        broker=broker, topics=topics, ray__lease_ttl_s=1.5, limits__rate_per_s=0
+    )
+    registry = ray_runtime.remote(LeaseRegistry).options(num_cpus=0).remote(1.5)
+    context = f"ctx-{uuid.uuid4().hex[:6]}"
+    # Step 1: the shard that owns tenant t1 writes a turn.
+    old = ChatShard(settings, broker.bootstrap_servers, 0, 1, registry)
+    await old.ready()
+    await old.turn(ask(context, "one"))
+    # Step 2: a replacement for the same shard index comes up while the old one still runs
+    # (what Ray does when it believes a shard died): it waits out the old lease, then writes.
+    new = ChatShard(settings, broker.bootstrap_servers, 0, 1, registry)
+    await new.ready()
+    second = await new.turn(ask(context, "two"))
+    # Step 3: the stale writer tries again: it loses with a version conflict.
+    with pytest.raises(LeaseLost):
+        await old.turn(ask(context, "stale"))
+    # Nothing of the stale attempt is in the log: the stream is gapless and ends at "two".
+    reader = KafkaStreamReader(broker.bootstrap_servers, topics.events)
+    logged = await reader.read_stream(context)
+    assert [e.stream_version for e in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1].event_id == second.events[-1].event_id
+    assert not any(getattr(e.payload, "content", "") == "stale" for e in logged)
+    await new.shutdown()
+    await old.shutdown()
