@@ -8,6 +8,7 @@ from typing import Any
 
 from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import ContextCommand, ContextView, RequestMeta
+from actors.ports import ChatMessage
 
 
 def shard_index(tenant_id: str, shards: int) -> int:
@@ -33,6 +34,10 @@ class Gateway:
     async def command(self, command: ContextCommand) -> ContextView:
         result: ContextView = await self._shard(command).command.remote(command)
         return result
+
+    async def conversation(self, meta: RequestMeta) -> list[ChatMessage]:
+        messages: list[ChatMessage] = await self._owner(meta).conversation.remote(meta)
+        return messages
 
     async def view(self, meta: RequestMeta) -> ContextView:
         result: ContextView = await self._owner(meta).view.remote(meta)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +31,7 @@ from actors.ports import ChatMessage
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.kafka import LogUnavailable
+from infra.render import CSP, transcript_html
 from infra.store import AsyncStore
 from infra.tracing import hex_ids
 
@@ -449,6 +450,20 @@ def build_api(
             raise _as_http(exc) from None
         view: dict[str, Any] = msgspec.to_builtins(result)
         return view
+
+    @api.get("/v1/contexts/{context_id}/transcript", response_class=HTMLResponse)
+    async def transcript(
+        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
+    ) -> HTMLResponse:
+        """The conversation as an HTML page: every message shown as text, never as markup."""
+        try:
+            messages = await gateway.conversation(meta_for(who, context_id, None, None))
+        except Exception as exc:
+            raise _as_http(exc) from None
+        return HTMLResponse(
+            transcript_html(context_id, messages),
+            headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"},
+        )
 
     @api.post("/v1/contexts/{context_id}/documents")
     async def attach_document(

@@ -29,6 +29,7 @@ from actors.context import (
     view,
 )
 from actors.limiter import RateLimiter
+from actors.ports import ChatMessage
 from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
 from infra.clock import SystemClock
@@ -230,6 +231,12 @@ class ChatShard:
         context = await self._context(meta.context_id)
         context.admit(meta)
         return view(context.state)
+
+    async def conversation(self, meta: RequestMeta) -> list[ChatMessage]:
+        """The context's messages (user and assistant), for a transcript."""
+        context = await self._context(meta.context_id)
+        context.admit(meta)
+        return list(context.state.messages)
 
     def _drop_if_broken(self, context: ContextActor) -> None:
         if context.broken:

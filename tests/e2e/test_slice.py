@@ -166,6 +166,16 @@ def test_bad_context_commands_are_4xx_with_a_reason(service: Service) -> None:
     assert response.status_code == 400 and "unknown context settings" in response.json()["detail"]
 
 
+def test_a_transcript_renders_hostile_text_harmlessly(service: Service) -> None:
+    hostile = '<script>alert("pwned")</script>'
+    httpx.post(f"{service.base}/v1/contexts/e2e-xss/messages", json={"content": hostile})
+    page = httpx.get(f"{service.base}/v1/contexts/e2e-xss/transcript")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    # The demo model echoes the user, so both the message and the reply carry the payload.
+    assert "<script" not in page.text and page.text.count("&lt;script&gt;") == 2
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc
