@@ -375,3 +375,15 @@ def test_fan_out_to_several_models_with_the_openai_sdk(api: Service) -> None:
         model="auto", messages=messages, extra_body={**fanout, "merge": "first"}
     )
     assert len(first.choices) == 1 and first.choices[0].message.content in streamed.values()
+
+
+def test_the_readme_python_example_runs(api: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    example = example.replace("http://127.0.0.1:8000/v1", f"{api.base}/v1").replace(
+        '"sk-..."', repr(KEYS["alice"])
+    )
+    exec(compile(example, "README.md", "exec"), {})
+    assert "Stream, please" in capsys.readouterr().out
