@@ -33,19 +33,9 @@ CONFIG_KEYS = {
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-yaml")
 
 
-class Document(msgspec.Struct, frozen=True, kw_only=True):
-    """An attached document; text documents are given to the model with the conversation."""
-
-    document_id: str
-    name: str
-    mime_type: str
-    size: int
-    sha256: str
-    content: bytes
-
-    @property
-    def is_text(self) -> bool:
-        return self.mime_type.startswith(TEXT_TYPES)
+def is_text(mime_type: str) -> bool:
+    """Whether a document of this type is given to the model as text."""
+    return mime_type.startswith(TEXT_TYPES)
 
 
 class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,7 +61,7 @@ class ContextState(msgspec.Struct, frozen=True, kw_only=True):
     model: str = ""
     """The model that answered last (for sticky routing); empty if none yet."""
     messages: tuple[ChatMessage, ...] = ()
-    documents: tuple[Document, ...] = ()
+    documents: tuple[DocumentAttached, ...] = ()
     tags: tuple[str, ...] = ()
     config: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -81,7 +71,7 @@ class ContextState(msgspec.Struct, frozen=True, kw_only=True):
         if self.config.get("system_prompt"):
             head.append(ChatMessage(role="system", content=self.config["system_prompt"]))
         for doc in self.documents:
-            if doc.is_text:
+            if is_text(doc.mime_type):
                 text = doc.content.decode("utf-8", errors="replace")
                 head.append(
                     ChatMessage(role="system", content=f"Attached document {doc.name}:\n{text}")
@@ -129,15 +119,7 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             state = msgspec.structs.replace(
                 state, messages=(*state.messages, message), model=state.model if fallback else model
             )
-        case DocumentAttached() as doc:
-            document = Document(
-                document_id=doc.document_id,
-                name=doc.name,
-                mime_type=doc.mime_type,
-                size=doc.size,
-                sha256=doc.sha256,
-                content=doc.content,
-            )
+        case DocumentAttached() as document:
             state = msgspec.structs.replace(state, documents=(*state.documents, document))
         case DocumentRemoved(document_id=document_id):
             kept = tuple(d for d in state.documents if d.document_id != document_id)
