@@ -6,7 +6,7 @@ import secrets
 import time
 from datetime import UTC, datetime
 
-import uuid6
+import uuid_utils
 
 
 class SystemClock:
@@ -19,10 +19,11 @@ class SystemClock:
         return time.monotonic()
 
     def new_event_id(self) -> str:
-        return str(uuid6.uuid7())
+        # uuid-utils (Rust): a UUIDv7 in ~0.3 µs, without a getrandom syscall per id.
+        return str(uuid_utils.uuid7())
 
     def new_span_id(self) -> str:
-        return secrets.token_hex(8)
+        return uuid_utils.uuid4().hex[:16]
 
 
 def new_trace_id() -> str:

@@ -232,7 +232,7 @@ def build_api(
             503,
         )
 
-    def caller(
+    async def caller(  # async: a sync dependency would cost a thread hop per request
         authorization: Annotated[str | None, Header()] = None,
         x_tenant_id: Annotated[str | None, Header(pattern=IDENT)] = None,
     ) -> Caller:

@@ -57,6 +57,7 @@ class KafkaEventSink:
         self._started = False
         self._lock = asyncio.Lock()
         self._partitions: dict[str, int] = {}
+        self._available: list[int] | None = None  # the topic's partitions (they never shrink)
 
     async def start(self) -> None:
         async with self._lock:
@@ -75,8 +76,9 @@ class KafkaEventSink:
         # Python, and a turn writes several events of one stream.
         partition = self._partitions.get(stream_id)
         if partition is None:
-            available = await self._producer.partitions_for(self._topic)
-            partition = partition_for(stream_id, list(available))
+            if self._available is None:
+                self._available = sorted(await self._producer.partitions_for(self._topic))
+            partition = partition_for(stream_id, self._available)
             if len(self._partitions) > 100_000:
                 self._partitions.clear()
             self._partitions[stream_id] = partition
