@@ -112,6 +112,13 @@ async def _serve(
     await serving
 
 
+def _run(coroutine: Any) -> Any:
+    """Run on uvloop (uvicorn would pick it too, but we start the loop ourselves)."""
+    import uvloop
+
+    return uvloop.run(coroutine)
+
+
 def _start_stack(settings: Settings) -> Any:
     from infra.runtime import Stack
 
@@ -126,7 +133,7 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
     _setup_logging(settings)
     stack = _start_stack(settings)
     try:
-        asyncio.run(_serve(stack))
+        _run(_serve(stack))
     except KeyboardInterrupt:
         pass
     finally:
@@ -175,7 +182,7 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
                     await asyncio.wait_for(stop.wait(), 0.5)
 
     try:
-        asyncio.run(run())
+        _run(run())
     finally:
         astore.close()
         store.close()
@@ -422,7 +429,7 @@ def demo(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> N
     _setup_logging(settings)
     stack = _start_stack(settings)
     try:
-        asyncio.run(_demo(stack))
+        _run(_demo(stack))
     finally:
         stack.stop()
 
