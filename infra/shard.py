@@ -118,6 +118,9 @@ class ChatShard:
         return len(self._contexts)
 
     async def _prepare(self) -> None:
+        """Once per incarnation (Ray re-runs __init__ on restart, not ready()); then free."""
+        if self._restored:
+            return
         await self._kafka.start()
         if self._lease is not None:
             await self._lease.hold()
