@@ -108,6 +108,7 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
         )
     if state.version == 0:  # the first event, whatever it is, fixes the owner
         state = msgspec.structs.replace(state, tenant_id=event.tenant_id, owner_id=event.user_id)
+    # Decisions (limits, routing, model calls) change only the version, not the conversation.
     match event.payload:
         case ContextCreated(title=title):
             state = msgspec.structs.replace(state, title=title)
@@ -131,8 +132,6 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             config = {**state.config, **overrides}
             config = {k: v for k, v in config.items() if v}
             state = msgspec.structs.replace(state, config=config)
-        case _:
-            pass  # decisions (limits, routing, calls) do not change the conversation
     return msgspec.structs.replace(state, version=event.stream_version)
 
 
