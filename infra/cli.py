@@ -81,6 +81,7 @@ async def _serve(
         store=stack.astore,
         settings=settings,
         archive_stats=lambda: (stack.worker.written, stack.worker.dead_lettered),
+        metrics=stack.metrics,
         lifespan=stack.processors,
     )
     server = uvicorn.Server(

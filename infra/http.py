@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.chat import ChatRequest, Piece, TurnOutcome
@@ -31,6 +32,7 @@ from actors.ports import ChatMessage
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.kafka import LogUnavailable
+from infra.metrics import Metrics
 from infra.render import CSP, transcript_html
 from infra.store import AsyncStore
 from infra.tracing import hex_ids
@@ -190,6 +192,7 @@ def build_api(
     store: AsyncStore,
     settings: Settings,
     archive_stats: Callable[[], tuple[int, int]],
+    metrics: Metrics | None = None,
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the Faust worker)."""
@@ -255,11 +258,22 @@ def build_api(
         return Caller(tenant_id=x_tenant_id or settings.tenant, user_id="")
 
     async def run_turn(request: ChatRequest) -> TurnOutcome:
+        started = time.perf_counter()
         try:
             outcome: TurnOutcome = await gateway.turn(request)
         except Exception as exc:
             raise _as_http(exc) from None
+        if metrics is not None:
+            metrics.turn_seconds.observe(time.perf_counter() - started)
+            metrics.turns.labels(status=outcome.status, model=outcome.model or "-").inc()
         return outcome
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus text exposition: turns, turn latency, projection lag, archive counts."""
+        if metrics is None:
+            raise HTTPException(404, "metrics are not enabled")
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def meta_for(
         who: Caller, context_id: str, user: str | None, traceparent: str | None = None

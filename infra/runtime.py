@@ -18,9 +18,10 @@ from infra.config import RayConfig, Settings
 from infra.gateway import Gateway
 from infra.kafka import ensure_topics
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
+from infra.metrics import Metrics
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
-from streams.app import ArchiveWorker, WorkerSettings
+from streams.app import ARCHIVE_AGENT, ArchiveWorker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Stack:
     gateway: Gateway
     worker: ArchiveWorker
     hosts: list[Any]
+    metrics: Metrics
     broker: EmbeddedBroker | None = None
     owns_ray: bool = False
     _stopped: bool = field(default=False, repr=False)
@@ -146,7 +148,22 @@ class Stack:
             owns_ray = not ray.is_initialized()
             start_ray(settings.ray)
             hosts = start_shards(settings, bootstrap)
-            worker = ArchiveWorker(worker_settings(settings, bootstrap), astore)
+            metrics = Metrics()
+            worker = ArchiveWorker(
+                worker_settings(settings, bootstrap),
+                astore,
+                observe_lag=metrics.lag_observer(ARCHIVE_AGENT),
+            )
+            metrics.gauge(
+                "chatllm_archived_events",
+                "Events the archive worker wrote.",
+                lambda: worker.written,
+            )
+            metrics.gauge(
+                "chatllm_dead_lettered_events",
+                "Records the archive worker sent to the dead-letter topic.",
+                lambda: worker.dead_lettered,
+            )
             gateway = Gateway(hosts, sorted({d.model for d in settings.deployments}))
         except BaseException:
             if store is not None:
@@ -162,6 +179,7 @@ class Stack:
             gateway=gateway,
             worker=worker,
             hosts=hosts,
+            metrics=metrics,
             broker=broker,
             owns_ray=owns_ray,
         )

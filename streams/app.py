@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,9 +57,16 @@ class WorkerSettings:
 class ArchiveWorker:
     """Builds the Faust app of the archive processor around a sink."""
 
-    def __init__(self, settings: WorkerSettings, sink: ArchiveSink) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        sink: ArchiveSink,
+        observe_lag: Callable[[float], None] | None = None,
+    ) -> None:
+        """`observe_lag` receives, per written row, the seconds from its event to the write."""
         self.settings = settings
         self.sink = sink
+        self.observe_lag = observe_lag
         self.written = 0
         self.dead_lettered = 0
         self.app = self._build()
@@ -151,6 +158,10 @@ class ArchiveWorker:
             ):
                 with attempt:
                     await self.sink.write_archive(rows)
+            if self.observe_lag is not None:
+                now = datetime.now(UTC)
+                for row in rows:
+                    self.observe_lag((now - row.occurred_at).total_seconds())
         except asyncio.CancelledError:
             # Stopping mid-batch: take_events acks the batch on the way out and Faust
             # commits on stop, so the rows must be in the sink first. If they cannot be

@@ -176,6 +176,34 @@ def test_a_transcript_renders_hostile_text_harmlessly(service: Service) -> None:
     assert "<script" not in page.text and page.text.count("&lt;script&gt;") == 2
 
 
+def test_prometheus_metrics_show_turns_and_projection_lag(service: Service) -> None:
+    for i in range(3):
+        httpx.post(f"{service.base}/v1/contexts/e2e-metrics/messages", json={"content": f"m{i}"})
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{service.base}/metrics").text
+        lag = [
+            line
+            for line in text.splitlines()
+            if line.startswith("chatllm_projection_lag_seconds_count")
+        ]
+        if (lag and float(lag[0].split()[-1]) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    turns = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("chatllm_turns_total{") and 'status="ok"' in line
+    ]
+    assert sum(turns) >= 3
+    assert 'processor="chatllm.archive"' in lag[0] and float(lag[0].split()[-1]) > 0
+    assert "chatllm_turn_seconds_bucket" in text
+    archived = next(
+        line for line in text.splitlines() if line.startswith("chatllm_archived_events ")
+    )
+    assert float(archived.split()[-1]) > 0
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc

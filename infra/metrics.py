@@ -1,0 +1,47 @@
+"""Prometheus metrics of one process (its own registry: no global state, no clash between
+two stacks in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """What the API process exports at /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.turns = Counter(
+            "chatllm_turns",
+            "Chat turns by outcome and model.",
+            ["status", "model"],
+            registry=self.registry,
+        )
+        self.turn_seconds = Histogram(
+            "chatllm_turn_seconds",
+            "Chat turn latency seen by the API (until the log acked).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.projection_lag = Histogram(
+            "chatllm_projection_lag_seconds",
+            "From an event's occurred_at to its row being written, per processor.",
+            ["processor"],
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read at scrape time."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def lag_observer(self, processor: str) -> Callable[[float], None]:
+        return self.projection_lag.labels(processor=processor).observe
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
