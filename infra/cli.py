@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+query_app = typer.Typer(help="Query the projections of the running service.", no_args_is_help=True)
+app.add_typer(query_app, name="query")
 
 out = Console()
 err = Console(stderr=True)
@@ -374,6 +376,78 @@ def audit(
         )
         raise typer.Exit(1)
     print_audit(rows, context, fmt)
+
+
+@query_app.command("log")
+def query_log(
+    types: list[str] = typer.Option([], "--type", help="event type (repeatable)"),
+    since: str | None = typer.Option(None, "--since", help="from, ISO 8601 with zone"),
+    until: str | None = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone"),
+    user: str = typer.Option("", "--user"),
+    context: str = typer.Option("", "--context"),
+    model: str = typer.Option("", "--model"),
+    text: str = typer.Option("", "--text", help="text anywhere in the event"),
+    fmt: str = typer.Option("table", "--format", help="table, json, jsonl (as logged) or csv"),
+    limit: int | None = typer.Option(None, "--limit", help="at most this many (table/json: 100)"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY"),
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Search the request log (the archive); jsonl and csv stream any number of events."""
+    if fmt not in ("table", "json", "jsonl", "csv"):
+        err.print(f"[red]unknown format {fmt!r}: use table, json, jsonl or csv[/red]")
+        raise typer.Exit(2)
+    settings = _load(config, profile).settings
+    params: dict[str, Any] = {
+        "type": types,
+        "user": user,
+        "context": context,
+        "model": model,
+        "q": text,
+        "format": "json" if fmt == "table" else fmt,
+    }
+    params |= {k: v for k, v in {"since": since, "until": until, "limit": limit}.items() if v}
+    headers = {"X-Tenant-Id": tenant or settings.tenant}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    base = _base_url(settings, url)
+    try:
+        with httpx.stream(
+            "GET", f"{base}/v1/events", params=params, headers=headers, timeout=None
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                detail = response.json().get("detail", response.text)
+                err.print(f"[red]{response.status_code}:[/red] {escape(str(detail))}")
+                raise typer.Exit(1)
+            if fmt in ("jsonl", "csv"):
+                for chunk in response.iter_bytes():
+                    sys.stdout.buffer.write(chunk)
+                return
+            response.read()
+            found: list[dict[str, Any]] = response.json()
+    except httpx.TransportError as exc:
+        err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
+        raise typer.Exit(1) from None
+    if fmt == "json":
+        for event in found:
+            sys.stdout.write(json.dumps(event["event"], ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"request log ({len(found)} events)", title_justify="left")
+    for column in ("time (UTC)", "type", "context", "ver", "user", "what"):
+        table.add_column(column, overflow="fold" if column == "what" else "ellipsis")
+    for event in found:
+        table.add_row(
+            event["occurred_at"][:23],
+            event["type"],
+            escape(event["stream_id"]),
+            str(event["stream_version"]),
+            escape(event["user_id"]),
+            escape(_summary(event["event"])),
+        )
+    out.print(table)
 
 
 @config_app.command("show")

@@ -7,14 +7,17 @@ base_url pointed at http://host:port/v1; errors use OpenAI's error shape there.
 import base64
 import binascii
 import contextlib
+import csv
 import hashlib
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,7 +37,7 @@ from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.render import CSP, transcript_html
-from infra.store import AsyncStore
+from infra.store import AsyncStore, EventFilter, LoggedEvent
 from infra.tracing import hex_ids
 
 log = logging.getLogger(__name__)
@@ -521,6 +524,50 @@ def build_api(
         meta = meta_for(who, context_id, None, None)
         return await run_command(ContextCommand(meta=meta, configure=body.overrides))
 
+    @api.get("/v1/events", response_model=None)
+    async def search_events(
+        who: Annotated[Caller, Depends(caller)],
+        type_: Annotated[list[str] | None, Query(alias="type", description="event types")] = None,
+        since: Annotated[datetime | None, Query(description="from (inclusive), ISO 8601")] = None,
+        until: Annotated[datetime | None, Query(description="to (exclusive), ISO 8601")] = None,
+        user: Annotated[str, Query(max_length=256)] = "",
+        context: Annotated[str, Query(max_length=256)] = "",
+        model: Annotated[str, Query(max_length=256)] = "",
+        q: Annotated[str, Query(max_length=1000, description="text anywhere in the event")] = "",
+        format_: Annotated[Literal["json", "jsonl", "csv"], Query(alias="format")] = "json",
+        limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
+    ) -> Any:
+        """The request log: the caller's tenant's archived events, filtered, in time order.
+        `json` answers up to `limit` (default 100) events; `jsonl` (the events exactly as
+        logged) and `csv` stream any number with flat memory."""
+        for moment in (since, until):
+            if moment is not None and moment.tzinfo is None:
+                raise OpenAIError(
+                    400,
+                    "since/until need a time zone (e.g. ...Z)",
+                    "invalid_request_error",
+                    "invalid_request",
+                )
+        where = EventFilter(
+            tenant_id=who.tenant_id,
+            types=tuple(type_ or ()),
+            since=since,
+            until=until,
+            user_id=user,
+            context_id=context,
+            model=model,
+            text=q,
+        )
+        if format_ == "json":
+            found = [
+                {**_logged(e), "event": msgspec.json.decode(e.body)}
+                async for page in store.search(where, limit or 100)
+                for e in page
+            ]
+            return JSONResponse(found)
+        media = "application/x-ndjson" if format_ == "jsonl" else "text/csv"
+        return StreamingResponse(_export(store, where, limit, format_), media_type=media)
+
     @api.get("/v1/contexts/{context_id}/events", response_model=list[AuditEvent])
     async def context_events(
         context_id: ContextId, who: Annotated[Caller, Depends(caller)]
@@ -542,6 +589,47 @@ def build_api(
         ]
 
     return api
+
+
+CSV_COLUMNS = (
+    "occurred_at",
+    "type",
+    "stream_id",
+    "stream_version",
+    "user_id",
+    "event_id",
+    "trace_id",
+)
+
+
+def _logged(event: LoggedEvent) -> dict[str, Any]:
+    return {
+        "occurred_at": event.occurred_at.isoformat(),
+        "type": event.type,
+        "stream_id": event.stream_id,
+        "stream_version": event.stream_version,
+        "user_id": event.user_id,
+        "event_id": event.event_id,
+        "trace_id": event.trace_id,
+    }
+
+
+async def _export(
+    store: AsyncStore, where: EventFilter, limit: int | None, format_: str
+) -> AsyncIterator[bytes]:
+    """Page by page: the response never holds more than one page of the archive."""
+    if format_ == "csv":
+        yield (",".join(CSV_COLUMNS) + "\r\n").encode()
+    async for page in store.search(where, limit):
+        if format_ == "jsonl":
+            yield b"".join(e.body.encode() + b"\n" for e in page)
+        else:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            for event in page:
+                row = _logged(event)
+                writer.writerow([row[c] for c in CSV_COLUMNS])
+            yield buffer.getvalue().encode()
 
 
 def _valid_ident(value: str) -> bool:

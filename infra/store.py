@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
@@ -72,6 +72,30 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     trace_id: str
     causation_id: str
+    body: str
+
+
+class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """A search over one tenant's archived events; every field narrows it."""
+
+    tenant_id: str
+    types: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    user_id: str = ""
+    context_id: str = ""
+    model: str = ""
+    text: str = ""
+
+
+class LoggedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    occurred_at: datetime
+    event_id: str
+    type: str
+    stream_id: str
+    stream_version: int
+    user_id: str
+    trace_id: str
     body: str
 
 
@@ -176,6 +200,59 @@ class ClickHouseStore:
             for r in result.result_rows
         ]
 
+    def search_page(
+        self, where: EventFilter, after: tuple[datetime, str] | None, limit: int
+    ) -> list[LoggedEvent]:
+        """One page of matching events in time order, after the (occurred_at, event_id) key
+        of the previous page: a keyset page, so an export of any size holds one page."""
+        clauses = ["tenant_id = {tenant:String}"]
+        params: dict[str, Any] = {"tenant": where.tenant_id, "limit": limit}
+        if where.types:
+            clauses.append("type IN {types:Array(String)}")
+            params["types"] = list(where.types)
+        if where.since is not None:
+            clauses.append("occurred_at >= {since:DateTime64(6, 'UTC')}")
+            params["since"] = where.since
+        if where.until is not None:
+            clauses.append("occurred_at < {until:DateTime64(6, 'UTC')}")
+            params["until"] = where.until
+        if where.user_id:
+            clauses.append("user_id = {user:String}")
+            params["user"] = where.user_id
+        if where.context_id:
+            clauses.append("stream_id = {context:String}")
+            params["context"] = where.context_id
+        if where.model:
+            clauses.append("JSONExtractString(body, 'payload', 'model') = {model:String}")
+            params["model"] = where.model
+        if where.text:
+            clauses.append("positionCaseInsensitiveUTF8(body, {text:String}) > 0")
+            params["text"] = where.text
+        if after is not None:
+            clauses.append(
+                "(occurred_at, event_id) > ({after_at:DateTime64(6, 'UTC')}, {after_id:String})"
+            )
+            params["after_at"], params["after_id"] = after
+        result = self.client.query(
+            "SELECT occurred_at, event_id, type, stream_id, stream_version, user_id, trace_id, body"
+            f" FROM {self.db}.{ARCHIVE_TABLE} FINAL WHERE {' AND '.join(clauses)}"
+            " ORDER BY occurred_at, event_id LIMIT {limit:UInt32}",
+            parameters=params,
+        )
+        return [
+            LoggedEvent(
+                occurred_at=r[0],
+                event_id=r[1],
+                type=r[2],
+                stream_id=r[3],
+                stream_version=r[4],
+                user_id=r[5],
+                trace_id=r[6],
+                body=r[7],
+            )
+            for r in result.result_rows
+        ]
+
     def archive_counts(self) -> tuple[int, int]:
         """(rows, distinct event ids) in the archive, before deduplication; for checks."""
         rows = self.client.query(
@@ -199,6 +276,24 @@ class AsyncStore:
 
     async def stream_events(self, tenant_id: str, stream_id: str) -> list[AuditRecord]:
         return await self._run(self.store.stream_events, tenant_id, stream_id)
+
+    async def search(
+        self, where: EventFilter, limit: int | None = None, page_size: int = 2000
+    ) -> AsyncIterator[list[LoggedEvent]]:
+        """Matching events page by page (memory stays one page, whatever the total)."""
+        after: tuple[datetime, str] | None = None
+        remaining = limit
+        while remaining is None or remaining > 0:
+            size = page_size if remaining is None else min(page_size, remaining)
+            page = await self._run(self.store.search_page, where, after, size)
+            if not page:
+                return
+            yield page
+            if remaining is not None:
+                remaining -= len(page)
+            if len(page) < size:
+                return
+            after = (page[-1].occurred_at, page[-1].event_id)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -204,6 +204,53 @@ def test_prometheus_metrics_show_turns_and_projection_lag(service: Service) -> N
     assert float(archived.split()[-1]) > 0
 
 
+def test_the_request_log_searches_and_exports_jsonl_and_csv(service: Service) -> None:
+    base, tenant = service.base, {"X-Tenant-Id": "log-tenant"}
+    for i in range(3):
+        httpx.post(
+            f"{base}/v1/contexts/log-ctx/messages", json={"content": f"find me {i}"}, headers=tenant
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        found = httpx.get(f"{base}/v1/events", params={"context": "log-ctx"}, headers=tenant).json()
+        if sum(e["type"] == "ReplyCompleted" for e in found) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    # Search: by type and by text, only this tenant's events.
+    replies = httpx.get(
+        f"{base}/v1/events", params={"type": "ReplyCompleted"}, headers=tenant
+    ).json()
+    assert len(replies) == 3 and {e["stream_id"] for e in replies} == {"log-ctx"}
+    hits = httpx.get(
+        f"{base}/v1/events", params={"q": "FIND ME 1", "type": "MessageReceived"}, headers=tenant
+    )
+    assert [e["event"]["payload"]["content"] for e in hits.json()] == ["find me 1"]
+    assert (
+        httpx.get(f"{base}/v1/events", params={"context": "log-ctx"}).json() == []
+    )  # other tenant
+    # Export: JSON lines are the events exactly as logged; CSV has a header and a row each.
+    jsonl = httpx.get(f"{base}/v1/events", params={"format": "jsonl"}, headers=tenant)
+    lines = [json.loads(line) for line in jsonl.text.splitlines()]
+    assert len(lines) == len(found) and all(line["tenant_id"] == "log-tenant" for line in lines)
+    csv_rows = httpx.get(
+        f"{base}/v1/events", params={"format": "csv"}, headers=tenant
+    ).text.splitlines()
+    assert csv_rows[0].startswith("occurred_at,type,stream_id") and len(csv_rows) == len(found) + 1
+    bad = httpx.get(f"{base}/v1/events", params={"since": "2026-01-01T00:00:00"}, headers=tenant)
+    assert bad.status_code == 400 and "time zone" in bad.json()["detail"]
+
+
+def test_chatllm_query_log_from_the_command_line(service: Service) -> None:
+    # The service already holds turns of the default tenant from the earlier tests.
+    table = cli(service, "query", "log", "--type", "ReplyCompleted", "--limit", "5")
+    assert table.returncode == 0, table.stderr
+    assert "request log (5 events)" in table.stdout and "ReplyCompleted" in table.stdout
+    csv_out = cli(service, "query", "log", "--type", "MessageReceived", "--format", "csv")
+    assert csv_out.returncode == 0 and csv_out.stdout.startswith("occurred_at,type")
+    bad = cli(service, "query", "log", "--format", "xml")
+    assert bad.returncode == 2 and "unknown format" in bad.stderr
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc

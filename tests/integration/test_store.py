@@ -62,3 +62,55 @@ def test_a_path_held_by_another_process_is_a_clear_error(store: ClickHouseStore)
     )
     assert result.returncode != 0
     assert "another process has this chDB path open" in result.stderr
+
+
+async def test_search_filters_and_pages_through_any_size(store: ClickHouseStore) -> None:
+    from datetime import timedelta
+
+    from events import ReplyCompleted
+    from infra.store import AsyncStore, EventFilter
+    from tests.factories import BASE_TIME
+
+    events = [make_event("ctx-a", v, n=v) for v in range(1, 6)]  # MessageReceived, users u1
+    events.append(
+        make_event(
+            "ctx-b",
+            1,
+            n=50,
+            user_id="u2",
+            payload=ReplyCompleted(
+                message_id="r",
+                in_reply_to="m",
+                content="Lisbon trams",
+                model="demo-large",
+                latency_ms=1,
+            ),
+        )
+    )
+    events.append(make_event("ctx-c", 1, n=60, tenant_id="other"))
+    store.insert_archive(
+        [archive_row(e, encode(e), topic="t", partition=0, offset=i) for i, e in enumerate(events)]
+    )
+    astore = AsyncStore(store)
+    try:
+
+        async def ids(where: EventFilter, **kw: object) -> list[str]:
+            return [e.event_id async for page in astore.search(where, **kw) for e in page]  # type: ignore[arg-type]
+
+        mine = EventFilter(tenant_id="t1")
+        # Step 1: the tenant sees its own 6 events, in time order, never the other tenant's.
+        assert await ids(mine) == [e.event_id for e in events[:6]]
+        # Step 2: pages of 2 give the same sequence (keyset pagination, no gap or repeat).
+        assert await ids(mine, page_size=2) == [e.event_id for e in events[:6]]
+        assert await ids(mine, limit=3, page_size=2) == [e.event_id for e in events[:3]]
+        # Step 3: every filter narrows.
+        by = lambda **kw: EventFilter(tenant_id="t1", **kw)  # noqa: E731
+        assert await ids(by(types=("ReplyCompleted",))) == [events[5].event_id]
+        assert await ids(by(user_id="u2")) == [events[5].event_id]
+        assert await ids(by(model="demo-large")) == [events[5].event_id]
+        assert await ids(by(text="lisbon TRAMS")) == [events[5].event_id]
+        assert await ids(by(context_id="ctx-a")) == [e.event_id for e in events[:5]]
+        window = by(since=BASE_TIME + timedelta(seconds=2), until=BASE_TIME + timedelta(seconds=4))
+        assert await ids(window) == [events[1].event_id, events[2].event_id]
+    finally:
+        astore.close()
