@@ -37,7 +37,7 @@ from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.render import CSP, transcript_html
-from infra.store import AsyncStore, EventFilter, LoggedEvent
+from infra.store import ArchivedEvent, AsyncStore, EventFilter
 from infra.tracing import hex_ids
 
 log = logging.getLogger(__name__)
@@ -602,7 +602,7 @@ CSV_COLUMNS = (
 )
 
 
-def _logged(event: LoggedEvent) -> dict[str, Any]:
+def _logged(event: ArchivedEvent) -> dict[str, Any]:
     return {
         "occurred_at": event.occurred_at.isoformat(),
         "type": event.type,

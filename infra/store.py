@@ -62,17 +62,27 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 ]
 
 
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One archived event as the audit trail shows it."""
+class ArchivedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One archived event as the audit trail and the request log show it."""
 
-    stream_version: int
+    occurred_at: datetime
     event_id: str
     type: str
-    occurred_at: datetime
+    stream_id: str
+    stream_version: int
     user_id: str
     trace_id: str
     causation_id: str
     body: str
+
+
+_EVENT_COLUMNS = ", ".join(ArchivedEvent.__struct_fields__)
+
+
+def _archived(rows: Sequence[Sequence[Any]]) -> list[ArchivedEvent]:
+    return [
+        ArchivedEvent(**dict(zip(ArchivedEvent.__struct_fields__, r, strict=True))) for r in rows
+    ]
 
 
 class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,17 +96,6 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
     context_id: str = ""
     model: str = ""
     text: str = ""
-
-
-class LoggedEvent(msgspec.Struct, frozen=True, kw_only=True):
-    occurred_at: datetime
-    event_id: str
-    type: str
-    stream_id: str
-    stream_version: int
-    user_id: str
-    trace_id: str
-    body: str
 
 
 class ClickHouseStore:
@@ -177,32 +176,19 @@ class ClickHouseStore:
             ARCHIVE_TABLE, list(rows), column_names=list(ARCHIVE_COLUMNS), database=self.db
         )
 
-    def stream_events(self, tenant_id: str, stream_id: str) -> list[AuditRecord]:
+    def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
         """A stream's archived events in stream order, each once (FINAL dedups by event_id)."""
         result = self.client.query(
-            f"SELECT stream_version, event_id, type, occurred_at, user_id, trace_id, causation_id,"
-            f" body FROM {self.db}.{ARCHIVE_TABLE} FINAL"
+            f"SELECT {_EVENT_COLUMNS} FROM {self.db}.{ARCHIVE_TABLE} FINAL"
             " WHERE tenant_id = {tenant:String} AND stream_id = {stream:String}"
             " ORDER BY stream_version, event_id",
             parameters={"tenant": tenant_id, "stream": stream_id},
         )
-        return [
-            AuditRecord(
-                stream_version=r[0],
-                event_id=r[1],
-                type=r[2],
-                occurred_at=r[3],
-                user_id=r[4],
-                trace_id=r[5],
-                causation_id=r[6],
-                body=r[7],
-            )
-            for r in result.result_rows
-        ]
+        return _archived(result.result_rows)
 
     def search_page(
         self, where: EventFilter, after: tuple[datetime, str] | None, limit: int
-    ) -> list[LoggedEvent]:
+    ) -> list[ArchivedEvent]:
         """One page of matching events in time order, after the (occurred_at, event_id) key
         of the previous page: a keyset page, so an export of any size holds one page."""
         clauses = ["tenant_id = {tenant:String}"]
@@ -234,24 +220,11 @@ class ClickHouseStore:
             )
             params["after_at"], params["after_id"] = after
         result = self.client.query(
-            "SELECT occurred_at, event_id, type, stream_id, stream_version, user_id, trace_id, body"
-            f" FROM {self.db}.{ARCHIVE_TABLE} FINAL WHERE {' AND '.join(clauses)}"
-            " ORDER BY occurred_at, event_id LIMIT {limit:UInt32}",
+            f"SELECT {_EVENT_COLUMNS} FROM {self.db}.{ARCHIVE_TABLE} FINAL"
+            f" WHERE {' AND '.join(clauses)} ORDER BY occurred_at, event_id LIMIT {{limit:UInt32}}",
             parameters=params,
         )
-        return [
-            LoggedEvent(
-                occurred_at=r[0],
-                event_id=r[1],
-                type=r[2],
-                stream_id=r[3],
-                stream_version=r[4],
-                user_id=r[5],
-                trace_id=r[6],
-                body=r[7],
-            )
-            for r in result.result_rows
-        ]
+        return _archived(result.result_rows)
 
     def archive_counts(self) -> tuple[int, int]:
         """(rows, distinct event ids) in the archive, before deduplication; for checks."""
@@ -274,12 +247,12 @@ class AsyncStore:
     async def write_archive(self, rows: Sequence[ArchiveRow]) -> None:
         await self._run(self.store.insert_archive, rows)
 
-    async def stream_events(self, tenant_id: str, stream_id: str) -> list[AuditRecord]:
+    async def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
         return await self._run(self.store.stream_events, tenant_id, stream_id)
 
     async def search(
         self, where: EventFilter, limit: int | None = None, page_size: int = 2000
-    ) -> AsyncIterator[list[LoggedEvent]]:
+    ) -> AsyncIterator[list[ArchivedEvent]]:
         """Matching events page by page (memory stays one page, whatever the total)."""
         after: tuple[datetime, str] | None = None
         remaining = limit
