@@ -107,7 +107,7 @@ def test_sigkill_mid_stream_then_restart(
 
     # Step 2: a new worker re-reads from the last committed offset and goes quiet when caught up.
     second = WorkerProcess(env)
-    second.wait_for(lambda: second.archived > 0 and time.monotonic() - second.changed_at > 3, 120)
+    second.wait_for(lambda: second.archived > 0 and time.monotonic() - second.changed_at > 5, 120)
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(60) == 0, "".join(second.lines[-30:])
 
