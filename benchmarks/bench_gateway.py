@@ -44,7 +44,7 @@ async def _direct_model(n: int) -> list[float]:
 
 def _start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {
+    env: dict[str, str] = {
         **os.environ,
         "CHATLLM_HTTP__PORT": str(port),
         "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
@@ -54,8 +54,14 @@ def _start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "CHATLLM_LIMITS__RATE_PER_S": "0",
         "CHATLLM_LOG__LEVEL": "WARNING",
     }
+    return _launch([sys.executable, "-m", "infra.cli", "up"], port, env, workdir)
+
+
+def _launch(
+    argv: list[str], port: int, env: dict[str, str], workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "up"],
+        argv,
         env=env,
         cwd=workdir,
         stdout=subprocess.DEVNULL,
@@ -71,7 +77,30 @@ def _start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("chatllm up did not start")
+    raise RuntimeError(f"{' '.join(argv)} did not start")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _floor_turns(workdir: Path, bootstrap: str, sequential: int) -> list[float]:
+    """The same sequential client against benchmarks.floor_app: HTTP + one Ray hop + one ack."""
+    port = free_port()
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": repo}
+    argv = [sys.executable, "-m", "benchmarks.floor_app", str(port), bootstrap]
+    proc, base = _launch(argv, port, env, workdir)
+    try:
+        asyncio.run(_turns(base, 200, 1))
+        turns, _ = asyncio.run(_turns(base, sequential, 1))
+        return turns
+    finally:
+        _stop(proc)
 
 
 async def _turns(base: str, n: int, clients: int) -> tuple[list[float], float]:
@@ -157,14 +186,11 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             asyncio.run(_turns(base, 640, clients))
             _, throughput = asyncio.run(_turns(base, concurrent_turns, clients))
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            _stop(proc)
+        with EmbeddedBroker() as broker:
+            acks = asyncio.run(_produce_acks(broker.bootstrap_servers, 1000))
+            floor = _floor_turns(Path(tmp), broker.bootstrap_servers, sequential)
     ray_rtt = _ray_round_trips(1000)
-    with EmbeddedBroker() as broker:
-        acks = asyncio.run(_produce_acks(broker.bootstrap_servers, 1000))
 
     overhead50 = pct(turns, 0.5) - pct(direct, 0.5)
     overhead99 = pct(turns, 0.99) - pct(direct, 0.99)
@@ -190,6 +216,19 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             "2 x blocking Ray round trip p99",
             2 * ray99,
             higher_is_better=False,
+        ),
+        Result(
+            "floor: raw ASGI + 1 Ray hop + 1 ack, p50",
+            "ms",
+            pct(floor, 0.5) - pct(direct, 0.5),
+            "2 x blocking Ray round trip p50",
+            2 * ray50,
+            higher_is_better=False,
+            note=(
+                f"p99 {pct(floor, 0.99):.2f} ms; the least any request path on this stack"
+                f" costs here; gateway p50 / floor p50 ="
+                f" {overhead50 / max(pct(floor, 0.5) - pct(direct, 0.5), 1e-9):.2f}"
+            ),
         ),
         Result(
             "one acks=all produce, p50",
