@@ -17,7 +17,7 @@ from infra.broker import EmbeddedBroker
 from infra.config import ClickHouseConfig
 from infra.kafka import ensure_topics
 from infra.store import AsyncStore, ClickHouseStore
-from streams.app import ArchiveWorker, WorkerSettings
+from streams.app import ProjectionWorker, WorkerSettings
 from streams.archive import archive_row
 from tests.factories import make_event
 
@@ -37,7 +37,7 @@ async def _measure(
     await producer.stop()
 
     astore = AsyncStore(store)
-    worker = ArchiveWorker(
+    worker = ProjectionWorker(
         WorkerSettings(
             bootstrap_servers=bootstrap,
             datadir=datadir,

@@ -4,13 +4,16 @@ from events.codec import DecodeError, decode, encode, payload_type, registered_t
 from events.envelope import Envelope
 from events.types import (
     CURRENT_SCHEMA,
+    AnomalyDetected,
     CircuitChanged,
     ContextConfigured,
     ContextCreated,
     DocumentAttached,
     DocumentRemoved,
     Event,
+    FeedbackGiven,
     InputChecked,
+    MemoryPruned,
     MessageReceived,
     ModelCalled,
     RateAdjusted,
@@ -24,6 +27,7 @@ from events.types import (
 
 __all__ = [
     "CURRENT_SCHEMA",
+    "AnomalyDetected",
     "CircuitChanged",
     "ContextConfigured",
     "ContextCreated",
@@ -32,7 +36,9 @@ __all__ = [
     "DocumentRemoved",
     "Envelope",
     "Event",
+    "FeedbackGiven",
     "InputChecked",
+    "MemoryPruned",
     "MessageReceived",
     "ModelCalled",
     "RateAdjusted",

@@ -6,6 +6,7 @@ breaking change is a new type plus an upcaster (see events/upcasters.py).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -156,6 +157,42 @@ class ContextConfigured(msgspec.Struct, frozen=True, kw_only=True):
     overrides: dict[str, str]
 
 
+class FeedbackGiven(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's verdict on a reply: thumbs, a 1-5 rating, or both, and why."""
+
+    message_id: NonEmpty
+    """The reply (ReplyCompleted.message_id) the feedback is about."""
+    thumbs: Literal["up", "down", ""] = ""
+    rating: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
+    """1-5; 0 when only thumbs were given."""
+    reason: str = ""
+
+
+class AnomalyDetected(msgspec.Struct, frozen=True, kw_only=True):
+    """A detector over the log saw a value beyond its threshold."""
+
+    detector: NonEmpty
+    """latency_baseline, error_rate, denial_rate, slow_request or memory_growth."""
+    metric: NonEmpty
+    observed: float
+    threshold: float
+    baseline: float = 0.0
+    window_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    subject: str = ""
+    """What it is about: a model, a context id, or a process name."""
+    detail: str = ""
+
+
+class MemoryPruned(msgspec.Struct, frozen=True, kw_only=True):
+    """Conversation-memory entries of the tenant older than `before` were removed."""
+
+    before: datetime
+    max_age_days: Annotated[float, msgspec.Meta(gt=0)]
+    entries: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """How many conversations the pruner removed (as it counted them)."""
+    requested_by: str = ""
+
+
 Event = (
     ContextCreated
     | MessageReceived
@@ -172,6 +209,9 @@ Event = (
     | DocumentRemoved
     | TagsChanged
     | ContextConfigured
+    | FeedbackGiven
+    | AnomalyDetected
+    | MemoryPruned
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -192,4 +232,7 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     DocumentRemoved: 1,
     TagsChanged: 1,
     ContextConfigured: 1,
+    FeedbackGiven: 1,
+    AnomalyDetected: 1,
+    MemoryPruned: 1,
 }

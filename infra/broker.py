@@ -105,6 +105,10 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self._process = self._process, None
         if process is None:

@@ -149,10 +149,9 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
 
 @app.command()
 def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
-    """Run one archive processor (Faust worker) against the configured broker and ClickHouse."""
-    from infra.runtime import open_store, worker_settings
+    """Run one projection processor (Faust worker) against the configured broker and ClickHouse."""
+    from infra.runtime import build_worker, open_store
     from infra.store import AsyncStore
-    from streams.app import ArchiveWorker
 
     settings = _load(config, profile).settings
     _setup_logging(settings)
@@ -163,7 +162,7 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
         raise typer.Exit(2)
     store = open_store(settings)
     astore = AsyncStore(store)
-    archive = ArchiveWorker(worker_settings(settings, settings.broker.bootstrap_servers), astore)
+    archive, appender = build_worker(settings, settings.broker.bootstrap_servers, astore)
 
     async def run() -> None:
         from faust.contrib.asgi import faust_app_running
@@ -173,7 +172,7 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with faust_app_running(archive.app, stop_timeout=30):
-            out.print("archive worker running", highlight=False)
+            out.print("projection worker running", highlight=False)
             last = -1
             while not stop.is_set():
                 if archive.written != last:
@@ -184,8 +183,14 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
 
+    async def main() -> None:
+        try:
+            await run()
+        finally:
+            await appender.stop()
+
     try:
-        _run(run())
+        _run(main())
     finally:
         astore.close()
         store.close()

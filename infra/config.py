@@ -117,6 +117,33 @@ class ContextsConfig(_Section):
     limit is 1 MB, and base64 adds a third)."""
 
 
+class MemoryConfig(_Section):
+    max_age_days: PositiveFloat = 30.0
+    """Conversation memory older than this is pruned (a MemoryPruned event, then redaction)."""
+    prune_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    """How often the projection worker prunes; 0 turns the schedule off."""
+
+
+class AnomaliesConfig(_Section):
+    """The streaming detectors (streams/detectors.py); see docs/queries.md."""
+
+    enabled: bool = True
+    latency_sigmas: PositiveFloat = 4.0
+    latency_min_ms: Annotated[float, msgspec.Meta(ge=0)] = 250.0
+    latency_warmup: Positive = 30
+    slow_request_ms: PositiveFloat = 10_000.0
+    window_s: PositiveFloat = 60.0
+    min_requests: Positive = 20
+    error_rate_max: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2
+    denial_rate_max: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    rate_factor: PositiveFloat = 3.0
+    memory_growth_mb: PositiveFloat = 256.0
+    memory_growth_ratio: PositiveFloat = 0.5
+    memory_sample_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """How often process memory is sampled; 0 turns the memory detector off."""
+    cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -148,6 +175,8 @@ class Settings(_Section):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     contexts: ContextsConfig = msgspec.field(default_factory=ContextsConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
     sanitizer: SanitizerPolicy = msgspec.field(default_factory=SanitizerPolicy)

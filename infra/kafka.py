@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -46,7 +47,8 @@ class KafkaEventSink:
     def __init__(self, bootstrap_servers: str, topic: str, config: BrokerConfig) -> None:
         self._topic = topic
         self._timeout_s = config.delivery_timeout_ms / 1000
-        self._producer = AIOKafkaProducer(
+        # The producer is made in start(): aiokafka binds it to the running loop.
+        self._options: dict[str, Any] = dict(
             bootstrap_servers=bootstrap_servers,
             acks="all",
             enable_idempotence=config.enable_idempotence,
@@ -54,6 +56,7 @@ class KafkaEventSink:
             request_timeout_ms=config.request_timeout_ms,
             client_id="chatllm-events",
         )
+        self._producer: Any = None
         self._started = False
         self._lock = asyncio.Lock()
         self._partitions: dict[str, int] = {}
@@ -62,7 +65,13 @@ class KafkaEventSink:
     async def start(self) -> None:
         async with self._lock:
             if not self._started:
-                await self._producer.start()
+                self._producer = AIOKafkaProducer(**self._options)
+                try:
+                    await self._producer.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await self._producer.stop()
+                    raise
                 self._started = True
 
     async def stop(self) -> None:

@@ -3,6 +3,8 @@ two stacks in one process)."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,12 +38,33 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.recent_lag: deque[tuple[float, str, float]] = deque(maxlen=20_000)
+
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
-    def lag_observer(self, processor: str) -> Callable[[float], None]:
-        return self.projection_lag.labels(processor=processor).observe
+    def observe_lag(self, processor: str, seconds: float) -> None:
+        self.projection_lag.labels(processor=processor).observe(seconds)
+        self.recent_lag.append((time.time(), processor, seconds))
+
+    def lag_summary(self, window_s: float = 60.0) -> dict[str, dict[str, float]]:
+        """Per processor, p50/p99/max of the lags observed in the last `window_s` (live view)."""
+        since = time.time() - window_s
+        by: dict[str, list[float]] = {}
+        for at, processor, seconds in list(self.recent_lag):
+            if at >= since:
+                by.setdefault(processor, []).append(seconds)
+        out = {}
+        for processor, values in sorted(by.items()):
+            values.sort()
+            out[processor] = {
+                "p50_s": values[len(values) // 2],
+                "p99_s": values[min(len(values) - 1, int(len(values) * 0.99))],
+                "max_s": values[-1],
+                "samples": float(len(values)),
+            }
+        return out
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from infra.broker import EmbeddedBroker
+from infra.clock import SystemClock
 from infra.config import RayConfig, Settings
 from infra.gateway import Gateway
-from infra.kafka import ensure_topics
+from infra.kafka import KafkaEventSink, ensure_topics
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
-from streams.app import ARCHIVE_AGENT, ArchiveWorker, WorkerSettings
+from streams.app import ProjectionWorker, WorkerSettings
+from streams.detectors import DetectorConfig, Detectors
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,85 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         heartbeat_interval_s=s.heartbeat_interval_s,
         rebalance_timeout_s=s.rebalance_timeout_s,
         commit_interval_s=s.commit_interval_s,
+        system_tenant=settings.tenant,
+        memory_sample_s=settings.anomalies.memory_sample_s if settings.anomalies.enabled else 0,
+        memory_max_age_days=settings.memory.max_age_days,
+        prune_interval_s=settings.memory.prune_interval_s,
     )
+
+
+def detector_config(settings: Settings) -> DetectorConfig:
+    a = settings.anomalies
+    return DetectorConfig(
+        latency_sigmas=a.latency_sigmas,
+        latency_min_ms=a.latency_min_ms,
+        latency_warmup=a.latency_warmup,
+        slow_request_ms=a.slow_request_ms,
+        window_s=a.window_s,
+        min_requests=a.min_requests,
+        error_rate_max=a.error_rate_max,
+        denial_rate_max=a.denial_rate_max,
+        rate_factor=a.rate_factor,
+        memory_growth_mb=a.memory_growth_mb,
+        memory_growth_ratio=a.memory_growth_ratio,
+        cooldown_s=a.cooldown_s,
+    )
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MiB (Linux /proc), None if it is gone."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_probe(broker: EmbeddedBroker | None, hosts: list[Any]) -> Callable[[], dict[str, float]]:
+    """{process: RSS MiB} of this process, the embedded broker and the shard actors."""
+    import os
+
+    def probe() -> dict[str, float]:
+        pids = {"api": os.getpid()}
+        if broker is not None and broker.pid is not None:
+            pids["broker"] = broker.pid
+        if hosts:
+            import ray
+
+            with contextlib.suppress(Exception):
+                for i, pid in enumerate(ray.get([h.pid.remote() for h in hosts], timeout=5)):
+                    pids[f"shard-{i}"] = pid
+        found = {name: rss_mb(pid) for name, pid in pids.items()}
+        return {name: mb for name, mb in found.items() if mb is not None}
+
+    return probe
+
+
+def build_worker(
+    settings: Settings,
+    bootstrap_servers: str,
+    astore: AsyncStore,
+    *,
+    metrics: Metrics | None = None,
+    probe: Callable[[], dict[str, float]] | None = None,
+) -> tuple[ProjectionWorker, KafkaEventSink]:
+    """The projection worker wired to its sink, the log (for its findings) and the clock;
+    the returned sink must be stopped with the worker."""
+    appender = KafkaEventSink(bootstrap_servers, settings.topics.events, settings.broker)
+    worker = ProjectionWorker(
+        worker_settings(settings, bootstrap_servers),
+        astore,
+        observe_lag=metrics.observe_lag if metrics is not None else None,
+        appender=appender,
+        new_event_id=SystemClock().new_event_id,
+        detectors=Detectors(detector_config(settings)) if settings.anomalies.enabled else None,
+        memory_probe=probe,
+        pruner=astore.prune_counts,
+    )
+    return worker, appender
 
 
 def start_broker(
@@ -126,7 +206,8 @@ class Stack:
     store: ClickHouseStore
     astore: AsyncStore
     gateway: Gateway
-    worker: ArchiveWorker
+    worker: ProjectionWorker
+    appender: KafkaEventSink
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
@@ -149,10 +230,8 @@ class Stack:
             start_ray(settings.ray)
             hosts = start_shards(settings, bootstrap)
             metrics = Metrics()
-            worker = ArchiveWorker(
-                worker_settings(settings, bootstrap),
-                astore,
-                observe_lag=metrics.lag_observer(ARCHIVE_AGENT),
+            worker, appender = build_worker(
+                settings, bootstrap, astore, metrics=metrics, probe=memory_probe(broker, hosts)
             )
             metrics.gauge(
                 "chatllm_archived_events",
@@ -178,6 +257,7 @@ class Stack:
             astore=astore,
             gateway=gateway,
             worker=worker,
+            appender=appender,
             hosts=hosts,
             metrics=metrics,
             broker=broker,
@@ -189,8 +269,12 @@ class Stack:
         """Run the Faust worker on the running loop for the duration of the block."""
         from faust.contrib.asgi import faust_app_running
 
-        async with faust_app_running(self.worker.app, stop_timeout=30):
-            yield
+        try:
+            async with faust_app_running(self.worker.app, stop_timeout=30):
+                yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self.appender.stop()
 
     def stop(self) -> None:
         if self._stopped:

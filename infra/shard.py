@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -111,6 +112,10 @@ class ChatShard:
         self._capacity = settings.ray.contexts_per_shard
         self._max_document_bytes = settings.contexts.max_document_bytes
         self._loading: dict[str, asyncio.Lock] = {}
+
+    def pid(self) -> int:
+        """The actor's process id (the memory detector samples it)."""
+        return os.getpid()
 
     async def ready(self) -> int:
         """Connect, take the write lease, restore the limits; returns the contexts held."""

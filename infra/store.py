@@ -12,13 +12,29 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
 
 from infra.config import ClickHouseConfig
 from streams.archive import ARCHIVE_COLUMNS, ARCHIVE_TABLE, ArchiveRow
+from streams.ports import ProjectionBatch
+from streams.projections import (
+    ANOMALIES_TABLE,
+    ANOMALY_COLUMNS,
+    FACT_COLUMNS,
+    FACTS_TABLE,
+    MEMORY_TYPES,
+    PRUNE_COLUMNS,
+    PRUNES_TABLE,
+    AnomalyRow,
+    FactRow,
+    PruneRow,
+    Row,
+    is_pruned,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,6 +43,73 @@ T = TypeVar("T")
 class StoreError(RuntimeError):
     """The ClickHouse store could not be opened or used."""
 
+
+_MEMORY_TYPES_SQL = ", ".join(f"'{t}'" for t in MEMORY_TYPES)
+MEMORY_COLUMNS = (
+    "context_id",
+    "conversation_id",
+    "user_id",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "question",
+    "answer",
+    "model",
+    "status",
+    "message_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "sentiment",
+    "sentiment_label",
+    "redacted",
+)
+_MEMORY_FIELDS = ", ".join(f"m.{c} AS {c}" for c in MEMORY_COLUMNS)
+
+# One conversation per (context, correlation id): the question, the answer and what the
+# turn cost. `{where}` narrows the facts read (a tenant, a context).
+_MEMORY_SELECT = (
+    "SELECT tenant_id, context_id, conversation_id,"
+    " anyIf(user_id, type = 'MessageReceived') AS user_id,"
+    " min(at) AS started_at, max(at) AS ended_at,"
+    " dateDiff('millisecond', min(at), max(at)) AS duration_ms,"
+    " argMaxIf(text, stream_version, type = 'MessageReceived' AND role = 'user') AS question,"
+    " anyIf(text, type IN ('ReplyCompleted', 'ReplyFailed')) AS answer,"
+    " anyIf(model, type IN ('ReplyCompleted', 'ReplyFailed')) AS model,"
+    " multiIf(countIf(type = 'ReplyFailed') > 0, 'failed',"
+    " countIf(type = 'ReplyCompleted') > 0, 'ok', 'open') AS status,"
+    " sumIf(tokens, type = 'MessageReceived') AS message_tokens,"
+    " sumIf(prompt_tokens, type = 'ReplyCompleted') AS prompt_tokens,"
+    " sumIf(completion_tokens, type = 'ReplyCompleted') AS completion_tokens,"
+    " avgIf(sentiment, type = 'SentimentScored') AS sentiment,"
+    " argMaxIf(sentiment_label, stream_version, type = 'SentimentScored') AS sentiment_label,"
+    " max(redacted) AS redacted"
+    " FROM {db}.facts FINAL"
+    f" WHERE type IN ({_MEMORY_TYPES_SQL}) AND {{where}}"
+    " GROUP BY tenant_id, context_id, conversation_id"
+)
+
+# Rollups per `{bucket}` over the facts selected by `{where}`.
+_ANALYTICS_SELECT = (
+    "SELECT tenant_id, {bucket} AS bucket,"
+    " countIf(type IN ('ReplyCompleted', 'ReplyFailed')"
+    " OR (type = 'RateLimitChecked' AND status = 'denied')"
+    " OR (type = 'InputChecked' AND status = 'block')) AS requests,"
+    " countIf(type = 'ReplyCompleted') AS replies,"
+    " quantileIf(0.5)(latency_ms, type = 'ReplyCompleted') AS latency_p50_ms,"
+    " quantileIf(0.95)(latency_ms, type = 'ReplyCompleted') AS latency_p95_ms,"
+    " quantileIf(0.99)(latency_ms, type = 'ReplyCompleted') AS latency_p99_ms,"
+    " sumIf(prompt_tokens + completion_tokens, type = 'ReplyCompleted') AS tokens,"
+    " countIf(type = 'ReplyFailed') AS errors,"
+    " sumMapIf(map(error_class, toUInt64(1)), type = 'ModelCalled' AND error_class != '')"
+    " AS errors_by_class,"
+    " sumMapIf(map(model, toUInt64(1)), type = 'ReplyCompleted') AS models,"
+    " countIf(type = 'ReplyCompleted' AND fallback = 1) AS fallbacks,"
+    " countIf(type = 'RateLimitChecked' AND status = 'denied') AS denials,"
+    " countIf(type = 'InputChecked' AND status = 'block') AS blocked,"
+    " countIf(type = 'CircuitChanged' AND status = 'open') AS circuit_openings"
+    " FROM {db}.facts FINAL WHERE {where}"
+    " GROUP BY tenant_id, bucket ORDER BY tenant_id, bucket"
+)
 
 # Each migration is a list of idempotent statements; `{db}` is the database.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -56,6 +139,113 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )
             ENGINE = ReplacingMergeTree
             ORDER BY (tenant_id, stream_id, stream_version, event_id)
+            """,
+        ],
+    ),
+    (
+        2,
+        "read side: facts, anomalies, memory prunes, and the views over them",
+        [
+            f"""
+            CREATE TABLE IF NOT EXISTS {{db}}.{FACTS_TABLE} (
+                event_id String,
+                tenant_id LowCardinality(String),
+                at DateTime64(6, 'UTC'),
+                type LowCardinality(String),
+                context_id String,
+                stream_version UInt64,
+                conversation_id String,
+                user_id String,
+                role LowCardinality(String),
+                model LowCardinality(String),
+                deployment LowCardinality(String),
+                status LowCardinality(String),
+                error_class LowCardinality(String),
+                latency_ms Float64,
+                prompt_tokens UInt32,
+                completion_tokens UInt32,
+                tokens UInt32,
+                sentiment Float32,
+                sentiment_label LowCardinality(String),
+                rating UInt8,
+                thumbs LowCardinality(String),
+                fallback UInt8,
+                topic LowCardinality(String),
+                follow_up LowCardinality(String),
+                text String CODEC(ZSTD(3)),
+                tags_added Array(String),
+                tags_removed Array(String),
+                redacted UInt8
+            )
+            ENGINE = ReplacingMergeTree(redacted)
+            PARTITION BY toYYYYMM(at)
+            ORDER BY (tenant_id, type, at, event_id)
+            """,
+            f"""
+            CREATE TABLE IF NOT EXISTS {{db}}.{ANOMALIES_TABLE} (
+                event_id String,
+                tenant_id LowCardinality(String),
+                at DateTime64(6, 'UTC'),
+                detector LowCardinality(String),
+                metric LowCardinality(String),
+                subject String,
+                observed Float64,
+                threshold Float64,
+                baseline Float64,
+                window_s Float64,
+                detail String
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (tenant_id, at, event_id)
+            """,
+            f"""
+            CREATE TABLE IF NOT EXISTS {{db}}.{PRUNES_TABLE} (
+                event_id String,
+                tenant_id LowCardinality(String),
+                at DateTime64(6, 'UTC'),
+                before DateTime64(6, 'UTC'),
+                max_age_days Float64,
+                entries UInt64,
+                requested_by String
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (tenant_id, at, event_id)
+            """,
+            # The current tags of each context: the last add/remove of each tag wins.
+            f"""
+            CREATE OR REPLACE VIEW {{db}}.context_tags AS
+            SELECT tenant_id, context_id, arraySort(groupArray(tag)) AS tags
+            FROM (
+                SELECT tenant_id, context_id, pair.1 AS tag,
+                       argMax(pair.2, (at, stream_version)) AS present
+                FROM {{db}}.{FACTS_TABLE} FINAL
+                ARRAY JOIN arrayConcat(
+                    arrayMap(t -> (t, 1), tags_added), arrayMap(t -> (t, 0), tags_removed)
+                ) AS pair
+                WHERE type = 'TagsChanged'
+                GROUP BY tenant_id, context_id, tag
+            )
+            WHERE present = 1
+            GROUP BY tenant_id, context_id
+            """,
+            f"""
+            CREATE OR REPLACE VIEW {{db}}.memory_cutoffs AS
+            SELECT tenant_id, max(before) AS cutoff FROM {{db}}.{PRUNES_TABLE} FINAL
+            GROUP BY tenant_id
+            """,
+            # One row per conversation (one request and its reply), newest memory only.
+            f"""
+            CREATE OR REPLACE VIEW {{db}}.conversation_memory AS
+            SELECT m.tenant_id AS tenant_id, {_MEMORY_FIELDS}, t.tags AS tags
+            FROM ({_MEMORY_SELECT.format(db="{db}", where="1")}) AS m
+            LEFT JOIN {{db}}.memory_cutoffs AS c ON c.tenant_id = m.tenant_id
+            LEFT JOIN {{db}}.context_tags AS t
+                ON t.tenant_id = m.tenant_id AND t.context_id = m.context_id
+            WHERE m.started_at >= c.cutoff
+            """,
+            f"""
+            CREATE OR REPLACE VIEW {{db}}.analytics_minute AS
+            {_ANALYTICS_SELECT.format(db="{db}", where="1", bucket="toStartOfMinute(at)")}
             """,
         ],
     ),
@@ -105,6 +295,7 @@ class ClickHouseStore:
         self.config = config
         self.db = config.database
         self._client: Any = None
+        self._cutoffs: dict[str, datetime] | None = None
 
     def open(self) -> ClickHouseStore:
         import clickhouse_connect
@@ -176,6 +367,267 @@ class ClickHouseStore:
             ARCHIVE_TABLE, list(rows), column_names=list(ARCHIVE_COLUMNS), database=self.db
         )
 
+    def write(self, batch: ProjectionBatch) -> None:
+        """Insert a batch's rows into every table, then apply its memory prunes."""
+        if batch.archive:
+            self.insert_archive(batch.archive)
+        for table, rows in batch.rows.items():
+            if table == FACTS_TABLE:
+                cutoffs = self._memory_cutoffs()
+                # An old event redelivered after its tenant's prune goes in redacted.
+                rows = [
+                    redact(r) if is_pruned(r, cutoffs.get(r.tenant_id)) else r  # type: ignore[arg-type]
+                    for r in rows
+                ]
+            if rows:
+                self.client.insert(
+                    table, list(rows), column_names=list(_COLUMNS[table]), database=self.db
+                )
+        for tenant, cutoff in batch.prunes.items():
+            self.redact_memory(tenant, cutoff)
+            cutoffs = self._memory_cutoffs()
+            if tenant not in cutoffs or cutoff > cutoffs[tenant]:
+                cutoffs[tenant] = cutoff
+
+    def _memory_cutoffs(self) -> dict[str, datetime]:
+        """Per tenant, the newest prune cutoff (read once, then kept current by write())."""
+        if self._cutoffs is None:
+            rows = self.client.query(
+                f"SELECT tenant_id, max(before) FROM {self.db}.{PRUNES_TABLE} FINAL"
+                " GROUP BY tenant_id"
+            ).result_rows
+            self._cutoffs = {str(t): _utc(c) for t, c in rows}
+        return self._cutoffs
+
+    def redact_memory(self, tenant_id: str, before: datetime) -> int:
+        """Clear the text of the tenant's memory rows older than `before`: a redacted copy of
+        each row replaces it (ReplacingMergeTree keeps the highest `redacted`). Idempotent."""
+        columns = ", ".join(
+            # Positional: aliases named like the columns would shadow them in WHERE.
+            "''" if c == "text" else "toUInt8(1)" if c == "redacted" else c
+            for c in FACT_COLUMNS
+        )
+        params = {"tenant": tenant_id, "before": before}
+        where = (
+            f"tenant_id = {{tenant:String}} AND type IN ({_MEMORY_TYPES_SQL})"
+            " AND at < {before:DateTime64(6, 'UTC')} AND redacted = 0"
+        )
+        count = self.client.query(
+            f"SELECT count() FROM {self.db}.{FACTS_TABLE} FINAL WHERE {where}", parameters=params
+        ).result_rows[0][0]
+        if count:
+            self.client.command(
+                f"INSERT INTO {self.db}.{FACTS_TABLE} ({', '.join(FACT_COLUMNS)})"
+                f" SELECT {columns} FROM {self.db}.{FACTS_TABLE} FINAL WHERE {where}",
+                parameters=params,
+            )
+        return int(count)
+
+    def prune_counts(self, before: datetime) -> dict[str, int]:
+        """Per tenant, the conversations with memory older than `before` not yet pruned."""
+        rows = self.client.query(
+            f"SELECT tenant_id, uniqExact(conversation_id) FROM {self.db}.{FACTS_TABLE} FINAL"
+            f" WHERE type IN ({_MEMORY_TYPES_SQL}) AND at < {{before:DateTime64(6, 'UTC')}}"
+            " AND redacted = 0 GROUP BY tenant_id",
+            parameters={"before": before},
+        ).result_rows
+        return {str(t): int(n) for t, n in rows}
+
+    def _dicts(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        result = self.client.query(sql, parameters=params)
+        names = result.column_names
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    def memory(
+        self,
+        tenant_id: str,
+        *,
+        context_id: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Conversations of the tenant, newest first, with tags, sentiment and token usage."""
+        where, params = _scope(tenant_id, since, until, column="at")
+        if context_id:
+            where += " AND context_id = {context:String}"
+            params["context"] = context_id
+        inner = _MEMORY_SELECT.format(db=self.db, where=where)
+        sql = (
+            f"SELECT {_MEMORY_FIELDS}, t.tags AS tags FROM ({inner}) AS m"
+            f" LEFT JOIN (SELECT * FROM {self.db}.memory_cutoffs"
+            " WHERE tenant_id = {tenant:String}) AS c ON c.tenant_id = m.tenant_id"
+            f" LEFT JOIN (SELECT * FROM {self.db}.context_tags"
+            " WHERE tenant_id = {tenant:String}) AS t"
+            " ON t.tenant_id = m.tenant_id AND t.context_id = m.context_id"
+            " WHERE m.started_at >= c.cutoff"
+            " ORDER BY m.started_at DESC, m.conversation_id"
+            " LIMIT {limit:UInt32} OFFSET {offset:UInt32}"
+        )
+        params.update(limit=limit, offset=offset)
+        return self._dicts(sql, params)
+
+    def memory_stats(
+        self, tenant_id: str, since: datetime | None = None, until: datetime | None = None
+    ) -> dict[str, Any]:
+        """{total, by_context, avg_duration_ms, sentiment_breakdown, tokens} of the memory."""
+        where, params = _scope(tenant_id, since, until, column="at")
+        inner = _MEMORY_SELECT.format(db=self.db, where=where)
+        memory = (
+            f"SELECT m.* FROM ({inner}) AS m"
+            f" LEFT JOIN (SELECT * FROM {self.db}.memory_cutoffs"
+            " WHERE tenant_id = {tenant:String}) AS c ON c.tenant_id = m.tenant_id"
+            " WHERE m.started_at >= c.cutoff"
+        )
+        totals = self._dicts(
+            "SELECT count() AS total, avg(duration_ms) AS avg_duration_ms,"
+            " sum(message_tokens) AS message_tokens, sum(prompt_tokens) AS prompt_tokens,"
+            " sum(completion_tokens) AS completion_tokens,"
+            " min(started_at) AS first_at, max(ended_at) AS last_at"
+            f" FROM ({memory})",
+            params,
+        )[0]
+        by_context = self._dicts(
+            f"SELECT context_id, count() AS conversations FROM ({memory})"
+            " GROUP BY context_id ORDER BY conversations DESC, context_id LIMIT 100",
+            params,
+        )
+        sentiment = self._dicts(
+            f"SELECT if(sentiment_label = '', 'unscored', sentiment_label) AS label,"
+            f" count() AS conversations FROM ({memory}) GROUP BY label ORDER BY label",
+            params,
+        )
+        total = int(totals["total"])
+        tokens = int(totals["prompt_tokens"]) + int(totals["completion_tokens"])
+        span_days = 0.0
+        if total and totals["first_at"] is not None:
+            span_days = max((totals["last_at"] - totals["first_at"]).total_seconds(), 1) / 86400
+        return {
+            "total": total,
+            "by_context": {r["context_id"]: int(r["conversations"]) for r in by_context},
+            "avg_duration_ms": float(totals["avg_duration_ms"]) if total else 0.0,
+            "sentiment_breakdown": {r["label"]: int(r["conversations"]) for r in sentiment},
+            "tokens": {
+                "prompt": int(totals["prompt_tokens"]),
+                "completion": int(totals["completion_tokens"]),
+                "total": tokens,
+                "per_conversation": round(tokens / total, 1) if total else 0.0,
+                # An estimate: the rate seen so far, extrapolated to a day.
+                "estimated_per_day": round(tokens / span_days) if span_days else 0,
+            },
+        }
+
+    def analytics(
+        self,
+        tenant_id: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        bucket_s: int = 60,
+    ) -> list[dict[str, Any]]:
+        """Rollups per bucket (a minute by default): requests, latency percentiles, tokens,
+        errors by class, model usage, fallbacks, denials, blocks, circuit openings."""
+        where, params = _scope(tenant_id, since, until, column="at")
+        bucket = (
+            "toStartOfMinute(at)"
+            if bucket_s == 60
+            else f"toStartOfInterval(at, INTERVAL {int(bucket_s)} SECOND)"
+        )
+        rows = self._dicts(_ANALYTICS_SELECT.format(db=self.db, where=where, bucket=bucket), params)
+        for row in rows:
+            row.pop("tenant_id", None)
+            for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+                value = row[key]
+                row[key] = None if value != value else round(float(value), 3)  # NaN: no replies
+        return rows
+
+    def conversation_analytics(
+        self, tenant_id: str, since: datetime | None = None, until: datetime | None = None
+    ) -> dict[str, Any]:
+        """Average response time, satisfaction from feedback, topics, kinds of follow-up."""
+        where, params = _scope(tenant_id, since, until, column="at")
+        facts = f"{self.db}.{FACTS_TABLE} FINAL"
+        head = self._dicts(
+            "SELECT avgIf(latency_ms, type = 'ReplyCompleted') AS avg_response_ms,"
+            " countIf(type = 'ReplyCompleted') AS replies,"
+            " countIf(type = 'FeedbackGiven') AS feedback,"
+            # Satisfaction in 0..1: a rating r counts (r - 1) / 4, thumbs up 1, down 0.
+            " avgIf(if(rating > 0, (rating - 1) / 4, if(thumbs = 'up', 1, 0)),"
+            " type = 'FeedbackGiven' AND (rating > 0 OR thumbs != '')) AS satisfaction,"
+            " countIf(type = 'FeedbackGiven' AND thumbs = 'up') AS thumbs_up,"
+            " countIf(type = 'FeedbackGiven' AND thumbs = 'down') AS thumbs_down"
+            f" FROM {facts} WHERE {where}",
+            params,
+        )[0]
+        topics = self._dicts(
+            f"SELECT topic, count() AS messages FROM {facts} WHERE {where}"
+            " AND type = 'MessageReceived' AND role = 'user' AND topic != ''"
+            " GROUP BY topic ORDER BY messages DESC, topic",
+            params,
+        )
+        # A follow-up is any user message of a context after its first one.
+        follow_ups = self._dicts(
+            "SELECT follow_up AS kind, count() AS messages FROM ("
+            " SELECT follow_up, stream_version,"
+            " min(stream_version) OVER (PARTITION BY context_id) AS first_version"
+            f" FROM {facts} WHERE {where} AND type = 'MessageReceived' AND role = 'user'"
+            ") WHERE stream_version > first_version"
+            " GROUP BY kind ORDER BY messages DESC, kind",
+            params,
+        )
+        replies = int(head["replies"])
+        feedback = int(head["feedback"])
+        return {
+            "avg_response_ms": round(float(head["avg_response_ms"]), 3) if replies else None,
+            "replies": replies,
+            "feedback": feedback,
+            "satisfaction": round(float(head["satisfaction"]), 4) if feedback else None,
+            "thumbs_up": int(head["thumbs_up"]),
+            "thumbs_down": int(head["thumbs_down"]),
+            "topics": {r["topic"]: int(r["messages"]) for r in topics},
+            "follow_ups": {r["kind"]: int(r["messages"]) for r in follow_ups},
+        }
+
+    def anomalies(
+        self,
+        tenant_id: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """The tenant's anomalies, newest first."""
+        where, params = _scope(tenant_id, since, until, column="at")
+        params["limit"] = limit
+        return self._dicts(
+            f"SELECT {', '.join(ANOMALY_COLUMNS)} FROM {self.db}.{ANOMALIES_TABLE} FINAL"
+            f" WHERE {where} ORDER BY at DESC, event_id LIMIT {{limit:UInt32}}",
+            params,
+        )
+
+    def table_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of a projection table, deduplicated, in event_id order (for checks)."""
+        columns = _COLUMNS[table]
+        return [
+            tuple(r)
+            for r in self.client.query(
+                f"SELECT {', '.join(columns)} FROM {self.db}.{table} FINAL ORDER BY event_id"
+            ).result_rows
+        ]
+
+    def projected_rows(self, table: str) -> list[Row]:
+        """table_rows as the projector's row types (UTC datetimes, tuples): comparable with
+        streams.projections.fold."""
+        kind = _ROW_TYPES[table]
+        return [
+            kind(
+                *(
+                    _utc(v) if isinstance(v, datetime) else tuple(v) if isinstance(v, list) else v
+                    for v in values
+                )
+            )
+            for values in self.table_rows(table)
+        ]
+
     def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
         """A stream's archived events in stream order, each once (FINAL dedups by event_id)."""
         result = self.client.query(
@@ -234,6 +686,37 @@ class ClickHouseStore:
         return int(rows[0][0]), int(rows[0][1])
 
 
+_ROW_TYPES: dict[str, Any] = {
+    FACTS_TABLE: FactRow,
+    ANOMALIES_TABLE: AnomalyRow,
+    PRUNES_TABLE: PruneRow,
+}
+_COLUMNS: dict[str, tuple[str, ...]] = {
+    FACTS_TABLE: FACT_COLUMNS,
+    ANOMALIES_TABLE: ANOMALY_COLUMNS,
+    PRUNES_TABLE: PRUNE_COLUMNS,
+}
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _scope(
+    tenant_id: str, since: datetime | None, until: datetime | None, *, column: str
+) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause every read-side query starts with: the caller's tenant, a time range."""
+    clauses = ["tenant_id = {tenant:String}"]
+    params: dict[str, Any] = {"tenant": tenant_id}
+    if since is not None:
+        clauses.append(f"{column} >= {{since:DateTime64(6, 'UTC')}}")
+        params["since"] = since
+    if until is not None:
+        clauses.append(f"{column} < {{until:DateTime64(6, 'UTC')}}")
+        params["until"] = until
+    return " AND ".join(clauses), params
+
+
 class AsyncStore:
     """The store for async code: every call runs on the store's one thread."""
 
@@ -246,6 +729,17 @@ class AsyncStore:
 
     async def write_archive(self, rows: Sequence[ArchiveRow]) -> None:
         await self._run(self.store.insert_archive, rows)
+
+    async def write(self, batch: ProjectionBatch) -> None:
+        await self._run(self.store.write, batch)
+
+    async def prune_counts(self, before: datetime) -> dict[str, int]:
+        return await self._run(self.store.prune_counts, before)
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one of the store's query methods (memory, analytics, ...) on its thread."""
+        fn = getattr(self.store, method)
+        return await self._run(lambda: fn(*args, **kwargs))
 
     async def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
         return await self._run(self.store.stream_events, tenant_id, stream_id)

@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
 
+from events import Envelope
 from streams.archive import ArchiveRow
+from streams.projections import Row
 
 
-class ArchiveSink(Protocol):
-    """Stores archive rows idempotently (a row re-written with the same event_id is kept once)."""
+@dataclass
+class ProjectionBatch:
+    """What one batch of events adds to the read side."""
 
-    async def write_archive(self, rows: Sequence[ArchiveRow]) -> None:
-        """Durably store `rows` or raise; called before the offsets are committed."""
+    archive: list[ArchiveRow] = field(default_factory=list)
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+    """Projected rows by table."""
+    prunes: dict[str, datetime] = field(default_factory=dict)
+    """Tenant -> the newest memory-prune cutoff in the batch (applied after the rows)."""
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+
+class ProjectionSink(Protocol):
+    """Stores projected rows idempotently (a row re-written with the same event_id is kept
+    once) and applies memory prunes."""
+
+    async def write(self, batch: ProjectionBatch) -> None:
+        """Durably store the batch or raise; called before the offsets are committed."""
         ...
+
+
+class EventAppender(Protocol):
+    """Appends events to the log (the processors' own findings); returns once acknowledged."""
+
+    async def append(self, events: Sequence[Envelope[Any]]) -> None: ...
 
 
 class DeadLetterSink(Protocol):

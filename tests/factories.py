@@ -64,3 +64,104 @@ def make_event(
         correlation_id="req-1",
         payload=payload,
     )
+
+
+def make_turn(
+    n: int,
+    *,
+    context: str = "ctx-1",
+    version: int = 1,
+    tenant_id: str = "t1",
+    user_id: str = "u1",
+    question: str = "What is the capital of Portugal?",
+    latency_ms: float = 12.0,
+    model: str = "demo-1",
+    outcome: str = "ok",
+    at: datetime | None = None,
+) -> list[Envelope[Any]]:
+    """The events of one chat turn as the gateway appends them (ids from `n * 16`).
+
+    `version` is the context's next stream version (1 creates the context); `outcome`
+    is ok, failed or denied.
+    """
+    from events import (
+        ContextCreated,
+        InputChecked,
+        ModelCalled,
+        RateLimitChecked,
+        ReplyCompleted,
+        ReplyFailed,
+        RouteDecided,
+        SentimentScored,
+    )
+
+    start = at or BASE_TIME + timedelta(seconds=n)
+    message_id, reply_id = f"m{n}", f"r{n}"
+    payloads: list[Event] = [] if version > 1 else [ContextCreated()]
+    payloads.append(RateLimitChecked(allowed=outcome != "denied", limit="user/hour"))
+    if outcome != "denied":
+        payloads += [
+            InputChecked(message_id=message_id, verdict="allow", length=len(question)),
+            MessageReceived(message_id=message_id, content=question, tokens=7),
+            SentimentScored(message_id=message_id, label="neutral", score=0.0),
+            RouteDecided(
+                in_reply_to=message_id,
+                model=model,
+                chain=(model,),
+                complexity=0.1,
+                features={"length": 0.1},
+                band="simple",
+                reason="table",
+                policy_version="v1",
+            ),
+        ]
+        if outcome == "failed":
+            payloads += [
+                ModelCalled(
+                    in_reply_to=message_id,
+                    model=model,
+                    deployment=f"{model}-a",
+                    attempt=1,
+                    outcome="network",
+                    latency_ms=latency_ms,
+                ),
+                ReplyFailed(in_reply_to=message_id, error_class="network", message="down"),
+            ]
+        else:
+            payloads += [
+                ModelCalled(
+                    in_reply_to=message_id,
+                    model=model,
+                    deployment=f"{model}-a",
+                    attempt=1,
+                    outcome="ok",
+                    latency_ms=latency_ms,
+                ),
+                ReplyCompleted(
+                    message_id=reply_id,
+                    in_reply_to=message_id,
+                    content="Lisbon.",
+                    model=model,
+                    latency_ms=latency_ms,
+                    prompt_tokens=7,
+                    completion_tokens=2,
+                    deployment=f"{model}-a",
+                ),
+            ]
+    return [
+        Envelope(
+            event_id=uuid7_from(n * 16 + i),
+            type=type(p).__name__,
+            schema=CURRENT_SCHEMA[type(p)],
+            occurred_at=start + timedelta(microseconds=i),
+            stream_id=context,
+            stream_version=version + i,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            trace_id="0af7651916cd43dd8448eb211c80319c",
+            span_id="b7ad6b7169203331",
+            correlation_id=f"turn-{n}",
+            payload=p,
+        )
+        for i, p in enumerate(payloads)
+    ]

@@ -17,23 +17,29 @@ from events import encode
 from events import topics as topic_names
 from infra.broker import EmbeddedBroker
 from infra.store import AsyncStore, ClickHouseStore
-from streams.app import ArchiveWorker, WorkerSettings
+from streams.app import ProjectionWorker, WorkerSettings
+from streams.projections import fold
 from tests.conftest import Topics
-from tests.factories import make_event
+from tests.factories import make_event, make_turn
 
 pytestmark = pytest.mark.integration
 
 
 def worker_for(
-    broker: EmbeddedBroker, topics: Topics, tmp_path: Path, store: AsyncStore
-) -> ArchiveWorker:
-    return ArchiveWorker(
+    broker: EmbeddedBroker,
+    topics: Topics,
+    tmp_path: Path,
+    store: AsyncStore,
+    app_id: str | None = None,
+    **kwargs: Any,
+) -> ProjectionWorker:
+    return ProjectionWorker(
         WorkerSettings(
             bootstrap_servers=broker.bootstrap_servers,
             datadir=tmp_path / "faust",
             events_topic=topics.events,
             deadletter_topic=topics.deadletter,
-            app_id=f"archiver-{uuid.uuid4().hex[:8]}",
+            app_id=app_id or f"archiver-{uuid.uuid4().hex[:8]}",
             batch_size=50,
             batch_within_s=0.05,
             session_timeout_s=3.0,
@@ -42,6 +48,7 @@ def worker_for(
             commit_interval_s=0.2,
         ),
         store,
+        **kwargs,
     )
 
 
@@ -164,7 +171,9 @@ async def test_a_restarted_worker_leaves_no_gap_and_no_duplicate(
             )
         stopped_at = worker.written
         # Step 2: a new worker of the same consumer group resumes from the committed offsets.
-        again = ArchiveWorker(WorkerSettings(**{**vars(worker.settings), "app_id": app_id}), astore)
+        again = ProjectionWorker(
+            WorkerSettings(**{**vars(worker.settings), "app_id": app_id}), astore
+        )
         async with faust_app_running(again.app, stop_timeout=30):
             remaining = len(first_half) + len(second_half) - stopped_at
             await wait_until(lambda: again.written >= remaining, 60, "the rest")
@@ -173,3 +182,54 @@ async def test_a_restarted_worker_leaves_no_gap_and_no_duplicate(
         astore.close()
     # Step 3: exactly the produced events, each once, in stream order.
     assert_archive_matches(store, first_half + second_half)
+
+
+def traffic(contexts: int, turns: int, tenant: str = "t1") -> list[Any]:
+    """Chat turns as the gateway appends them, over several contexts (all projections)."""
+    events: list[Any] = []
+    n = 0
+    for c in range(contexts):
+        version = 1
+        for _ in range(turns):
+            n += 1
+            outcome = "failed" if n % 9 == 0 else "denied" if n % 13 == 0 else "ok"
+            turn = make_turn(
+                n, context=f"ctx-{c}", version=version, tenant_id=tenant, outcome=outcome
+            )
+            version += len(turn)
+            events += turn
+    return events
+
+
+def assert_projections_match(store: ClickHouseStore, events: list[Any]) -> None:
+    expected = fold(events)
+    for table, rows in expected.items():
+        assert store.projected_rows(table) == [rows[k] for k in sorted(rows)], table
+
+
+async def test_two_workers_share_the_partitions_and_count_each_event_once(
+    broker: EmbeddedBroker, topics: Topics, store: ClickHouseStore, tmp_path: Path
+) -> None:
+    events = traffic(contexts=16, turns=20)
+    await produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in events])
+    astore = AsyncStore(store)
+    group = f"projector-{uuid.uuid4().hex[:8]}"
+    one = worker_for(broker, topics, tmp_path / "one", astore, app_id=group)
+    two = worker_for(broker, topics, tmp_path / "two", astore, app_id=group)
+    try:
+        async with (
+            faust_app_running(one.app, stop_timeout=30),
+            faust_app_running(two.app, stop_timeout=30),
+        ):
+            await wait_until(lambda: one.written + two.written >= len(events), 90, "both workers")
+            await asyncio.sleep(1.0)  # a double count would show up by now
+            mine = one.app.consumer.assignment()
+            theirs = two.app.consumer.assignment()
+    finally:
+        astore.close()
+    # Step 1: the group split the partitions between them, and both did work.
+    assert mine and theirs and not (mine & theirs)
+    assert one.written > 0 and two.written > 0
+    # Step 2: every event is in every projection exactly once: nothing missed, nothing twice.
+    assert_archive_matches(store, events)
+    assert_projections_match(store, events)

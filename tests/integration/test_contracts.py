@@ -5,22 +5,33 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from actors.ports import ChatMessage, EventSink, ModelProvider, StreamReader
-from events import encode
+from events import Envelope, MemoryPruned, encode
 from infra.broker import EmbeddedBroker
 from infra.config import BrokerConfig
 from infra.kafka import KafkaEventSink, KafkaStreamReader
-from infra.memory import InMemoryArchive, InMemoryLog
+from infra.memory import InMemoryLog, InMemoryProjections
 from infra.models import DemoModel
 from infra.store import AsyncStore, ClickHouseStore
 from streams.archive import ArchiveRow, archive_row
-from streams.ports import ArchiveSink
+from streams.ports import ProjectionBatch, ProjectionSink
+from streams.projections import (
+    ANOMALIES_TABLE,
+    FACTS_TABLE,
+    MEMORY_TYPES,
+    PRUNES_TABLE,
+    PruneRow,
+    fold,
+    project,
+    table_of,
+)
 from tests.conftest import Topics
-from tests.factories import make_event
+from tests.factories import make_event, make_turn
 
 pytestmark = pytest.mark.integration
 
@@ -76,13 +87,29 @@ async def test_log_append_is_durable_before_it_returns(log_adapter: LogAdapter) 
     assert await log_adapter.reader.read_stream("ctx-d") == [event]
 
 
-# ---- ArchiveSink ----------------------------------------------------------------
+# ---- ProjectionSink --------------------------------------------------------------
 
 
 @dataclass
 class ArchiveAdapter:
-    sink: ArchiveSink
+    sink: ProjectionSink
     read: Callable[[str, str], Any]
+    table: Callable[[str], Any]
+    """Every row of a projection table, deduplicated, as FactRow / AnomalyRow / PruneRow."""
+
+
+def batch_of(rows: list[ArchiveRow], events: list[Envelope[Any]] | None = None) -> ProjectionBatch:
+    batch = ProjectionBatch(archive=list(rows))
+    for event in events or []:
+        row = project(event)
+        if row is None:
+            continue
+        batch.rows.setdefault(table_of(row), []).append(row)
+        if isinstance(row, PruneRow):
+            batch.prunes[row.tenant_id] = max(
+                row.before, batch.prunes.get(row.tenant_id, row.before)
+            )
+    return batch
 
 
 @pytest.fixture(params=["memory", "clickhouse"])
@@ -90,12 +117,16 @@ async def archive_adapter(
     request: pytest.FixtureRequest, store: ClickHouseStore
 ) -> AsyncIterator[ArchiveAdapter]:
     if request.param == "memory":
-        archive = InMemoryArchive()
+        archive = InMemoryProjections()
 
         async def read_memory(tenant: str, stream: str) -> list[tuple[int, str, str]]:
             return [(r.stream_version, r.event_id, r.body) for r in archive.stream(tenant, stream)]
 
-        yield ArchiveAdapter(archive, read_memory)
+        def table_memory(table: str) -> list[Any]:
+            held = archive.tables.get(table, {})
+            return [held[k] for k in sorted(held)]
+
+        yield ArchiveAdapter(archive, read_memory, table_memory)
         return
     astore = AsyncStore(store)
 
@@ -105,8 +136,11 @@ async def archive_adapter(
             for r in await astore.stream_events(tenant, stream)
         ]
 
+    def table_clickhouse(table: str) -> list[Any]:
+        return store.projected_rows(table)
+
     try:
-        yield ArchiveAdapter(astore, read_clickhouse)
+        yield ArchiveAdapter(astore, read_clickhouse, table_clickhouse)
     finally:
         astore.close()
 
@@ -121,21 +155,75 @@ def rows_for(stream: str, versions: range, tenant: str = "t1") -> list[ArchiveRo
 
 async def test_archive_is_idempotent_by_event_id(archive_adapter: ArchiveAdapter) -> None:
     rows = rows_for("ctx-1", range(1, 6))
-    await archive_adapter.sink.write_archive(rows)
+    await archive_adapter.sink.write(batch_of(rows))
     # Re-delivery after a crash: the same rows again, partly overlapping.
-    await archive_adapter.sink.write_archive(rows[2:])
-    await archive_adapter.sink.write_archive(rows[:1])
+    await archive_adapter.sink.write(batch_of(rows[2:]))
+    await archive_adapter.sink.write(batch_of(rows[:1]))
     stored = await archive_adapter.read("t1", "ctx-1")
     assert [(v, e) for v, e, _ in stored] == [(r.stream_version, r.event_id) for r in rows]
     assert [body for _, _, body in stored] == [r.body for r in rows]
 
 
 async def test_archive_reads_are_scoped_by_tenant(archive_adapter: ArchiveAdapter) -> None:
-    await archive_adapter.sink.write_archive(rows_for("shared-id", range(1, 3), tenant="t1"))
-    await archive_adapter.sink.write_archive(rows_for("shared-id", range(1, 4), tenant="t2"))
+    await archive_adapter.sink.write(batch_of(rows_for("shared-id", range(1, 3), tenant="t1")))
+    await archive_adapter.sink.write(batch_of(rows_for("shared-id", range(1, 4), tenant="t2")))
     assert len(await archive_adapter.read("t1", "shared-id")) == 2
     assert len(await archive_adapter.read("t2", "shared-id")) == 3
     assert await archive_adapter.read("t3", "shared-id") == []
+
+
+def _traffic() -> list[Envelope[Any]]:
+    events: list[Envelope[Any]] = []
+    version = 1
+    for n in range(1, 13):
+        outcome = "failed" if n % 5 == 0 else "denied" if n % 7 == 0 else "ok"
+        turn = make_turn(n, version=version, outcome=outcome, latency_ms=float(n))
+        version += len(turn)
+        events += turn
+    return events
+
+
+def _prune(n: int, before: datetime, tenant: str = "t1") -> Envelope[Any]:
+    return make_event(
+        f"memory-prune:{n}",
+        1,
+        MemoryPruned(before=before, max_age_days=30, entries=1),
+        n=n,
+        tenant_id=tenant,
+    )
+
+
+async def test_projections_equal_the_fold_whatever_the_redeliveries(
+    archive_adapter: ArchiveAdapter,
+) -> None:
+    events = _traffic()
+    archive = [archive_row(e, encode(e), topic="t", partition=0, offset=0) for e in events]
+    await archive_adapter.sink.write(batch_of(archive[:40], events[:40]))
+    await archive_adapter.sink.write(batch_of(archive[20:], events[20:]))  # redelivered
+    await archive_adapter.sink.write(batch_of(archive[:5], events[:5]))
+    expected = fold(events)
+    for table in (FACTS_TABLE, ANOMALIES_TABLE, PRUNES_TABLE):
+        want = [expected[table][k] for k in sorted(expected[table])]
+        assert archive_adapter.table(table) == want, table
+
+
+async def test_a_prune_redacts_older_memory_even_when_it_is_redelivered_later(
+    archive_adapter: ArchiveAdapter,
+) -> None:
+    events = _traffic()
+    cutoff = events[len(events) // 2].occurred_at
+    prune = _prune(9_000, cutoff)
+    archive = [archive_row(e, encode(e), topic="t", partition=0, offset=0) for e in events]
+    await archive_adapter.sink.write(batch_of(archive[30:], events[30:]))
+    await archive_adapter.sink.write(batch_of([], [prune]))
+    # The oldest events arrive after the prune (another partition lagged): still redacted.
+    await archive_adapter.sink.write(batch_of(archive[:30], events[:30]))
+    expected = fold([*events, prune])
+    facts = archive_adapter.table(FACTS_TABLE)
+    assert facts == [expected[FACTS_TABLE][k] for k in sorted(expected[FACTS_TABLE])]
+    old = [f for f in facts if f.type in MEMORY_TYPES and f.at < cutoff]
+    assert old and all(f.text == "" and f.redacted == 1 for f in old)
+    assert any(f.text for f in facts if f.at >= cutoff)
 
 
 # ---- ModelProvider --------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""A SIGKILLed archive worker (between writing rows and committing offsets) loses nothing
-and duplicates nothing once a new worker has taken over."""
+"""A SIGKILLed projection worker (between writing rows and committing offsets) loses nothing
+and duplicates nothing once a new worker has taken over: the archive holds every event once
+and every projection equals the fold of its pure projector over the log."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from events import encode
 from infra.broker import EmbeddedBroker
+from streams.projections import fold
 from tests.conftest import Topics
-from tests.integration.test_archive_worker import produce, stream_events
+from tests.integration.test_archive_worker import produce, traffic
 
 pytestmark = pytest.mark.integration
 
@@ -61,20 +64,25 @@ import json
 from infra.config import load_config
 from infra.store import ClickHouseStore
 
+from streams.projections import ANOMALIES_TABLE, FACTS_TABLE, PRUNES_TABLE
+
 store = ClickHouseStore(load_config().settings.clickhouse).open()
 sql = f"SELECT count(), uniqExact(event_id) FROM {store.db}.events FINAL"
-print(json.dumps(store.client.query(sql).result_rows[0]))
+names = (FACTS_TABLE, ANOMALIES_TABLE, PRUNES_TABLE)
+tables = {t: [repr(r) for r in store.projected_rows(t)] for t in names}
+print(json.dumps({"archive": store.client.query(sql).result_rows[0], "tables": tables}))
 """
 
 
-def count_archive(env: dict[str, str]) -> tuple[int, int]:
-    """(rows after dedup, distinct ids), read by another process (chDB: one path per process)."""
+def read_back(env: dict[str, str]) -> dict[str, Any]:
+    """The archive's (rows after dedup, distinct ids) and each projection's rows (as reprs),
+    read by another process (chDB: one path per process)."""
     out = subprocess.run(
         [sys.executable, "-c", COUNT_SCRIPT], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    rows, distinct = json.loads(out.stdout.strip().splitlines()[-1])
-    return rows, distinct
+    found: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return found
 
 
 def test_sigkill_mid_stream_then_restart(
@@ -95,7 +103,7 @@ def test_sigkill_mid_stream_then_restart(
         "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
         "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",
     }
-    events = stream_events(streams=10, per_stream=300)
+    events = traffic(contexts=10, turns=40)
     asyncio.run(produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in events]))
 
     # Step 1: the first worker is SIGKILLed once it has archived part of the log.
@@ -111,7 +119,11 @@ def test_sigkill_mid_stream_then_restart(
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(60) == 0, "".join(second.lines[-30:])
 
-    # Step 3: the archive holds every event exactly once (re-deliveries deduplicated).
-    assert count_archive(env) == (len(events), len(events))
+    # Step 3: the archive holds every event exactly once (re-deliveries deduplicated), and
+    # each projection is exactly its projector's fold over the log: no duplicate, no gap.
+    found = read_back(env)
+    assert found["archive"] == [len(events), len(events)]
+    for table, rows in fold(events).items():
+        assert found["tables"][table] == [repr(rows[k]) for k in sorted(rows)], table
     # The restart really re-delivered something: more rows were written than were missing.
     assert first.archived + second.archived >= len(events)
