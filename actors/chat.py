@@ -106,6 +106,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """The events the turn wrote; kept small, since outcomes cross the actor boundary."""
     choices: tuple[Choice, ...] = ()
     """Fan-out with merge "all": every member's answer, in the order asked."""
+    message_id: str = ""
+    """The reply's message id (what feedback refers to)."""
 
 
 def count_tokens(text: str) -> int:
@@ -312,6 +314,7 @@ class ChatService:
             prompt_tokens=prompt_tokens,
             completion_tokens=final.completion_tokens,
             events=refs(events),
+            message_id=final.message_id,
         )
 
     async def _fan_out(
@@ -393,6 +396,7 @@ class ChatService:
             completion_tokens=sum(f.completion_tokens for _, f in answers),
             events=refs(events),
             choices=choices if merge == "all" else (),
+            message_id=first.message_id,
         )
 
     async def _call_chain(

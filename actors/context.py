@@ -20,6 +20,7 @@ from events import (
     DocumentRemoved,
     Envelope,
     Event,
+    FeedbackGiven,
     MessageReceived,
     ReplyCompleted,
     TagsChanged,
@@ -187,6 +188,8 @@ class ContextCommand(msgspec.Struct, frozen=True, kw_only=True):
     remove_document: str = ""
     set_tags: tuple[str, ...] | None = None
     configure: dict[str, str] | None = None
+    feedback: FeedbackGiven | None = None
+    """A verdict on one of the context's replies."""
 
 
 class CommandRejected(ValueError):
@@ -232,6 +235,15 @@ def decide_command(
                 f"unknown context settings {unknown}; known: {sorted(CONFIG_KEYS)}"
             )
         decided.append(ContextConfigured(overrides=dict(command.configure)))
+    elif command.feedback is not None:
+        feedback = command.feedback
+        if not any(
+            m.message_id == feedback.message_id and m.role == "assistant" for m in state.messages
+        ):
+            raise CommandRejected(f"no reply {feedback.message_id!r} in this context")
+        if not feedback.thumbs and not feedback.rating:
+            raise CommandRejected("feedback needs thumbs (up/down) or a rating (1-5)")
+        decided.append(feedback)
     return decided
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import logging
 import signal
@@ -85,6 +86,12 @@ async def _serve(
         archive_stats=lambda: (stack.worker.written, stack.worker.dead_lettered),
         metrics=stack.metrics,
         lifespan=stack.processors,
+        live_counts=lambda: {
+            "archived": stack.worker.written,
+            "dead_lettered": stack.worker.dead_lettered,
+            "findings": stack.worker.findings,
+        },
+        prune=stack.prune,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -453,6 +460,235 @@ def query_log(
             escape(_summary(event["event"])),
         )
     out.print(table)
+
+
+def _get_json(
+    path: str,
+    params: dict[str, Any],
+    *,
+    tenant: str | None,
+    api_key: str | None,
+    url: str | None,
+    config: Path | None,
+    profile: str | None,
+    raw: bool = False,
+) -> Any:
+    """GET a query endpoint of the running service as the caller's tenant; exits on errors."""
+    settings = _load(config, profile).settings
+    headers = {"X-Tenant-Id": tenant or settings.tenant}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    base = _base_url(settings, url)
+    try:
+        response = httpx.get(
+            f"{base}{path}",
+            params={k: v for k, v in params.items() if v not in (None, "")},
+            headers=headers,
+            timeout=120,
+        )
+    except httpx.TransportError as exc:
+        err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        err.print(f"[red]{response.status_code}:[/red] {escape(str(detail))}")
+        raise typer.Exit(1)
+    return response.text if raw else response.json()
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("table", "json", "csv"):
+        err.print(f"[red]unknown format {fmt!r}: use table, json or csv[/red]")
+        raise typer.Exit(2)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str]) -> None:
+    table = Table(title=f"{title} ({len(rows)})", title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(_cell(row.get(c))) for c in columns))
+    out.print(table)
+
+
+def _print_mapping(data: dict[str, Any], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for key, value in data.items():
+        if (
+            isinstance(value, dict)
+            and value
+            and all(not isinstance(v, dict) for v in value.values())
+        ):
+            table.add_row(escape(key), escape(_cell(value)))
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                table.add_row(escape(f"{key}.{sub}"), escape(_cell(v)))
+        else:
+            table.add_row(escape(key), escape(_cell(value)))
+    out.print(table)
+
+
+def _emit_list(
+    path: str, params: dict[str, Any], fmt: str, title: str, columns: list[str], **where: Any
+) -> None:
+    _check_format(fmt)
+    if fmt == "csv":
+        sys.stdout.write(_get_json(path, {**params, "format": "csv"}, raw=True, **where))
+        return
+    rows: list[dict[str, Any]] = _get_json(path, params, **where)
+    if fmt == "json":
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    _print_rows(rows, title, columns)
+
+
+def _emit_mapping(path: str, params: dict[str, Any], fmt: str, title: str, **where: Any) -> None:
+    _check_format(fmt)
+    data: dict[str, Any] = _get_json(path, params, **where)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["key", "value"])
+        for key, value in data.items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    writer.writerow([f"{key}.{sub}", v])
+            else:
+                writer.writerow([key, value])
+    else:
+        _print_mapping(data, title)
+
+
+FormatOpt = typer.Option("table", "--format", help="table, json or csv")
+SinceOpt = typer.Option(None, "--since", help="from, ISO 8601 with zone")
+UntilOpt = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone")
+KeyOpt = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY")
+
+
+@query_app.command("memory")
+def query_memory(
+    context: str = typer.Option("", "--context", help="one context only"),
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    limit: int = typer.Option(100, "--limit"),
+    offset: int = typer.Option(0, "--offset"),
+    fmt: str = FormatOpt,
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Conversation memory: one row per conversation, newest first."""
+    params: dict[str, Any] = {"context": context, "since": since, "until": until}
+    params |= {"limit": limit, "offset": offset}
+    columns = [
+        "started_at",
+        "context_id",
+        "question",
+        "answer",
+        "model",
+        "status",
+        "duration_ms",
+        "completion_tokens",
+        "sentiment_label",
+        "tags",
+    ]
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    _emit_list("/v1/memory", params, fmt, "conversation memory", columns, **where)
+
+
+@query_app.command("stats")
+def query_stats(
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    fmt: str = FormatOpt,
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Memory statistics: total, by context, average duration, sentiment, token usage."""
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    params = {"since": since, "until": until}
+    _emit_mapping("/v1/memory/stats", params, fmt, "conversation memory statistics", **where)
+
+
+@query_app.command("analytics")
+def query_analytics(
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    bucket: int = typer.Option(60, "--bucket", help="bucket width in seconds"),
+    conversations: bool = typer.Option(
+        False, "--conversations", help="response time, satisfaction, topics, follow-ups"
+    ),
+    fmt: str = FormatOpt,
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Per-minute rollups (or --conversations: conversation analytics)."""
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    span = {"since": since, "until": until}
+    if conversations:
+        _emit_mapping("/v1/analytics/conversations", span, fmt, "conversation analytics", **where)
+        return
+    columns = [
+        "bucket",
+        "requests",
+        "replies",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "latency_p99_ms",
+        "tokens",
+        "errors",
+        "errors_by_class",
+        "models",
+        "fallbacks",
+        "denials",
+        "circuit_openings",
+    ]
+    params: dict[str, Any] = {"since": since, "until": until, "bucket_s": bucket}
+    _emit_list("/v1/analytics", params, fmt, "analytics", columns, **where)
+
+
+@query_app.command("anomalies")
+def query_anomalies(
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    limit: int = typer.Option(100, "--limit"),
+    fmt: str = FormatOpt,
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """What the anomaly detectors found, newest first."""
+    columns = ["at", "detector", "metric", "subject", "observed", "threshold", "baseline", "detail"]
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    params: dict[str, Any] = {"since": since, "until": until, "limit": limit}
+    _emit_list("/v1/anomalies", params, fmt, "anomalies", columns, **where)
 
 
 @config_app.command("show")

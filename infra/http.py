@@ -32,10 +32,12 @@ from actors.context import (
     VersionConflict,
 )
 from actors.ports import ChatMessage
+from events import FeedbackGiven
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
+from infra.queries import Pruner, QueryError, add_query_routes
 from infra.render import CSP, transcript_html
 from infra.store import ArchivedEvent, AsyncStore, EventFilter
 from infra.tracing import hex_ids
@@ -111,6 +113,13 @@ class DocumentIn(BaseModel):
     content_base64: str = Field(description="the document's bytes, base64")
 
 
+class FeedbackIn(BaseModel):
+    message_id: str = Field(min_length=1, max_length=128, description="the reply's message id")
+    thumbs: Literal["up", "down", ""] = ""
+    rating: int = Field(0, ge=0, le=5, description="1-5; 0 for none")
+    reason: str = Field("", max_length=2000)
+
+
 class TagsIn(BaseModel):
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(max_length=100)
 
@@ -134,6 +143,8 @@ class TurnOut(BaseModel):
     model: str
     fallback: bool = False
     error_class: str = ""
+    message_id: str = ""
+    """The reply's message id: what POST /v1/contexts/{id}/feedback refers to."""
     events: list[EventRef]
 
 
@@ -197,6 +208,8 @@ def build_api(
     archive_stats: Callable[[], tuple[int, int]],
     metrics: Metrics | None = None,
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
+    live_counts: Callable[[], dict[str, int]] | None = None,
+    prune: Pruner | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the Faust worker)."""
 
@@ -221,6 +234,11 @@ def build_api(
         return JSONResponse(
             {"error": error, "detail": exc.message}, exc.status, headers=exc.headers
         )
+
+    @api.exception_handler(QueryError)
+    async def _bad_query(_: Request, exc: QueryError) -> JSONResponse:
+        error = {"message": str(exc), "type": "invalid_request_error", "param": None}
+        return JSONResponse({"error": {**error, "code": "invalid_query"}, "detail": str(exc)}, 400)
 
     @api.exception_handler(LogUnavailable)
     async def _log_down(_: Request, exc: LogUnavailable) -> JSONResponse:
@@ -407,6 +425,7 @@ def build_api(
                 },
                 "chatllm": {
                     "context_id": context_id,
+                    "message_id": outcome.message_id,
                     "deployment": outcome.deployment,
                     "fallback": outcome.fallback,
                     "events": [r.model_dump() for r in _refs(outcome)],
@@ -440,6 +459,7 @@ def build_api(
             model=outcome.model,
             fallback=outcome.fallback,
             error_class=outcome.error_class,
+            message_id=outcome.message_id,
             events=_refs(outcome),
         )
 
@@ -523,6 +543,27 @@ def build_api(
         """Per-context overrides: model, system_prompt."""
         meta = meta_for(who, context_id, None, None)
         return await run_command(ContextCommand(meta=meta, configure=body.overrides))
+
+    @api.post("/v1/contexts/{context_id}/feedback")
+    async def give_feedback(
+        context_id: ContextId, body: FeedbackIn, who: Annotated[Caller, Depends(caller)]
+    ) -> dict[str, Any]:
+        """Thumbs up/down and/or a 1-5 rating of one reply (its message_id is in the
+        `chatllm.events` of the reply, or in the context's messages)."""
+        meta = meta_for(who, context_id, None, None)
+        feedback = FeedbackGiven(
+            message_id=body.message_id, thumbs=body.thumbs, rating=body.rating, reason=body.reason
+        )
+        return await run_command(ContextCommand(meta=meta, feedback=feedback))
+
+    add_query_routes(
+        api,
+        caller,
+        store,
+        metrics=metrics,
+        live_counts=live_counts or (lambda: {}),
+        prune=prune,
+    )
 
     @api.get("/v1/events", response_model=None)
     async def search_events(

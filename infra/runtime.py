@@ -276,6 +276,14 @@ class Stack:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
 
+    async def prune(
+        self, tenant: str, max_age_days: float | None, requested_by: str
+    ) -> dict[str, int]:
+        """Prune one tenant's conversation memory now (recorded as a MemoryPruned event)."""
+        return await self.worker.prune(
+            max_age_days=max_age_days, requested_by=requested_by, tenant=tenant
+        )
+
     def stop(self) -> None:
         if self._stopped:
             return

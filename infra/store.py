@@ -71,7 +71,9 @@ _MEMORY_SELECT = (
     "SELECT tenant_id, context_id, conversation_id,"
     " anyIf(user_id, type = 'MessageReceived') AS user_id,"
     " min(at) AS started_at, max(at) AS ended_at,"
-    " dateDiff('millisecond', min(at), max(at)) AS duration_ms,"
+    # Events of a turn are stamped together; the model's latency is most of its duration.
+    " greatest(toFloat64(dateDiff('millisecond', min(at), max(at))),"
+    " maxIf(latency_ms, type = 'ReplyCompleted')) AS duration_ms,"
     " argMaxIf(text, stream_version, type = 'MessageReceived' AND role = 'user') AS question,"
     " anyIf(text, type IN ('ReplyCompleted', 'ReplyFailed')) AS answer,"
     " anyIf(model, type IN ('ReplyCompleted', 'ReplyFailed')) AS model,"

@@ -1,0 +1,181 @@
+"""The query side over HTTP: conversation memory, analytics, anomalies, live numbers, and
+the dashboard. Every query is scoped to the caller's tenant (the API key's, or
+X-Tenant-Id where keys are not required).
+
+In the embedded default the API process owns chDB, so it serves these; with a
+ClickHouse server any number of API replicas can.
+"""
+
+import csv
+import io
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from infra.metrics import Metrics
+from infra.render import dashboard_html
+from infra.store import AsyncStore
+
+Format = Literal["json", "csv"]
+Pruner = Callable[[str, float | None, str], Awaitable[dict[str, int]]]
+"""(tenant, max_age_days or None for the configured age, requested_by) -> {tenant: entries}."""
+
+
+class QueryError(ValueError):
+    """A query parameter is invalid (a 400)."""
+
+
+def _aware(*moments: datetime | None) -> None:
+    for moment in moments:
+        if moment is not None and moment.tzinfo is None:
+            raise QueryError("since/until need a time zone (e.g. 2026-01-01T00:00:00Z)")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # chDB hands back naive datetimes; every column is UTC.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def rows_as(rows: list[dict[str, Any]], format_: Format) -> Response:
+    """A list of rows as JSON, or as CSV (maps and lists as JSON text in their cell)."""
+    plain = [{k: _plain(v) for k, v in row.items()} for row in rows]
+    if format_ == "json":
+        return JSONResponse(plain)
+    import json
+
+    out = io.StringIO()
+    if plain:
+        writer = csv.DictWriter(out, fieldnames=list(plain[0]))
+        writer.writeheader()
+        for row in plain:
+            writer.writerow(
+                {
+                    k: json.dumps(v) if isinstance(v, dict | list | tuple) else v
+                    for k, v in row.items()
+                }
+            )
+    return Response(out.getvalue(), media_type="text/csv")
+
+
+class PruneIn(BaseModel):
+    max_age_days: float | None = Field(
+        None, gt=0, description="prune memory older than this (default: memory.max_age_days)"
+    )
+
+
+Since = Annotated[datetime | None, Query(description="from (inclusive), ISO 8601 with zone")]
+Until = Annotated[datetime | None, Query(description="to (exclusive), ISO 8601 with zone")]
+
+
+def add_query_routes(
+    api: FastAPI,
+    caller: Callable[..., Awaitable[Any]],
+    store: AsyncStore,
+    *,
+    metrics: Metrics | None,
+    live_counts: Callable[[], dict[str, int]],
+    prune: Pruner | None,
+) -> None:
+    Who = Annotated[Any, Depends(caller)]
+
+    @api.get("/v1/memory", response_model=None, tags=["query"])
+    async def memory(
+        who: Who,
+        since: Since = None,
+        until: Until = None,
+        context: Annotated[str, Query(max_length=256)] = "",
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        format_: Annotated[Format, Query(alias="format")] = "json",
+    ) -> Response:
+        """Conversation memory: one row per conversation (a request and its reply), newest
+        first, with tags, sentiment, duration and token usage."""
+        _aware(since, until)
+        rows = await store.call(
+            "memory",
+            who.tenant_id,
+            context_id=context,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+        return rows_as(rows, format_)
+
+    @api.get("/v1/memory/stats", tags=["query"])
+    async def memory_stats(who: Who, since: Since = None, until: Until = None) -> Any:
+        """{total, by_context, avg_duration_ms, sentiment_breakdown, tokens} of the memory."""
+        _aware(since, until)
+        return _plain_tree(await store.call("memory_stats", who.tenant_id, since, until))
+
+    @api.post("/v1/memory/prune", tags=["query"])
+    async def prune_memory(who: Who, body: PruneIn | None = None) -> Any:
+        """Prune the caller's tenant's memory older than the age: a MemoryPruned event is
+        appended, and the projection redacts those conversations (numbers are kept)."""
+        if prune is None:
+            raise QueryError("pruning runs in the process that owns the projection worker")
+        age = body.max_age_days if body is not None else None
+        return {"pruned": await prune(who.tenant_id, age, f"api:{who.user_id or 'anonymous'}")}
+
+    @api.get("/v1/analytics", response_model=None, tags=["query"])
+    async def analytics(
+        who: Who,
+        since: Since = None,
+        until: Until = None,
+        bucket_s: Annotated[int, Query(ge=1, le=86_400, description="bucket width")] = 60,
+        format_: Annotated[Format, Query(alias="format")] = "json",
+    ) -> Response:
+        """Rollups per bucket (a minute by default): requests, latency p50/p95/p99, tokens,
+        errors by class, model usage, fallbacks, rate-limit denials, circuit openings."""
+        _aware(since, until)
+        rows = await store.call("analytics", who.tenant_id, since, until, bucket_s)
+        return rows_as(rows, format_)
+
+    @api.get("/v1/analytics/conversations", tags=["query"])
+    async def conversation_analytics(who: Who, since: Since = None, until: Until = None) -> Any:
+        """Average response time, satisfaction from feedback (0..1), topic distribution and
+        the most frequent kinds of follow-up."""
+        _aware(since, until)
+        return await store.call("conversation_analytics", who.tenant_id, since, until)
+
+    @api.get("/v1/anomalies", response_model=None, tags=["query"])
+    async def anomalies(
+        who: Who,
+        since: Since = None,
+        until: Until = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        format_: Annotated[Format, Query(alias="format")] = "json",
+    ) -> Response:
+        """What the detectors found, newest first, with the threshold and observed value."""
+        _aware(since, until)
+        rows = await store.call("anomalies", who.tenant_id, since, until, limit)
+        return rows_as(rows, format_)
+
+    @api.get("/v1/live", tags=["query"])
+    async def live(who: Who) -> Any:
+        """This process's live numbers for the dashboard: projection lag per processor over
+        the last minute, and the projection worker's counters."""
+        return {
+            "lag": metrics.lag_summary() if metrics is not None else {},
+            **live_counts(),
+        }
+
+    @api.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        """Live throughput, latency, errors, anomalies, model usage and projection lag."""
+        html, csp = dashboard_html()
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp})
+
+
+def _plain_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain_tree(v) for k, v in value.items()}
+    return _plain(value)

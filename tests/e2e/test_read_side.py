@@ -1,0 +1,271 @@
+"""The read side as users see it: conversation memory, analytics, anomalies and the
+dashboard, through `chatllm up`'s HTTP API, the `chatllm query` commands, and a real
+headless browser. Every query is scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Service, cli, start_service, stop_service
+
+pytestmark = pytest.mark.e2e
+
+ARTIFACTS = Path(os.environ.get("CHATLLM_TEST_ARTIFACTS", "test-artifacts"))
+TENANT = {"X-Tenant-Id": "reads"}
+
+
+@pytest.fixture(scope="module")
+def reads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service whose slow-request detector fires on every reply (so anomalies exist)."""
+    running = start_service(
+        tmp_path_factory.mktemp("reads"),
+        # COLUMNS: the CLI's tables are as wide as a terminal (not 80 columns under pytest).
+        extra_env={"CHATLLM_ANOMALIES__SLOW_REQUEST_MS": "0.000001", "COLUMNS": "220"},
+    )
+    try:
+        yield running
+    finally:
+        stop_service(running)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def send(base: str, context: str, content: str, headers: dict[str, str]) -> dict[str, Any]:
+    response = httpx.post(
+        f"{base}/v1/contexts/{context}/messages",
+        json={"content": content},
+        headers=headers,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    reply: dict[str, Any] = response.json()
+    return reply
+
+
+@pytest.fixture(scope="module")
+def traffic(reads: Service) -> dict[str, Any]:
+    """Conversations in two contexts of tenant `reads`, feedback and tags; one conversation
+    of another tenant that no query of `reads` may show."""
+    base = reads.base
+    first = send(base, "support-1", "How do I reset my password?", TENANT)
+    send(base, "support-1", "thanks, can you give me an example?", TENANT)
+    send(base, "support-1", "why is that?", TENANT)
+    for i in range(3):
+        send(base, "code-1", f"Why does my python function {i} raise an exception?", TENANT)
+    assert httpx.put(
+        f"{base}/v1/contexts/support-1/tags", json={"tags": ["vip", "billing"]}, headers=TENANT
+    ).is_success
+    feedback = httpx.post(
+        f"{base}/v1/contexts/support-1/feedback",
+        json={"message_id": first["message_id"], "thumbs": "up", "rating": 5, "reason": "clear"},
+        headers=TENANT,
+    )
+    assert feedback.status_code == 200, feedback.text
+    send(base, "secret-ctx", "the other tenant's secret question", {"X-Tenant-Id": "others"})
+    wait_for(
+        lambda: len(httpx.get(f"{base}/v1/memory", headers=TENANT).json()) >= 6
+        and httpx.get(f"{base}/v1/analytics/conversations", headers=TENANT).json()["feedback"],
+        "the projections to catch up",
+    )
+    return {"first": first}
+
+
+def test_conversation_memory_over_http(reads: Service, traffic: dict[str, Any]) -> None:
+    memory = httpx.get(f"{reads.base}/v1/memory", headers=TENANT).json()
+    assert len(memory) == 6
+    newest = memory[0]
+    assert newest["context_id"] == "code-1" and newest["status"] == "ok"
+    assert newest["question"].startswith("Why does my python function 2")
+    assert newest["prompt_tokens"] > 0 and newest["completion_tokens"] > 0
+    support = [m for m in memory if m["context_id"] == "support-1"]
+    assert all(m["tags"] == ["billing", "vip"] for m in support)
+    assert {m["sentiment_label"] for m in memory} <= {"positive", "neutral", "negative"}
+    assert not any("secret" in json.dumps(m) for m in memory)
+
+    stats = httpx.get(f"{reads.base}/v1/memory/stats", headers=TENANT).json()
+    assert stats["total"] == 6
+    assert stats["by_context"] == {"code-1": 3, "support-1": 3}
+    assert sum(stats["sentiment_breakdown"].values()) == 6
+    assert stats["tokens"]["total"] > 0 and stats["avg_duration_ms"] >= 0
+
+    as_csv = httpx.get(f"{reads.base}/v1/memory", params={"format": "csv"}, headers=TENANT)
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    assert len(list(csv.DictReader(io.StringIO(as_csv.text)))) == 6
+
+
+def test_analytics_and_conversation_analytics(reads: Service, traffic: dict[str, Any]) -> None:
+    buckets = httpx.get(f"{reads.base}/v1/analytics", headers=TENANT).json()
+    assert sum(b["requests"] for b in buckets) == 6
+    assert sum(b["replies"] for b in buckets) == 6
+    assert all(b["latency_p50_ms"] is not None for b in buckets if b["replies"])
+    models: dict[str, int] = {}
+    for b in buckets:
+        for model, n in b["models"].items():
+            models[model] = models.get(model, 0) + n
+    assert sum(models.values()) == 6
+
+    talk = httpx.get(f"{reads.base}/v1/analytics/conversations", headers=TENANT).json()
+    assert talk["replies"] == 6 and talk["feedback"] == 1
+    assert talk["satisfaction"] == 1.0 and talk["thumbs_up"] == 1
+    assert talk["topics"]["code"] == 3 and talk["topics"]["support"] == 1
+    # Follow-ups: each context's first message is not one.
+    # ("why ..." reads as a clarification, "thanks, ..." as thanks.)
+    assert talk["follow_ups"] == {"clarification": 3, "thanks": 1}
+
+
+def test_anomalies_are_events_and_rows(reads: Service, traffic: dict[str, Any]) -> None:
+    anomalies = wait_for(
+        lambda: httpx.get(f"{reads.base}/v1/anomalies", headers=TENANT).json(), "anomalies"
+    )
+    slow = [a for a in anomalies if a["detector"] == "slow_request"]
+    assert slow and slow[0]["observed"] > slow[0]["threshold"]
+    # Each finding is an AnomalyDetected event in the log (the request log shows it).
+    logged = httpx.get(
+        f"{reads.base}/v1/events", params={"type": "AnomalyDetected"}, headers=TENANT
+    ).json()
+    assert {e["event_id"] for e in logged} >= {a["event_id"] for a in slow}
+    others = httpx.get(f"{reads.base}/v1/anomalies", headers={"X-Tenant-Id": "nobody"}).json()
+    assert others == []
+
+
+def test_query_commands_print_tables_json_and_csv(reads: Service, traffic: dict[str, Any]) -> None:
+    table = cli(reads, "query", "memory", "--tenant", "reads")
+    assert table.returncode == 0, table.stderr
+    assert "conversation memory (6)" in table.stdout and "support-1" in table.stdout
+    as_json = cli(reads, "query", "memory", "--tenant", "reads", "--format", "json")
+    assert len(as_json.stdout.strip().splitlines()) == 6
+    stats = cli(reads, "query", "stats", "--tenant", "reads", "--format", "json")
+    assert json.loads(stats.stdout)["total"] == 6
+    analytics = cli(reads, "query", "analytics", "--tenant", "reads", "--format", "csv")
+    assert analytics.returncode == 0 and analytics.stdout.startswith("bucket,requests")
+    talk = cli(reads, "query", "analytics", "--conversations", "--tenant", "reads")
+    assert "satisfaction" in talk.stdout
+    anomalies = cli(reads, "query", "anomalies", "--tenant", "reads")
+    assert anomalies.returncode == 0 and "slow_request" in anomalies.stdout
+    bad = cli(reads, "query", "memory", "--since", "yesterday")
+    assert bad.returncode == 1 and "422" in bad.stderr or "400" in bad.stderr
+
+
+def test_bad_query_parameters_are_4xx_with_a_message(reads: Service) -> None:
+    naive = httpx.get(f"{reads.base}/v1/analytics", params={"since": "2026-01-01T00:00:00"})
+    assert naive.status_code == 400 and "time zone" in naive.json()["detail"]
+    too_many = httpx.get(f"{reads.base}/v1/memory", params={"limit": 0})
+    assert too_many.status_code == 422
+    feedback = httpx.post(
+        f"{reads.base}/v1/contexts/support-1/feedback",
+        json={"message_id": "no-such-reply", "thumbs": "up"},
+        headers=TENANT,
+    )
+    assert feedback.status_code == 400 and "no reply" in feedback.json()["detail"]
+
+
+def test_pruning_is_recorded_and_hides_old_memory(reads: Service, traffic: dict[str, Any]) -> None:
+    # A tiny age prunes everything so far; the prune is an event, then the memory is gone.
+    pruned = httpx.post(
+        f"{reads.base}/v1/memory/prune",
+        json={"max_age_days": 1e-9},
+        headers={"X-Tenant-Id": "others"},
+    )
+    assert pruned.status_code == 200 and pruned.json()["pruned"] == {"others": 1}
+    wait_for(
+        lambda: httpx.get(f"{reads.base}/v1/memory", headers={"X-Tenant-Id": "others"}).json()
+        == [],
+        "the prune to apply",
+    )
+    logged = httpx.get(
+        f"{reads.base}/v1/events",
+        params={"type": "MemoryPruned"},
+        headers={"X-Tenant-Id": "others"},
+    ).json()
+    assert len(logged) == 1 and logged[0]["event"]["payload"]["entries"] == 1
+    # Only that tenant's memory: `reads` keeps all of its conversations.
+    assert len(httpx.get(f"{reads.base}/v1/memory", headers=TENANT).json()) == 6
+
+
+def test_the_openapi_spec_documents_the_queries(reads: Service) -> None:
+    paths = httpx.get(f"{reads.base}/openapi.json").json()["paths"]
+    for path in ("/v1/memory", "/v1/memory/stats", "/v1/analytics", "/v1/anomalies"):
+        assert path in paths and paths[path]["get"]["description"]
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        raise AssertionError("Debian's chromium is needed (make test installs it)")
+    return found
+
+
+def test_the_dashboard_renders_live_data_in_a_real_browser(
+    reads: Service, traffic: dict[str, Any]
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=_chromium(),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            response = page.goto(f"{reads.base}/dashboard")
+            assert response is not None and response.status == 200
+            assert "script-src 'nonce-" in response.headers["content-security-policy"]
+            page.fill("#tenant", "reads")
+            page.wait_for_function("() => Number(document.body.dataset.updated || 0) > 0")
+            # Traffic while the page is open: the charts must follow it.
+            send(reads.base, "code-1", "one more while the dashboard is open", TENANT)
+            page.wait_for_function(
+                "() => document.querySelectorAll('#throughput path.series').length > 0",
+                timeout=20_000,
+            )
+            page.wait_for_function(
+                "() => document.querySelector('#anomalies tbody').rows.length > 0",
+                timeout=20_000,
+            )
+            page.wait_for_function(
+                "() => Number(document.querySelector('#lag').dataset.points || 0) > 0",
+                timeout=20_000,
+            )
+            requests = page.eval_on_selector_all(
+                "#totals tbody tr",
+                "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])",
+            )
+            totals = dict(requests)
+            assert int(totals["requests"]) >= 6 and int(totals["replies"]) >= 6
+            models = page.eval_on_selector_all("#models tbody tr", "rows => rows.length")
+            assert models >= 1
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
