@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test bench check schema clean
+.PHONY: install run demo test bench check schema clean browser
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,18 @@ run: $(STAMP)  ## the main job: the whole embedded stack on http://127.0.0.1:800
 demo: $(STAMP)  ## a short scripted workload through a throw-away stack
 	$(BIN)/chatllm demo
 
-test: $(STAMP)  ## the whole suite: unit, integration (real tansu, chDB, Ray) and e2e
+# The dashboard's browser test drives Debian's chromium (playwright's own browser
+# download is not reachable from here).
+CHROMIUM := $(shell command -v chromium 2>/dev/null)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+ifeq ($(CHROMIUM),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
+endif
+
+test: $(STAMP) browser  ## the whole suite: unit, integration (real tansu, chDB, Ray) and e2e
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
