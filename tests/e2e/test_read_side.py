@@ -83,8 +83,10 @@ def traffic(reads: Service) -> dict[str, Any]:
     assert feedback.status_code == 200, feedback.text
     send(base, "secret-ctx", "the other tenant's secret question", {"X-Tenant-Id": "others"})
     wait_for(
-        lambda: len(httpx.get(f"{base}/v1/memory", headers=TENANT).json()) >= 6
-        and httpx.get(f"{base}/v1/analytics/conversations", headers=TENANT).json()["feedback"],
+        lambda: (
+            len(httpx.get(f"{base}/v1/memory", headers=TENANT).json()) >= 6
+            and httpx.get(f"{base}/v1/analytics/conversations", headers=TENANT).json()["feedback"]
+        ),
         "the projections to catch up",
     )
     return {"first": first}
@@ -163,7 +165,7 @@ def test_query_commands_print_tables_json_and_csv(reads: Service, traffic: dict[
     anomalies = cli(reads, "query", "anomalies", "--tenant", "reads")
     assert anomalies.returncode == 0 and "slow_request" in anomalies.stdout
     bad = cli(reads, "query", "memory", "--since", "yesterday")
-    assert bad.returncode == 1 and "422" in bad.stderr or "400" in bad.stderr
+    assert bad.returncode == 1 and ("422" in bad.stderr or "400" in bad.stderr)
 
 
 def test_bad_query_parameters_are_4xx_with_a_message(reads: Service) -> None:
@@ -188,8 +190,9 @@ def test_pruning_is_recorded_and_hides_old_memory(reads: Service, traffic: dict[
     )
     assert pruned.status_code == 200 and pruned.json()["pruned"] == {"others": 1}
     wait_for(
-        lambda: httpx.get(f"{reads.base}/v1/memory", headers={"X-Tenant-Id": "others"}).json()
-        == [],
+        lambda: (
+            httpx.get(f"{reads.base}/v1/memory", headers={"X-Tenant-Id": "others"}).json() == []
+        ),
         "the prune to apply",
     )
     logged = httpx.get(

@@ -43,3 +43,32 @@ def test_readme_sql_example_runs(store: ClickHouseStore) -> None:
     (sql,) = blocks("sql")
     rows = store.client.query(sql.replace("chatllm.events", f"{store.db}.events")).result_rows
     assert rows == [(2, "MessageReceived", "Hello!")]
+
+
+@pytest.mark.integration
+def test_the_sql_examples_of_docs_queries_run(store: ClickHouseStore) -> None:
+    """docs/queries.md's SQL against real projections (the views it documents exist)."""
+    from datetime import UTC, datetime, timedelta
+
+    from streams.ports import ProjectionBatch
+    from streams.projections import project, table_of
+    from tests.factories import make_turn
+
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    events = make_turn(1, tenant_id="acme", at=now) + make_turn(
+        2, version=9, tenant_id="acme", outcome="failed", at=now
+    )
+    batch = ProjectionBatch()
+    for event in events:
+        row = project(event)
+        assert row is not None
+        batch.rows.setdefault(table_of(row), []).append(row)
+    store.write(batch)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "queries.md").read_text()
+    recent, errors = re.findall(r"```sql\n(.*?)```", docs, flags=re.S)[0].split(";")[:2]
+    run = [
+        store.client.query(q.replace("chatllm.", f"{store.db}.")).result_rows
+        for q in (recent, errors)
+    ]
+    assert [r[1] for r in run[0]] == ["ctx-1", "ctx-1"]
+    assert [(r[1], r[2]) for r in run[1]] == [("network", 1)]
