@@ -22,9 +22,9 @@ def test_migrations_are_idempotent(store: ClickHouseStore) -> None:
     assert store.migrate() == []
     assert store.migrate() == []
     versions = store.client.query(
-        f"SELECT version FROM {store.db}.schema_migrations FINAL"
+        f"SELECT version FROM {store.db}.schema_migrations FINAL ORDER BY version"
     ).result_rows
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
 
 
 def test_duplicate_rows_are_read_once(store: ClickHouseStore) -> None:
