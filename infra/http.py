@@ -37,7 +37,7 @@ from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
-from infra.queries import Pruner, QueryError, add_query_routes
+from infra.queries import QueryError, TenantPruner, add_query_routes
 from infra.render import CSP, transcript_html
 from infra.store import ArchivedEvent, AsyncStore, EventFilter
 from infra.tracing import hex_ids
@@ -209,7 +209,7 @@ def build_api(
     metrics: Metrics | None = None,
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     live_counts: Callable[[], dict[str, int]] | None = None,
-    prune: Pruner | None = None,
+    prune: TenantPruner | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the Faust worker)."""
 

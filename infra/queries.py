@@ -8,6 +8,7 @@ ClickHouse server any number of API replicas can.
 
 import csv
 import io
+import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -21,7 +22,7 @@ from infra.render import dashboard_html
 from infra.store import AsyncStore
 
 Format = Literal["json", "csv"]
-Pruner = Callable[[str, float | None, str], Awaitable[dict[str, int]]]
+TenantPruner = Callable[[str, float | None, str], Awaitable[dict[str, int]]]
 """(tenant, max_age_days or None for the configured age, requested_by) -> {tenant: entries}."""
 
 
@@ -49,8 +50,6 @@ def rows_as(rows: list[dict[str, Any]], format_: Format) -> Response:
     plain = [{k: _plain(v) for k, v in row.items()} for row in rows]
     if format_ == "json":
         return JSONResponse(plain)
-    import json
-
     out = io.StringIO()
     if plain:
         writer = csv.DictWriter(out, fieldnames=list(plain[0]))
@@ -82,7 +81,7 @@ def add_query_routes(
     *,
     metrics: Metrics | None,
     live_counts: Callable[[], dict[str, int]],
-    prune: Pruner | None,
+    prune: TenantPruner | None,
 ) -> None:
     Who = Annotated[Any, Depends(caller)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -100,20 +101,10 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
 
 
 def detector_config(settings: Settings) -> DetectorConfig:
+    """The detectors' settings: every DetectorConfig field, from the [anomalies] section."""
     a = settings.anomalies
     return DetectorConfig(
-        latency_sigmas=a.latency_sigmas,
-        latency_min_ms=a.latency_min_ms,
-        latency_warmup=a.latency_warmup,
-        slow_request_ms=a.slow_request_ms,
-        window_s=a.window_s,
-        min_requests=a.min_requests,
-        error_rate_max=a.error_rate_max,
-        denial_rate_max=a.denial_rate_max,
-        rate_factor=a.rate_factor,
-        memory_growth_mb=a.memory_growth_mb,
-        memory_growth_ratio=a.memory_growth_ratio,
-        cooldown_s=a.cooldown_s,
+        **{f.name: getattr(a, f.name) for f in dataclasses.fields(DetectorConfig)}
     )
 
 

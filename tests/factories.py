@@ -115,39 +115,31 @@ def make_turn(
                 policy_version="v1",
             ),
         ]
-        if outcome == "failed":
-            payloads += [
-                ModelCalled(
-                    in_reply_to=message_id,
-                    model=model,
-                    deployment=f"{model}-a",
-                    attempt=1,
-                    outcome="network",
-                    latency_ms=latency_ms,
-                ),
-                ReplyFailed(in_reply_to=message_id, error_class="network", message="down"),
-            ]
-        else:
-            payloads += [
-                ModelCalled(
-                    in_reply_to=message_id,
-                    model=model,
-                    deployment=f"{model}-a",
-                    attempt=1,
-                    outcome="ok",
-                    latency_ms=latency_ms,
-                ),
-                ReplyCompleted(
-                    message_id=reply_id,
-                    in_reply_to=message_id,
-                    content="Lisbon.",
-                    model=model,
-                    latency_ms=latency_ms,
-                    prompt_tokens=7,
-                    completion_tokens=2,
-                    deployment=f"{model}-a",
-                ),
-            ]
+        failed = outcome == "failed"
+        payloads.append(
+            ModelCalled(
+                in_reply_to=message_id,
+                model=model,
+                deployment=f"{model}-a",
+                attempt=1,
+                outcome="network" if failed else "ok",
+                latency_ms=latency_ms,
+            )
+        )
+        payloads.append(
+            ReplyFailed(in_reply_to=message_id, error_class="network", message="down")
+            if failed
+            else ReplyCompleted(
+                message_id=reply_id,
+                in_reply_to=message_id,
+                content="Lisbon.",
+                model=model,
+                latency_ms=latency_ms,
+                prompt_tokens=7,
+                completion_tokens=2,
+                deployment=f"{model}-a",
+            )
+        )
     return [
         Envelope(
             event_id=uuid7_from(n * 16 + i),

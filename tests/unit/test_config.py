@@ -166,3 +166,11 @@ def test_a_band_routing_to_an_unserved_model_is_named() -> None:
         ConfigError, match="band 'big' routes to model 'gpt-9', which no deployment serves"
     ):
         load_config(env={"CHATLLM_ROUTING__BANDS": bands})
+
+
+def test_every_detector_setting_comes_from_the_anomalies_section() -> None:
+    from infra.runtime import detector_config
+
+    env = {"CHATLLM_ANOMALIES__WINDOW_S": "30", "CHATLLM_ANOMALIES__COOLDOWN_S": "5"}
+    config = detector_config(load_config(env=env).settings)
+    assert (config.window_s, config.cooldown_s) == (30.0, 5.0)
