@@ -56,8 +56,8 @@ def _setup_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Faust and mode narrate every rebalance at INFO; keep their warnings.
-    for noisy in ("faust", "mode", "aiokafka", "kafka", "httpx"):
+    # aiokafka narrates every rebalance at INFO; keep its warnings.
+    for noisy in ("aiokafka", "kafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -71,7 +71,7 @@ def _base_url(settings: Settings, url: str | None) -> str:
 async def _serve(
     stack: Any, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None
 ) -> None:
-    """Serve the HTTP API (with the Faust worker in its lifespan) until Ctrl-C or `stop`."""
+    """Serve the HTTP API (with the projection worker in its lifespan) until Ctrl-C or `stop`."""
     import uvicorn
 
     from infra.http import build_api
@@ -117,7 +117,7 @@ async def _serve(
     if stop is not None:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True  # graceful: lifespan shutdown stops the Faust worker
+        server.should_exit = True  # graceful: lifespan shutdown stops the projection worker
         stopping.cancel()
     await serving
 
@@ -156,7 +156,7 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
 
 @app.command()
 def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
-    """Run one projection processor (Faust worker) against the configured broker and ClickHouse."""
+    """Run one projection worker against the configured broker and ClickHouse."""
     from infra.runtime import build_worker, open_store
     from infra.store import AsyncStore
 
@@ -172,16 +172,14 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
     archive, appender = build_worker(settings, settings.broker.bootstrap_servers, astore)
 
     async def run() -> None:
-        from faust.contrib.asgi import faust_app_running
-
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with faust_app_running(archive.app, stop_timeout=30):
+        async with archive.running():
             out.print("projection worker running", highlight=False)
             last = -1
-            while not stop.is_set():
+            while not stop.is_set() and archive.failed is None:
                 if archive.written != last:
                     last = archive.written
                     out.print(
@@ -786,7 +784,7 @@ async def _demo(stack: Any) -> None:
         print_audit(rows, contexts["alice"], "table")
         out.print(
             f"{sum(expected.values())} events over {len(contexts)} contexts went Ray actor → Kafka"
-            " → Faust → ClickHouse; above is the audit trail of one of them."
+            " → projection worker → ClickHouse; above is the audit trail of one of them."
         )
     finally:
         stop.set()

@@ -93,12 +93,16 @@ class ModelConfig(_Section):
 
 class StreamsConfig(_Section):
     datadir: str = ".chatllm/faust"
+    """The processors' working directory; the embedded broker logs beside it."""
     batch_size: Positive = 1000
     batch_within_s: PositiveFloat = 0.2
     session_timeout_s: PositiveFloat = 6.0
     heartbeat_interval_s: PositiveFloat = 1.0
     rebalance_timeout_s: PositiveFloat = 3.0
     commit_interval_s: PositiveFloat = 1.0
+    """How often written offsets are committed (a crash re-reads at most this much)."""
+    fetch_wait_s: PositiveFloat = 0.1
+    """How long the broker may hold a fetch for more events (bounds the lag when idle)."""
 
 
 class LogConfig(_Section):

@@ -211,7 +211,7 @@ def build_api(
     live_counts: Callable[[], dict[str, int]] | None = None,
     prune: TenantPruner | None = None,
 ) -> FastAPI:
-    """The API around a gateway and a store; `lifespan` runs with the server (the Faust worker)."""
+    """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
     @contextlib.asynccontextmanager
     async def _lifespan(_: FastAPI) -> AsyncIterator[None]:

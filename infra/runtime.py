@@ -1,4 +1,4 @@
-"""The composition root: starts and wires the broker, ClickHouse, Ray and the Faust worker.
+"""The composition root: starts and wires the broker, ClickHouse, Ray and the projection worker.
 
 This is the only place where plain classes become Ray actors.
 """
@@ -83,16 +83,15 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
     s = settings.streams
     return WorkerSettings(
         bootstrap_servers=bootstrap_servers,
-        datadir=Path(s.datadir),
         events_topic=settings.topics.events,
         deadletter_topic=settings.topics.deadletter,
-        partitions=settings.topics.partitions,
         batch_size=s.batch_size,
         batch_within_s=s.batch_within_s,
         session_timeout_s=s.session_timeout_s,
         heartbeat_interval_s=s.heartbeat_interval_s,
         rebalance_timeout_s=s.rebalance_timeout_s,
         commit_interval_s=s.commit_interval_s,
+        fetch_wait_s=s.fetch_wait_s,
         system_tenant=settings.tenant,
         memory_sample_s=settings.anomalies.memory_sample_s if settings.anomalies.enabled else 0,
         memory_max_age_days=settings.memory.max_age_days,
@@ -257,11 +256,9 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def processors(self) -> AsyncIterator[None]:
-        """Run the Faust worker on the running loop for the duration of the block."""
-        from faust.contrib.asgi import faust_app_running
-
+        """Run the projection worker on the running loop for the duration of the block."""
         try:
-            async with faust_app_running(self.worker.app, stop_timeout=30):
+            async with self.worker.running():
                 yield
         finally:
             with contextlib.suppress(Exception):

@@ -1,1 +1,1 @@
-"""Pure projectors and the Faust app whose agents are thin loops around them."""
+"""Pure projectors and detectors, and the projection worker: a thin loop around them."""

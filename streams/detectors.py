@@ -1,6 +1,6 @@
 """Streaming anomaly detectors over the log (river statistics, event time).
 
-Each detector sees events one at a time and returns findings; the Faust app
+Each detector sees events one at a time and returns findings; the projection worker
 appends each finding to the log as an AnomalyDetected event, and the projector
 turns those into rows of the `anomalies` table. Detectors keep their state in
 memory: after a restart the baselines warm up again (they are moving baselines,

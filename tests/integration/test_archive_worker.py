@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from faust.contrib.asgi import faust_app_running
 
 from events import encode
 from events import topics as topic_names
@@ -36,7 +35,6 @@ def worker_for(
     return ProjectionWorker(
         WorkerSettings(
             bootstrap_servers=broker.bootstrap_servers,
-            datadir=tmp_path / "faust",
             events_topic=topics.events,
             deadletter_topic=topics.deadletter,
             app_id=app_id or f"archiver-{uuid.uuid4().hex[:8]}",
@@ -45,7 +43,6 @@ def worker_for(
             session_timeout_s=3.0,
             heartbeat_interval_s=0.5,
             rebalance_timeout_s=1.0,
-            commit_interval_s=0.2,
         ),
         store,
         **kwargs,
@@ -131,7 +128,7 @@ async def test_archives_every_event_and_dead_letters_the_malformed(
     astore = AsyncStore(store)
     worker = worker_for(broker, topics, tmp_path, astore)
     try:
-        async with faust_app_running(worker.app, stop_timeout=30):
+        async with worker.running():
             await wait_until(
                 lambda: worker.written >= len(events) and worker.dead_lettered >= 3,
                 60,
@@ -164,7 +161,7 @@ async def test_a_restarted_worker_leaves_no_gap_and_no_duplicate(
         worker = worker_for(broker, topics, tmp_path, astore)
         app_id = worker.settings.app_id
         # Step 1: the worker stops mid-stream, while more events keep arriving.
-        async with faust_app_running(worker.app, stop_timeout=30):
+        async with worker.running():
             await wait_until(lambda: worker.written >= 100, 60, "the first batches")
             await produce(
                 broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in second_half]
@@ -174,7 +171,7 @@ async def test_a_restarted_worker_leaves_no_gap_and_no_duplicate(
         again = ProjectionWorker(
             WorkerSettings(**{**vars(worker.settings), "app_id": app_id}), astore
         )
-        async with faust_app_running(again.app, stop_timeout=30):
+        async with again.running():
             remaining = len(first_half) + len(second_half) - stopped_at
             await wait_until(lambda: again.written >= remaining, 60, "the rest")
             await asyncio.sleep(0.5)  # anything re-delivered beyond that would show up now
@@ -218,13 +215,13 @@ async def test_two_workers_share_the_partitions_and_count_each_event_once(
     two = worker_for(broker, topics, tmp_path / "two", astore, app_id=group)
     try:
         async with (
-            faust_app_running(one.app, stop_timeout=30),
-            faust_app_running(two.app, stop_timeout=30),
+            one.running(),
+            two.running(),
         ):
             await wait_until(lambda: one.written + two.written >= len(events), 90, "both workers")
             await asyncio.sleep(1.0)  # a double count would show up by now
-            mine = one.app.consumer.assignment()
-            theirs = two.app.consumer.assignment()
+            mine = one.assignment()
+            theirs = two.assignment()
     finally:
         astore.close()
     # Step 1: the group split the partitions between them, and both did work.
