@@ -168,8 +168,10 @@ def _analytics_over(store: ClickHouseStore, total: int) -> tuple[float, float]:
                 " latency_ms, prompt_tokens, completion_tokens, tokens)"
                 " SELECT toString(generateUUIDv7()), 'bench',"
                 " toDateTime64('2026-01-01 00:00:00', 6, 'UTC') + toIntervalMillisecond(n * 259),"
+                # a turn's eight events; one turn in 50 ends in ReplyFailed instead of a reply
+                " if(n % 8 = 1 AND intDiv(n, 8) % 50 = 0, 'ReplyFailed',"
                 " ['MessageReceived','ReplyCompleted','RateLimitChecked','ModelCalled',"
-                "  'RouteDecided','SentimentScored','InputChecked','ReplyFailed'][n % 8 + 1],"
+                "  'RouteDecided','SentimentScored','InputChecked','ContextCreated'][n % 8 + 1]),"
                 " concat('ctx-', toString(intDiv(n, 8) % 5000)), intDiv(n, 8) + 1,"
                 " concat('turn-', toString(intDiv(n, 8))), 'u1', 'user',"
                 " ['demo-fast','demo-1','demo-large'][n % 3 + 1],"
