@@ -302,8 +302,12 @@ class ProjectionWorker:
             rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
         )
         self._dlq = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
-        await consumer.start()
-        await self._dlq.start()
+        try:
+            await consumer.start()
+            await self._dlq.start()
+        except BaseException:
+            await asyncio.gather(consumer.stop(), self._dlq.stop(), return_exceptions=True)
+            raise
         self._consumer = consumer
         written: dict[Any, int] = {}  # partition -> next offset, rows written, not committed
         committed_at = time.monotonic()

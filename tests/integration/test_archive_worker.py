@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from events import encode
+from events import decode, encode
 from events import topics as topic_names
 from infra.broker import EmbeddedBroker
 from infra.store import AsyncStore, ClickHouseStore
@@ -230,3 +230,40 @@ async def test_two_workers_share_the_partitions_and_count_each_event_once(
     # Step 2: every event is in every projection exactly once: nothing missed, nothing twice.
     assert_archive_matches(store, events)
     assert_projections_match(store, events)
+
+
+async def test_memory_growth_is_sampled_and_reported_as_an_event(
+    broker: EmbeddedBroker, topics: Topics, store: ClickHouseStore
+) -> None:
+    from infra.clock import SystemClock
+    from infra.memory import InMemoryLog
+    from streams.detectors import DetectorConfig, Detectors
+
+    samples = iter([200.0] * 5 + [900.0] * 100)
+    log = InMemoryLog()
+    astore = AsyncStore(store)
+    worker = ProjectionWorker(
+        WorkerSettings(
+            bootstrap_servers=broker.bootstrap_servers,
+            events_topic=topics.events,
+            deadletter_topic=topics.deadletter,
+            app_id=f"mem-{uuid.uuid4().hex[:8]}",
+            memory_sample_s=0.05,
+            system_tenant="ops",
+        ),
+        astore,
+        appender=log,
+        new_event_id=SystemClock().new_event_id,
+        detectors=Detectors(DetectorConfig(memory_growth_mb=100, cooldown_s=3600)),
+        memory_probe=lambda: {"api": next(samples)},
+    )
+    try:
+        async with worker.running():
+            await wait_until(lambda: worker.findings >= 1, 30, "a memory finding")
+    finally:
+        astore.close()
+    (finding,) = [
+        e for e in map(decode, (v for _, v in log.records)) if e.type == "AnomalyDetected"
+    ]
+    assert finding.tenant_id == "ops" and finding.payload.detector == "memory_growth"
+    assert finding.payload.subject == "api" and finding.payload.observed == 900.0

@@ -114,3 +114,50 @@ async def test_search_filters_and_pages_through_any_size(store: ClickHouseStore)
         assert await ids(window) == [events[1].event_id, events[2].event_id]
     finally:
         astore.close()
+
+
+def test_memory_holds_ten_thousand_conversations_of_one_context(store: ClickHouseStore) -> None:
+    from streams.ports import ProjectionBatch
+    from streams.projections import project, table_of
+    from tests.factories import make_turn
+
+    batch = ProjectionBatch()
+    version = 1
+    for n in range(1, 10_001):
+        for event in make_turn(n, context="busy", version=version):
+            row = project(event)
+            assert row is not None
+            batch.rows.setdefault(table_of(row), []).append(row)
+            version += 1
+    store.write(batch)
+    stats = store.memory_stats("t1")
+    assert stats["total"] == 10_000 and stats["by_context"] == {"busy": 10_000}
+    page = store.memory("t1", context_id="busy", limit=50, offset=9_990)
+    assert len(page) == 10 and page[-1]["conversation_id"] == "turn-1"
+
+
+async def test_a_large_export_holds_one_page_in_memory(store: ClickHouseStore) -> None:
+    """The request log's export pages with a keyset: Python's memory does not grow with the
+    number of events exported."""
+    import tracemalloc
+
+    from infra.store import AsyncStore, EventFilter
+
+    events = [make_event(f"ctx-{i % 100}", i // 100 + 1, n=i + 1) for i in range(40_000)]
+    store.insert_archive(
+        [archive_row(e, encode(e), topic="t", partition=0, offset=i) for i, e in enumerate(events)]
+    )
+    astore = AsyncStore(store)
+    try:
+        tracemalloc.start()
+        seen = 0
+        async for page in astore.search(EventFilter(tenant_id="t1"), page_size=1000):
+            seen += len(page)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        astore.close()
+    assert seen == len(events)
+    body_bytes = sum(len(encode(e)) for e in events)
+    # One page of 1,000 events is ~2.5% of the bodies; allow ten pages' worth of slack.
+    assert peak < body_bytes / 4, (peak, body_bytes)
