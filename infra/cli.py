@@ -42,6 +42,10 @@ ProfileOpt = typer.Option(
 )
 UrlOpt = typer.Option(None, "--url", help="API base URL (default: from http.host/http.port)")
 TenantOpt = typer.Option(None, "--tenant", help="tenant (default: from config)")
+FormatOpt = typer.Option("table", "--format", help="table, json or csv")
+SinceOpt = typer.Option(None, "--since", help="from, ISO 8601 with zone")
+UntilOpt = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone")
+KeyOpt = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY")
 
 
 def _load(config: Path | None, profile: str | None) -> LoadedConfig:
@@ -388,6 +392,67 @@ def audit(
     print_audit(rows, context, fmt)
 
 
+@app.command()
+def state(
+    context: str = typer.Option(..., "--context", help="context id"),
+    at: str = typer.Option(..., "--at", help="the moment, ISO 8601 with a zone"),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Time travel: a context, its limiter and router state, exactly as they were at --at."""
+    if fmt not in ("table", "json"):
+        err.print(f"[red]unknown format {fmt!r}: use table or json[/red]")
+        raise typer.Exit(2)
+    moment: dict[str, Any] = _get_json(
+        f"/v1/contexts/{context}/state",
+        {"at": at},
+        tenant=tenant,
+        api_key=api_key,
+        url=url,
+        config=config,
+        profile=profile,
+    )
+    if fmt == "json":
+        sys.stdout.write(json.dumps(moment, ensure_ascii=False) + "\n")
+        return
+    c, limiter, router = moment["context"], moment["limiter"], moment["router"]
+    last = limiter["last_decision"] or {}
+    _print_mapping(
+        {
+            "at": moment["at"],
+            "version": c["version"],
+            "events": moment["events"],
+            "title": c["title"],
+            "tags": c["tags"],
+            "config": c["config"],
+            "documents": [d["name"] for d in c["documents"]],
+            "sticky model": router["sticky_model"],
+            "last route": (router["last_route"] or {}).get("model", ""),
+            "circuits": router["circuits"],
+            "last rate-limit decision": (
+                f"{'allowed' if last.get('allowed') else 'denied'} ({last.get('limit', '')})"
+                if last
+                else ""
+            ),
+            "decisions / denials in the hour before": (
+                f"{limiter['decisions_last_hour']} / {limiter['denials_last_hour']}"
+            ),
+            "rate factor": limiter["rate_factor"],
+        },
+        f"context {context} at {moment['at']}",
+    )
+    table = Table(title=f"messages ({len(moment['messages'])})", title_justify="left")
+    table.add_column("role")
+    table.add_column("content", overflow="fold")
+    for m in moment["messages"]:
+        table.add_row(m["role"], escape(m["content"]))
+    out.print(table)
+
+
 @query_app.command("log")
 def query_log(
     types: list[str] = typer.Option([], "--type", help="event type (repeatable)"),
@@ -572,12 +637,6 @@ def _emit_mapping(path: str, params: dict[str, Any], fmt: str, title: str, **whe
                 writer.writerow([key, value])
     else:
         _print_mapping(data, title)
-
-
-FormatOpt = typer.Option("table", "--format", help="table, json or csv")
-SinceOpt = typer.Option(None, "--since", help="from, ISO 8601 with zone")
-UntilOpt = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone")
-KeyOpt = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY")
 
 
 @query_app.command("memory")

@@ -35,6 +35,7 @@ from actors.ports import ChatMessage
 from events import FeedbackGiven
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
+from infra.history import UnknownContext, state_at
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.queries import QueryError, TenantPruner, add_query_routes
@@ -608,6 +609,22 @@ def build_api(
             return JSONResponse(found)
         media = "application/x-ndjson" if format_ == "jsonl" else "text/csv"
         return StreamingResponse(_export(store, where, limit, format_), media_type=media)
+
+    @api.get("/v1/contexts/{context_id}/state", response_model=None)
+    async def context_state_at(
+        context_id: ContextId,
+        who: Annotated[Caller, Depends(caller)],
+        at: Annotated[datetime, Query(description="the moment, ISO 8601 with a zone")],
+    ) -> Any:
+        """Time travel: the context (messages, documents, tags, config) and the limiter and
+        router state that applied to it, exactly as they were at `at`, from events alone."""
+        if at.tzinfo is None:
+            raise QueryError("`at` needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+        try:
+            moment = await state_at(store, who.tenant_id, context_id, at)
+        except UnknownContext as exc:
+            raise HTTPException(404, str(exc)) from None
+        return JSONResponse(msgspec.to_builtins(moment))
 
     @api.get("/v1/contexts/{context_id}/events", response_model=list[AuditEvent])
     async def context_events(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,52 @@ def test_chatllm_query_log_from_the_command_line(service: Service) -> None:
     assert csv_out.returncode == 0 and csv_out.stdout.startswith("occurred_at,type")
     bad = cli(service, "query", "log", "--format", "xml")
     assert bad.returncode == 2 and "unknown format" in bad.stderr
+
+
+def test_time_travel_shows_a_context_as_it_was(service: Service) -> None:
+    base, tenant = service.base, {"X-Tenant-Id": "travel"}
+    post = httpx.post(
+        f"{base}/v1/contexts/tt-1/messages", json={"content": "first question"}, headers=tenant
+    )
+    assert post.status_code == 200
+    time.sleep(0.05)
+    moment = datetime.now(UTC).isoformat()
+    time.sleep(0.05)
+    httpx.post(f"{base}/v1/contexts/tt-1/messages", json={"content": "second"}, headers=tenant)
+    httpx.put(f"{base}/v1/contexts/tt-1/tags", json={"tags": ["later"]}, headers=tenant)
+
+    def at(when: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while True:  # the archive catches up within a moment
+            response = httpx.get(
+                f"{base}/v1/contexts/tt-1/state", params={"at": when}, headers=tenant
+            )
+            body: dict[str, Any] = response.json()
+            if response.status_code == 200 and (
+                when == moment or body["context"]["tags"] or time.monotonic() > deadline
+            ):
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(response.text)
+            time.sleep(0.3)
+
+    then = at(moment)
+    assert then["messages"][0]["content"] == "first question"
+    assert len(then["messages"]) == 2 and then["context"]["tags"] == []
+    assert then["limiter"]["last_decision"]["allowed"] is True
+    assert then["router"]["sticky_model"] and then["router"]["last_route"]["model"]
+    now = at(datetime.now(UTC).isoformat())
+    assert len(now["messages"]) == 4 and now["context"]["tags"] == ["later"]
+
+    shown = cli(service, "state", "--context", "tt-1", "--at", moment, "--tenant", "travel")
+    assert shown.returncode == 0, shown.stderr
+    assert "first question" in shown.stdout and "second" not in shown.stdout
+    missing = httpx.get(
+        f"{base}/v1/contexts/tt-1/state", params={"at": "2000-01-01T00:00:00Z"}, headers=tenant
+    )
+    assert missing.status_code == 404 and "no events" in missing.json()["detail"]
+    naive = httpx.get(f"{base}/v1/contexts/tt-1/state", params={"at": "2026-01-01T00:00:00"})
+    assert naive.status_code == 400
 
 
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
