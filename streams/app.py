@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from events import AnomalyDetected, DecodeError, Envelope, MemoryPruned, decode,
 from events.types import CURRENT_SCHEMA
 from streams.archive import archive_row
 from streams.detectors import Detectors, Finding
+from streams.loop import BatchLoop, DeadLetters, LoopSettings, crashed, every, running_tasks
 from streams.ports import EventAppender, ProjectionBatch, ProjectionSink
 from streams.projections import PruneRow, project, table_of
 
@@ -73,6 +73,20 @@ class WorkerSettings:
     prune_interval_s: float = 0.0
     """How often to prune conversation memory older than memory_max_age_days (0: never)."""
 
+    def loop(self, topic: str, group: str) -> LoopSettings:
+        return LoopSettings(
+            bootstrap_servers=self.bootstrap_servers,
+            topic=topic,
+            group=group,
+            batch_size=self.batch_size,
+            batch_within_s=self.batch_within_s,
+            session_timeout_s=self.session_timeout_s,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            rebalance_timeout_s=self.rebalance_timeout_s,
+            commit_interval_s=self.commit_interval_s,
+            fetch_wait_s=self.fetch_wait_s,
+        )
+
 
 LagObserver = Callable[[str, float], None]
 """(projection, seconds from the event to its row being written)."""
@@ -109,48 +123,42 @@ class ProjectionWorker:
         self.memory_probe = memory_probe
         self.pruner = pruner
         self.written = 0
-        self.dead_lettered = 0
         self.findings = 0
-        self._consumer: Any = None
-        self._dlq: Any = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self.dead_letters = DeadLetters(
+            settings.bootstrap_servers, settings.deadletter_topic, PROJECTIONS_AGENT
+        )
+        self._loop = BatchLoop(settings.loop(settings.events_topic, settings.app_id), self._handle)
+        self._loop_task: asyncio.Future[None] | None = None
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ProjectionWorker]:
         """Run the projection loop (and the memory sampler and pruner, when configured) on
         the running loop for the duration of the block; a loop that crashed re-raises."""
         s = self.settings
-        tasks = [asyncio.create_task(self._consume(), name=PROJECTIONS_AGENT)]
+        jobs = [self._loop.run()]
         if s.memory_sample_s > 0 and self.memory_probe is not None:
-            tasks.append(asyncio.create_task(self._every(s.memory_sample_s, self._sample_memory)))
+            jobs.append(every(s.memory_sample_s, self._sample_memory))
         if s.prune_interval_s > 0 and self.pruner is not None:
-            tasks.append(
-                asyncio.create_task(self._every(s.prune_interval_s, self._scheduled_prune))
-            )
-        self._loop_task = tasks[0]
+            jobs.append(every(s.prune_interval_s, self._scheduled_prune))
         try:
-            yield self
+            async with running_tasks(jobs) as tasks:
+                self._loop_task = tasks[0]
+                yield self
         finally:
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            crashed = [r for r in results if isinstance(r, Exception)]
-            if crashed:
-                raise crashed[0]
+            await self.dead_letters.stop()
 
     @property
     def failed(self) -> BaseException | None:
         """Why the projection loop stopped on its own, if it did."""
-        task = self._loop_task
-        if task is None or not task.done() or task.cancelled():
-            return None
-        return task.exception()
+        return crashed(self._loop_task)
 
-    @staticmethod
-    async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await job()
+    @property
+    def dead_lettered(self) -> int:
+        return self.dead_letters.count
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition)s this worker holds now."""
+        return self._loop.assignment()
 
     # ---- anomalies ---------------------------------------------------------------------
 
@@ -276,82 +284,11 @@ class ProjectionWorker:
 
     # ---- the projection loop ------------------------------------------------------------
 
-    def assignment(self) -> set[tuple[str, int]]:
-        """The (topic, partition)s this worker holds now."""
-        consumer = self._consumer
-        if consumer is None:
-            return set()
-        return {(tp.topic, tp.partition) for tp in consumer.assignment()}
-
-    async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-        from aiokafka.errors import CommitFailedError, IllegalStateError
-
-        s = self.settings
-        consumer = AIOKafkaConsumer(
-            s.events_topic,
-            bootstrap_servers=s.bootstrap_servers,
-            group_id=s.app_id,
-            client_id=f"{s.app_id}-projections",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.batch_size,
-            fetch_max_wait_ms=int(s.fetch_wait_s * 1000),
-            session_timeout_ms=int(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
-            rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
-        )
-        self._dlq = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
-        try:
-            await consumer.start()
-            await self._dlq.start()
-        except BaseException:
-            await asyncio.gather(consumer.stop(), self._dlq.stop(), return_exceptions=True)
-            raise
-        self._consumer = consumer
-        written: dict[Any, int] = {}  # partition -> next offset, rows written, not committed
-        committed_at = time.monotonic()
-
-        async def commit() -> None:
-            nonlocal committed_at
-            committed_at = time.monotonic()
-            if not written:
-                return
-            offsets = dict(written)
-            written.clear()
-            try:
-                await consumer.commit(offsets)
-            except (CommitFailedError, IllegalStateError) as exc:
-                # A rebalance took the partitions away: the new owner re-reads from the
-                # last commit, and the idempotent sinks absorb the repeat.
-                log.info("offsets not committed (%s); they will be re-read", exc)
-
-        try:
-            while True:
-                fetched = await consumer.getmany(
-                    timeout_ms=int(s.batch_within_s * 1000), max_records=s.batch_size
-                )
-                if not fetched:
-                    if time.monotonic() - committed_at >= s.commit_interval_s:
-                        await commit()
-                    continue
-                records = [r for batch in fetched.values() for r in batch]
-                out, decoded = await self._project(records)
-                if out.archive:
-                    await self._write(out)
-                    await self._detect(decoded)
-                # Only now, with the rows written, may the offsets move on.
-                written.update({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
-                if time.monotonic() - committed_at >= s.commit_interval_s:
-                    await commit()
-        except asyncio.CancelledError:
-            # A clean stop: what was written is committed (a crash instead re-reads it).
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(commit(), 10)
-            raise
-        finally:
-            self._consumer = None
-            await asyncio.gather(consumer.stop(), self._dlq.stop(), return_exceptions=True)
+    async def _handle(self, records: Sequence[Any]) -> None:
+        out, decoded = await self._project(records)
+        if out.archive:
+            await self._write(out)
+            await self._detect(decoded)
 
     async def _project(self, records: Sequence[Any]) -> tuple[ProjectionBatch, list[Envelope[Any]]]:
         out = ProjectionBatch()
@@ -363,7 +300,7 @@ class ProjectionWorker:
                     raise DecodeError("empty record (no value)")
                 decoded = decode(value)
             except DecodeError as exc:
-                await self._dead_letter(record, exc.reason)
+                await self.dead_letters.record(record, exc.reason)
                 continue
             decoded_events.append(decoded)
             out.archive.append(
@@ -383,22 +320,6 @@ class ProjectionWorker:
                     if known is None or row.before > known:
                         out.prunes[row.tenant_id] = row.before
         return out, decoded_events
-
-    async def _dead_letter(self, record: Any, reason: str) -> None:
-        source = f"{record.topic}/{record.partition}/{record.offset}"
-        headers = [
-            (topics.DLQ_REASON, reason.encode()),
-            (topics.DLQ_SOURCE, source.encode()),
-            (topics.DLQ_PROCESSOR, PROJECTIONS_AGENT.encode()),
-            (topics.DLQ_FAILED_AT, datetime.now(UTC).isoformat().encode()),
-        ]
-        # Acknowledged before the batch's offsets can move on: the original is kept.
-        assert self._dlq is not None
-        await self._dlq.send_and_wait(
-            self.settings.deadletter_topic, key=record.key, value=record.value, headers=headers
-        )
-        self.dead_lettered += 1
-        log.warning("dead-lettered %s: %s", source, reason)
 
     async def _write(self, rows: ProjectionBatch) -> None:
         # A sink outage blocks the loop (lag grows) rather than losing rows; the batch's
