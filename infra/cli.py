@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 from infra.config import ConfigError, LoadedConfig, Settings, load_config
@@ -28,6 +30,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+dlq_app = typer.Typer(help="The dead-letter topic: list, show, retry.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 query_app = typer.Typer(help="Query the projections of the running service.", no_args_is_help=True)
 app.add_typer(query_app, name="query")
 
@@ -94,8 +98,10 @@ async def _serve(
             "archived": stack.worker.written,
             "dead_lettered": stack.worker.dead_lettered,
             "findings": stack.worker.findings,
+            "ingested": stack.worker.ingested,
         },
         prune=stack.prune,
+        ingest=stack.ingest,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -535,24 +541,32 @@ def _get_json(
     config: Path | None,
     profile: str | None,
     raw: bool = False,
+    method: str = "GET",
+    content: bytes | None = None,
+    content_type: str = "application/json",
+    ok: tuple[int, ...] = (200,),
 ) -> Any:
-    """GET a query endpoint of the running service as the caller's tenant; exits on errors."""
+    """Call an endpoint of the running service as the caller's tenant; exits on errors."""
     settings = _load(config, profile).settings
     headers = {"X-Tenant-Id": tenant or settings.tenant}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    if content is not None:
+        headers["Content-Type"] = content_type
     base = _base_url(settings, url)
     try:
-        response = httpx.get(
+        response = httpx.request(
+            method,
             f"{base}{path}",
             params={k: v for k, v in params.items() if v not in (None, "")},
             headers=headers,
+            content=content,
             timeout=120,
         )
     except httpx.TransportError as exc:
         err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
         raise typer.Exit(1) from None
-    if response.status_code != 200:
+    if response.status_code not in ok:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
@@ -746,6 +760,124 @@ def query_anomalies(
     where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
     params: dict[str, Any] = {"since": since, "until": until, "limit": limit}
     _emit_list("/v1/anomalies", params, fmt, "anomalies", columns, **where)
+
+
+@app.command()
+def produce(
+    source: str = typer.Argument("-", help="a file of JSON lines, or - for standard input"),
+    batch: int = typer.Option(500, "--batch", min=1, help="events per request"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Ingest upstream events (JSON lines, the envelope of docs/events.schema.json)."""
+    stream = sys.stdin.buffer if source == "-" else Path(source).open("rb")  # noqa: SIM115
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    accepted, rejected, line_no = 0, 0, 0
+    with stream, Progress(console=err, transient=True) as progress:
+        task = progress.add_task("producing", total=None)
+        while True:
+            lines = [line for line in itertools.islice(stream, batch) if line.strip()]
+            if not lines:
+                break
+            result: dict[str, Any] = _get_json(
+                "/v1/events",
+                {},
+                method="POST",
+                content=b"\n".join(lines),
+                content_type="application/x-ndjson",
+                ok=(200, 422),
+                **where,  # type: ignore[arg-type]
+            )
+            for bad in result["rejected"]:
+                err.print(
+                    f"line {line_no + bad['index'] + 1}: {escape(bad['reason'])}", highlight=False
+                )
+            accepted += result["accepted"]
+            rejected += len(result["rejected"])
+            line_no += len(lines)
+            progress.update(task, advance=len(lines), description=f"{line_no} events")
+    out.print(f"accepted {accepted}, rejected {rejected} (kept in the dead-letter topic)")
+    if rejected:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """The dead letters: what failed validation, why, and where it came from."""
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)  # type: ignore[arg-type]
+    if fmt == "json":
+        for letter in letters:
+            sys.stdout.write(json.dumps(letter, ensure_ascii=False) + "\n")
+        return
+    _print_rows(
+        [{**d, "id": f"{d['partition']}/{d['offset']}"} for d in letters],
+        "dead letters",
+        ["id", "failed_at", "processor", "source", "reason"],
+    )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """One dead letter: its headers and the original record."""
+    partition, offset = _letter_id(letter)
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)  # type: ignore[arg-type]
+    found = [d for d in letters if (d["partition"], d["offset"]) == (partition, offset)]
+    if not found:
+        err.print(f"no dead letter {letter} for this tenant")
+        raise typer.Exit(1)
+    sys.stdout.write(json.dumps(found[0], ensure_ascii=False, indent=2) + "\n")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Re-drive one dead letter through ingest (it is validated again)."""
+    partition, offset = _letter_id(letter)
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    result: dict[str, Any] = _get_json(
+        f"/v1/deadletters/{partition}/{offset}/retry",
+        {},
+        method="POST",
+        ok=(200, 422),
+        **where,  # type: ignore[arg-type]
+    )
+    if result["rejected"]:
+        err.print(f"rejected again: {escape(result['rejected'][0]['reason'])}")
+        raise typer.Exit(1)
+    out.print(f"re-driven: {letter} is queued for the log again")
+
+
+def _letter_id(letter: str) -> tuple[int, int]:
+    partition, _, offset = letter.partition("/")
+    if not (partition.isdigit() and offset.isdigit()):
+        err.print(f"[red]{letter!r} is not partition/offset (e.g. 0/12)[/red]")
+        raise typer.Exit(2)
+    return int(partition), int(offset)
 
 
 @config_app.command("show")

@@ -148,6 +148,15 @@ class AnomaliesConfig(_Section):
     cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
+class IngestConfig(_Section):
+    stream_prefixes: list[Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(
+        default_factory=lambda: ["ext:"]
+    )
+    """Upstream events must use stream ids starting with one of these (never a context's)."""
+    max_batch: Positive = 5000
+    """Most events in one POST /v1/events."""
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -180,6 +189,7 @@ class Settings(_Section):
     contexts: ContextsConfig = msgspec.field(default_factory=ContextsConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)

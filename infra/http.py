@@ -36,6 +36,7 @@ from events import FeedbackGiven
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.history import UnknownContext, state_at
+from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.queries import QueryError, TenantPruner, add_query_routes
@@ -211,6 +212,7 @@ def build_api(
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     live_counts: Callable[[], dict[str, int]] | None = None,
     prune: TenantPruner | None = None,
+    ingest: Ingest | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -565,6 +567,58 @@ def build_api(
         live_counts=live_counts or (lambda: {}),
         prune=prune,
     )
+
+    def ingesting() -> Ingest:
+        if ingest is None:
+            raise HTTPException(503, "ingest is not configured in this process")
+        return ingest
+
+    @api.post("/v1/events", tags=["ingest"])
+    async def ingest_events(raw: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """Ingest upstream events (the JSON envelope of docs/events.schema.json): a JSON array,
+        or JSON lines (application/x-ndjson). Each is checked now; valid ones are queued on
+        the ingest topic and appended to the log by the projection worker, the others go to
+        the dead-letter topic and are listed in `rejected` with the reason. An event_id sent
+        twice is stored once. 422 when none is valid."""
+        body = await raw.body()
+        # Each event's own bytes, untouched: a rejected one is dead-lettered as it was sent.
+        items: list[bytes]
+        if "ndjson" in raw.headers.get("content-type", ""):
+            items = [line.strip() for line in body.splitlines() if line.strip()]
+        else:
+            try:
+                items = [bytes(r) for r in msgspec.json.decode(body, type=list[msgspec.Raw])]
+            except msgspec.DecodeError as exc:
+                raise QueryError(
+                    f"the body must be a JSON array of events (or JSON lines): {exc}"
+                ) from None
+        if len(items) > settings.ingest.max_batch:
+            raise QueryError(
+                f"{len(items)} events in one batch; the limit is {settings.ingest.max_batch}"
+            )
+        result = await ingesting().submit(items, who.tenant_id)
+        status = 422 if items and not result.accepted else 200
+        return JSONResponse(msgspec.to_builtins(result), status)
+
+    @api.get("/v1/deadletters", tags=["ingest"])
+    async def dead_letters(who: Annotated[Caller, Depends(caller)]) -> Any:
+        """The dead-letter topic: records that failed validation, with the reason, naming
+        the caller's tenant (and, without required API keys, those naming none)."""
+        found = await ingesting().list(who.tenant_id, include_unowned=not settings.auth.required)
+        return JSONResponse(msgspec.to_builtins(found))
+
+    @api.post("/v1/deadletters/{partition}/{offset}/retry", tags=["ingest"])
+    async def retry_dead_letter(
+        partition: int, offset: int, who: Annotated[Caller, Depends(caller)]
+    ) -> Any:
+        """Re-drive one dead letter through ingest (after fixing what it depended on)."""
+        try:
+            result = await ingesting().retry(
+                who.tenant_id, partition, offset, include_unowned=not settings.auth.required
+            )
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return JSONResponse(msgspec.to_builtins(result), 422 if not result.accepted else 200)
 
     @api.get("/v1/events", response_model=None)
     async def search_events(

@@ -18,6 +18,7 @@ from infra.broker import EmbeddedBroker
 from infra.clock import SystemClock
 from infra.config import RayConfig, Settings
 from infra.gateway import Gateway
+from infra.ingest import Ingest
 from infra.kafka import KafkaEventSink, ensure_topics
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
@@ -92,6 +93,8 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         rebalance_timeout_s=s.rebalance_timeout_s,
         commit_interval_s=s.commit_interval_s,
         fetch_wait_s=s.fetch_wait_s,
+        ingest_topic=settings.topics.ingest,
+        ingest_prefixes=tuple(settings.ingest.stream_prefixes),
         system_tenant=settings.tenant,
         memory_sample_s=settings.anomalies.memory_sample_s if settings.anomalies.enabled else 0,
         memory_max_age_days=settings.memory.max_age_days,
@@ -198,6 +201,7 @@ class Stack:
     gateway: Gateway
     worker: ProjectionWorker
     appender: KafkaEventSink
+    ingest: Ingest
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
@@ -248,6 +252,7 @@ class Stack:
             gateway=gateway,
             worker=worker,
             appender=appender,
+            ingest=Ingest(settings, bootstrap),
             hosts=hosts,
             metrics=metrics,
             broker=broker,
@@ -263,6 +268,7 @@ class Stack:
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
+            await self.ingest.stop()
 
     async def prune(
         self, tenant: str, max_age_days: float | None, requested_by: str

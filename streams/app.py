@@ -32,6 +32,7 @@ from events import AnomalyDetected, DecodeError, Envelope, MemoryPruned, decode,
 from events.types import CURRENT_SCHEMA
 from streams.archive import archive_row
 from streams.detectors import Detectors, Finding
+from streams.ingest import DEFAULT_PREFIXES, TENANT_HEADER, tenant_hint, validate
 from streams.loop import BatchLoop, DeadLetters, LoopSettings, crashed, every, running_tasks
 from streams.ports import EventAppender, ProjectionBatch, ProjectionSink
 from streams.projections import PruneRow, project, table_of
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 ARCHIVER_ID = "chatllm-projector"
 """The consumer group of the projection workers (a stable name)."""
 PROJECTIONS_AGENT = "chatllm.projections"
+INGEST_AGENT = "chatllm.ingest"
 PROJECTIONS = ("archive", "facts")
 """The projections the loop writes (lag is reported for each)."""
 
@@ -52,6 +54,9 @@ class WorkerSettings:
     bootstrap_servers: str
     events_topic: str = topics.EVENTS
     deadletter_topic: str = topics.DEADLETTER
+    ingest_topic: str = topics.INGEST
+    """Where upstream systems produce; validated, then appended to the log ('' = off)."""
+    ingest_prefixes: tuple[str, ...] = DEFAULT_PREFIXES
     app_id: str = ARCHIVER_ID
     """The consumer group."""
     batch_size: int = 1000
@@ -128,6 +133,13 @@ class ProjectionWorker:
             settings.bootstrap_servers, settings.deadletter_topic, PROJECTIONS_AGENT
         )
         self._loop = BatchLoop(settings.loop(settings.events_topic, settings.app_id), self._handle)
+        self.ingested = 0
+        self.ingest_dead_letters = DeadLetters(
+            settings.bootstrap_servers, settings.deadletter_topic, INGEST_AGENT
+        )
+        self._ingest = BatchLoop(
+            settings.loop(settings.ingest_topic, f"{settings.app_id}-ingest"), self._ingest_batch
+        )
         self._loop_task: asyncio.Future[None] | None = None
 
     @contextlib.asynccontextmanager
@@ -136,6 +148,8 @@ class ProjectionWorker:
         the running loop for the duration of the block; a loop that crashed re-raises."""
         s = self.settings
         jobs = [self._loop.run()]
+        if s.ingest_topic and self.appender is not None:
+            jobs.append(self._ingest.run())
         if s.memory_sample_s > 0 and self.memory_probe is not None:
             jobs.append(every(s.memory_sample_s, self._sample_memory))
         if s.prune_interval_s > 0 and self.pruner is not None:
@@ -146,6 +160,7 @@ class ProjectionWorker:
                 yield self
         finally:
             await self.dead_letters.stop()
+            await self.ingest_dead_letters.stop()
 
     @property
     def failed(self) -> BaseException | None:
@@ -281,6 +296,35 @@ class ProjectionWorker:
             return
         if pruned:
             log.info("pruned conversation memory: %s", pruned)
+
+    # ---- ingest ---------------------------------------------------------------------------
+
+    async def _ingest_batch(self, records: Sequence[Any]) -> None:
+        """Validate upstream records; append the events to the log, dead-letter the rest.
+        An event_id sent twice is appended twice and stored once (the sinks dedup by it)."""
+        assert self.appender is not None
+        valid = []
+        for record in records:
+            try:
+                valid.append(validate(record.value, self.settings.ingest_prefixes))
+            except DecodeError as exc:
+                await self.ingest_dead_letters.send(
+                    key=record.key,
+                    value=record.value,
+                    reason=exc.reason,
+                    source=f"{record.topic}/{record.partition}/{record.offset}",
+                    extra=[(TENANT_HEADER, tenant_hint(record.value).encode())],
+                )
+        if valid:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(Exception),
+                wait=wait_exponential(multiplier=0.1, max=5.0),
+                before_sleep=before_sleep_log(log, logging.WARNING),
+                reraise=True,
+            ):
+                with attempt:  # the log is down: wait (the batch stays uncommitted)
+                    await self.appender.append(valid)
+            self.ingested += len(valid)
 
     # ---- the projection loop ------------------------------------------------------------
 
