@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+replay_app = typer.Typer(help="Re-run the log: rebuild projections.", no_args_is_help=True)
+app.add_typer(replay_app, name="replay")
 dlq_app = typer.Typer(help="The dead-letter topic: list, show, retry.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 query_app = typer.Typer(help="Query the projections of the running service.", no_args_is_help=True)
@@ -878,6 +880,115 @@ def _letter_id(letter: str) -> tuple[int, int]:
         err.print(f"[red]{letter!r} is not partition/offset (e.g. 0/12)[/red]")
         raise typer.Exit(2)
     return int(partition), int(offset)
+
+
+def _rebuild_progress() -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:,.0f} events/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+@replay_app.command("rebuild")
+def replay_rebuild(
+    projection: list[str] = typer.Option(
+        [], "--projection", help="facts, anomalies or prunes (repeatable)"
+    ),
+    everything: bool = typer.Option(False, "--all", help="every projection"),
+    since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
+    until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Rebuild projections from the archive into shadow tables, then swap them in.
+
+    Through the running service (which keeps serving), or, when none runs, straight on
+    the configured ClickHouse."""
+    from datetime import datetime
+
+    from infra.rebuild import PROJECTIONS, RebuildError, rebuild
+
+    chosen = sorted(PROJECTIONS) if everything else projection
+    if not chosen:
+        err.print("[red]name --projection (facts, anomalies, prunes) or --all[/red]")
+        raise typer.Exit(2)
+    settings = _load(config, profile).settings
+    base = _base_url(settings, url)
+    headers = {"X-Tenant-Id": settings.tenant}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    body = {"projections": chosen, "since": since, "until": until}
+    try:
+        started = httpx.post(f"{base}/v1/admin/rebuild", json=body, headers=headers, timeout=30)
+    except httpx.TransportError:
+        started = None
+    if started is None:
+        # No service: the archive is ours to read (chDB allows one process per path).
+        from infra.runtime import open_store
+
+        try:
+            moments = [datetime.fromisoformat(t) if t else None for t in (since, until)]
+        except ValueError as exc:
+            err.print(f"[red]bad --from/--to: {exc}[/red]")
+            raise typer.Exit(2) from None
+        store = open_store(settings)
+        try:
+            with _rebuild_progress() as bar:
+                task = bar.add_task("rebuilding " + ", ".join(chosen), total=None, rate=0.0)
+                began = time.monotonic()
+
+                def show(done: int, total: int) -> None:
+                    rate = done / max(time.monotonic() - began, 1e-9)
+                    bar.update(task, completed=done, total=total, rate=rate)
+
+                report = rebuild(store, chosen, since=moments[0], until=moments[1], progress=show)
+        except RebuildError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+        finally:
+            store.close()
+        out.print(
+            f"rebuilt {', '.join(chosen)}: {report.events:,} events at {report.rate:,.0f}/s,"
+            f" rows {report.rows}, skipped {report.skipped}"
+        )
+        return
+    if started.status_code != 202:
+        detail = started.json().get("detail", started.text)
+        err.print(f"[red]{started.status_code}:[/red] {escape(str(detail))}")
+        raise typer.Exit(1)
+    job = started.json()
+    with _rebuild_progress() as bar:
+        task = bar.add_task("rebuilding " + ", ".join(chosen), total=None, rate=0.0)
+        while job["state"] == "running":
+            time.sleep(0.3)
+            job = httpx.get(
+                f"{base}/v1/admin/rebuild/{job['job_id']}", headers=headers, timeout=30
+            ).json()
+            bar.update(task, completed=job["done"], total=job["total"] or None, rate=job["rate"])
+    if job["state"] == "failed":
+        err.print(f"[red]rebuild failed:[/red] {escape(job['error'])}")
+        raise typer.Exit(1)
+    report = job["report"]
+    out.print(
+        f"rebuilt {', '.join(chosen)}: {report['events']:,} events at {report['rate']:,.0f}/s,"
+        f" rows {report['rows']}, skipped {report['skipped']}, caught up {report['caught_up']}"
+    )
 
 
 @config_app.command("show")

@@ -40,8 +40,9 @@ from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.queries import QueryError, TenantPruner, add_query_routes
+from infra.rebuild import PROJECTIONS, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
-from infra.store import ArchivedEvent, AsyncStore, EventFilter
+from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
 from infra.tracing import hex_ids
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,14 @@ class DocumentIn(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(default="text/plain", pattern=r"^[\w.+-]+/[\w.+-]+$")
     content_base64: str = Field(description="the document's bytes, base64")
+
+
+class RebuildIn(BaseModel):
+    projections: list[str] = Field(
+        default_factory=lambda: sorted(PROJECTIONS), description="facts, anomalies, prunes"
+    )
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class FeedbackIn(BaseModel):
@@ -567,6 +576,37 @@ def build_api(
         live_counts=live_counts or (lambda: {}),
         prune=prune,
     )
+
+    rebuilds: dict[str, RebuildJob] = {}
+
+    @api.post("/v1/admin/rebuild", tags=["admin"])
+    async def start_rebuild(body: RebuildIn, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """Rebuild projections from the archive into shadow tables and swap them in
+        atomically; the service keeps serving. Returns a job to poll (one at a time)."""
+        if any(job.state == "running" for job in rebuilds.values()):
+            raise HTTPException(409, "a rebuild is already running")
+        for moment in (body.since, body.until):
+            if moment is not None and moment.tzinfo is None:
+                raise QueryError("since/until need a time zone (e.g. ...Z)")
+        try:
+            job = RebuildJob(
+                lambda: ClickHouseStore(settings.clickhouse).open(),
+                body.projections,
+                body.since,
+                body.until,
+            ).start()
+        except RebuildError as exc:
+            raise QueryError(str(exc)) from None
+        rebuilds[job.job_id] = job
+        return JSONResponse(job.status(), 202)
+
+    @api.get("/v1/admin/rebuild/{job_id}", tags=["admin"])
+    async def rebuild_status(job_id: str, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """A rebuild's progress: done/total events, rate, ETA, and its report when done."""
+        job = rebuilds.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no rebuild {job_id!r}")
+        return job.status()
 
     def ingesting() -> Ingest:
         if ingest is None:

@@ -373,35 +373,57 @@ class ClickHouseStore:
         """Insert a batch's rows into every table, then apply its memory prunes."""
         if batch.archive:
             self.insert_archive(batch.archive)
+        cutoffs = self.memory_cutoffs()
         for table, rows in batch.rows.items():
-            if table == FACTS_TABLE:
-                cutoffs = self._memory_cutoffs()
-                # An old event redelivered after its tenant's prune goes in redacted.
-                rows = [
-                    redact(r) if is_pruned(r, cutoffs.get(r.tenant_id)) else r  # type: ignore[arg-type]
-                    for r in rows
-                ]
-            if rows:
-                self.client.insert(
-                    table, list(rows), column_names=list(_COLUMNS[table]), database=self.db
-                )
+            self.insert_rows(table, rows, cutoffs)
         for tenant, cutoff in batch.prunes.items():
             self.redact_memory(tenant, cutoff)
-            cutoffs = self._memory_cutoffs()
             if tenant not in cutoffs or cutoff > cutoffs[tenant]:
                 cutoffs[tenant] = cutoff
 
-    def _memory_cutoffs(self) -> dict[str, datetime]:
+    def insert_rows(
+        self,
+        kind: str,
+        rows: Sequence[Row],
+        cutoffs: dict[str, datetime],
+        into: str | None = None,
+    ) -> None:
+        """Insert projected rows of table `kind` (into `into`, by default that table); a
+        memory row older than its tenant's prune cutoff goes in redacted (an old event
+        redelivered, or replayed, after the prune)."""
+        if kind == FACTS_TABLE:
+            rows = [
+                redact(r) if is_pruned(r, cutoffs.get(r.tenant_id)) else r  # type: ignore[arg-type]
+                for r in rows
+            ]
+        if rows:
+            self.client.insert(
+                into or kind, list(rows), column_names=list(_COLUMNS[kind]), database=self.db
+            )
+
+    def insert_encoded(self, kind: str, data: bytes, into: str | None = None) -> None:
+        """Insert rows of table `kind` already encoded as JSON arrays, one per line, in the
+        table's column order (see streams.projections); ClickHouse parses them itself."""
+        if data:
+            self.client.raw_insert(
+                f"{self.db}.{into or kind}",
+                column_names=list(_COLUMNS[kind]),
+                insert_block=data,
+                fmt="JSONCompactEachRow",
+                settings={"date_time_input_format": "best_effort"},
+            )
+
+    def memory_cutoffs(self) -> dict[str, datetime]:
         """Per tenant, the newest prune cutoff (read once, then kept current by write())."""
         if self._cutoffs is None:
             rows = self.client.query(
                 f"SELECT tenant_id, max(before) FROM {self.db}.{PRUNES_TABLE} FINAL"
                 " GROUP BY tenant_id"
             ).result_rows
-            self._cutoffs = {str(t): _utc(c) for t, c in rows}
+            self._cutoffs = {str(t): as_utc(c) for t, c in rows}
         return self._cutoffs
 
-    def redact_memory(self, tenant_id: str, before: datetime) -> int:
+    def redact_memory(self, tenant_id: str, before: datetime, table: str = FACTS_TABLE) -> int:
         """Clear the text of the tenant's memory rows older than `before`: a redacted copy of
         each row replaces it (ReplacingMergeTree keeps the highest `redacted`). Idempotent."""
         columns = ", ".join(
@@ -415,12 +437,12 @@ class ClickHouseStore:
             " AND at < {before:DateTime64(6, 'UTC')} AND redacted = 0"
         )
         count = self.client.query(
-            f"SELECT count() FROM {self.db}.{FACTS_TABLE} FINAL WHERE {where}", parameters=params
+            f"SELECT count() FROM {self.db}.{table} FINAL WHERE {where}", parameters=params
         ).result_rows[0][0]
         if count:
             self.client.command(
-                f"INSERT INTO {self.db}.{FACTS_TABLE} ({', '.join(FACT_COLUMNS)})"
-                f" SELECT {columns} FROM {self.db}.{FACTS_TABLE} FINAL WHERE {where}",
+                f"INSERT INTO {self.db}.{table} ({', '.join(FACT_COLUMNS)})"
+                f" SELECT {columns} FROM {self.db}.{table} FINAL WHERE {where}",
                 parameters=params,
             )
         return int(count)
@@ -691,7 +713,7 @@ class ClickHouseStore:
         return [
             kind(
                 *(
-                    _utc(v) if isinstance(v, datetime) else tuple(v) if isinstance(v, list) else v
+                    as_utc(v) if isinstance(v, datetime) else tuple(v) if isinstance(v, list) else v
                     for v in values
                 )
             )
@@ -768,23 +790,31 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _scope(
-    tenant_id: str, since: datetime | None, until: datetime | None, *, column: str
-) -> tuple[str, dict[str, Any]]:
-    """The WHERE clause every read-side query starts with: the caller's tenant, a time range."""
-    clauses = ["tenant_id = {tenant:String}"]
-    params: dict[str, Any] = {"tenant": tenant_id}
+def time_range(
+    since: datetime | None, until: datetime | None, column: str
+) -> tuple[list[str], dict[str, Any]]:
+    """WHERE clauses (and their parameters) for `since <= column < until`."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
     if since is not None:
         clauses.append(f"{column} >= {{since:DateTime64(6, 'UTC')}}")
         params["since"] = since
     if until is not None:
         clauses.append(f"{column} < {{until:DateTime64(6, 'UTC')}}")
         params["until"] = until
-    return " AND ".join(clauses), params
+    return clauses, params
+
+
+def _scope(
+    tenant_id: str, since: datetime | None, until: datetime | None, *, column: str
+) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause every read-side query starts with: the caller's tenant, a time range."""
+    clauses, params = time_range(since, until, column)
+    return " AND ".join(["tenant_id = {tenant:String}", *clauses]), {"tenant": tenant_id, **params}
 
 
 class AsyncStore:

@@ -1,0 +1,326 @@
+"""Rebuild projections from the archive: into shadow tables, then swapped in atomically.
+
+The archive (ClickHouse `events`) holds every event, also beyond the broker's retention.
+A rebuild re-runs the pure projector over the archived events of a time range into
+`<table>__rebuild`, keeps the rows outside the range, applies the memory prunes, swaps
+the tables (EXCHANGE TABLES: atomic), then projects whatever the archive received while it
+ran into the new table, and drops the old one. The live worker keeps writing meanwhile
+(its own connection); the sinks dedup by event_id, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from events import DecodeError, decode
+from infra.store import ClickHouseStore, as_utc, time_range
+from streams.archive import ARCHIVE_TABLE
+from streams.projections import (
+    ANOMALIES_TABLE,
+    FACTS_TABLE,
+    PRUNES_TABLE,
+    PruneRow,
+    Row,
+    project,
+    table_of,
+)
+
+PROJECTIONS = {"facts": FACTS_TABLE, "anomalies": ANOMALIES_TABLE, "prunes": PRUNES_TABLE}
+"""Name (as the CLI takes it) -> table."""
+SHADOW = "__rebuild"
+PAGE = 20_000
+POOL_FROM = 100_000
+"""Rebuilds of at least this many events decode and project in worker processes."""
+CATCH_UP_MARGIN = timedelta(seconds=1)
+"""Rows the archive committed before the rebuild began are all seen by its scan."""
+
+Progress = Callable[[int, int], None]
+"""(events done, events in all)."""
+
+
+class RebuildError(RuntimeError):
+    """The rebuild could not be done; the live tables are untouched."""
+
+
+@dataclass
+class RebuildReport:
+    projections: list[str]
+    since: datetime | None
+    until: datetime | None
+    events: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    """Archived bodies that no longer decode (they are counted, never silently dropped)."""
+    caught_up: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def _range(since: datetime | None, until: datetime | None, column: str) -> tuple[str, Any]:
+    clauses, params = time_range(since, until, column)
+    return " AND ".join(["1", *clauses]), params
+
+
+def rebuild(
+    store: ClickHouseStore,
+    projections: Sequence[str],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: Progress | None = None,
+    workers: int = 2,
+) -> RebuildReport:
+    """Rebuild the named projections (see PROJECTIONS) from the archive; blocking."""
+    unknown = sorted(set(projections) - set(PROJECTIONS))
+    if unknown or not projections:
+        raise RebuildError(f"unknown projections {unknown}; choose from {sorted(PROJECTIONS)}")
+    tables = [PROJECTIONS[p] for p in projections]
+    db, c = store.db, store.client
+    report = RebuildReport(list(projections), since, until)
+    started = time.perf_counter()
+    started_at = datetime.now(UTC)
+    for table in tables:
+        c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
+        c.command(f"CREATE TABLE {db}.{table}{SHADOW} AS {db}.{table}")
+        if since is not None or until is not None:
+            # A partial rebuild keeps what lies outside the range as it is.
+            inside, params = _range(since, until, "at")
+            c.command(
+                f"INSERT INTO {db}.{table}{SHADOW} SELECT * FROM {db}.{table} FINAL"
+                f" WHERE NOT ({inside})",
+                parameters=params,
+            )
+    where, params = _range(since, until, "occurred_at")
+    total = int(
+        c.query(
+            f"SELECT count() FROM {db}.{ARCHIVE_TABLE} WHERE {where}", parameters=params
+        ).result_rows[0][0]
+    )
+    shadow = {t: f"{t}{SHADOW}" for t in tables}
+    cutoffs = dict(store.memory_cutoffs())
+    pages = _pages(store, where, params)
+    with _projecting(total, workers) as project_page:
+        # Pages are read, decoded and projected (in worker processes for large rebuilds),
+        # and inserted in a pipeline: the next pages are in flight while one is inserted.
+        for projected in project_page(pages):
+            _insert(store, shadow, projected, cutoffs, report)
+            report.events += projected.events
+            if progress is not None:
+                progress(report.events, max(total, report.events))
+    if FACTS_TABLE in tables:
+        for tenant, cutoff in cutoffs.items():
+            store.redact_memory(tenant, cutoff, table=shadow[FACTS_TABLE])
+    for table in tables:
+        c.command(f"EXCHANGE TABLES {db}.{table} AND {db}.{table}{SHADOW}")
+    # What the archive received while the rebuild ran goes into the new tables too.
+    fresh = c.query(
+        f"SELECT body FROM {db}.{ARCHIVE_TABLE} WHERE {where}"
+        " AND archived_at >= {fresh_since:DateTime64(6, 'UTC')}",
+        parameters={**params, "fresh_since": started_at - CATCH_UP_MARGIN},
+    ).result_rows
+    _insert(store, {t: t for t in tables}, project_bodies([r[0] for r in fresh]), cutoffs, report)
+    for tenant, cutoff in cutoffs.items():
+        store.redact_memory(tenant, cutoff)
+    report.caught_up = len(fresh)
+    for table in tables:
+        c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class Projected:
+    """One page of archived events, decoded and projected (picklable: crosses processes).
+    Rows travel encoded, one JSON array per line (ClickHouse's JSONCompactEachRow): the
+    parent process only hands them to ClickHouse, which parses them on its own threads."""
+
+    events: int
+    encoded: dict[str, bytes]
+    counts: dict[str, int]
+    prunes: list[tuple[str, datetime]]
+    skipped: int
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def project_bodies(bodies: Sequence[str]) -> Projected:
+    """Decode and project archived bodies (pure; runs in a worker process when pooled)."""
+    rows: dict[str, list[Row]] = {}
+    skipped = 0
+    for body in bodies:
+        try:
+            event = decode(body.encode())
+        except DecodeError:
+            skipped += 1
+            continue
+        row = project(event)
+        if row is not None:
+            rows.setdefault(table_of(row), []).append(row)
+    prunes = [
+        (r.tenant_id, r.before) for r in rows.get(PRUNES_TABLE, ()) if isinstance(r, PruneRow)
+    ]
+    return Projected(
+        events=len(bodies),
+        encoded={t: b"\n".join(map(_encoder.encode, found)) for t, found in rows.items()},
+        counts={t: len(found) for t, found in rows.items()},
+        prunes=prunes,
+        skipped=skipped,
+    )
+
+
+def _pages(store: ClickHouseStore, where: str, params: dict[str, Any]) -> Iterator[list[str]]:
+    """The archived bodies in `where`, page by page, in primary-key order (a keyset scan)."""
+    key = "(tenant_id, stream_id, stream_version, event_id)"
+    after: tuple[Any, ...] | None = None
+    while True:
+        page_where, page_params = where, dict(params)
+        if after is not None:
+            page_where += (
+                f" AND {key} > ({{a0:String}}, {{a1:String}}, {{a2:UInt64}}, {{a3:String}})"
+            )
+            page_params.update(a0=after[0], a1=after[1], a2=after[2], a3=after[3])
+        result = store.client.query(
+            f"SELECT tenant_id, stream_id, stream_version, event_id, body"
+            f" FROM {store.db}.{ARCHIVE_TABLE} WHERE {page_where} ORDER BY {key} LIMIT {PAGE}",
+            parameters=page_params,
+        ).result_rows
+        if not result:
+            return
+        after = tuple(result[-1][:4])
+        yield [r[4] for r in result]
+
+
+@contextlib.contextmanager
+def _projecting(
+    total: int, workers: int
+) -> Iterator[Callable[[Iterable[list[str]]], Iterator[Projected]]]:
+    """project_bodies over pages: inline for small rebuilds, else in `workers` processes
+    with a few pages in flight (the parent reads and inserts meanwhile)."""
+    if workers < 1 or total < POOL_FROM:
+        yield lambda pages: (project_bodies(page) for page in pages)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding chDB
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+
+        def pooled(pages: Iterable[list[str]]) -> Iterator[Projected]:
+            in_flight: deque[Future[Projected]] = deque()
+            for page in pages:
+                in_flight.append(pool.submit(project_bodies, page))
+                if len(in_flight) > workers:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+
+        yield pooled
+
+
+def _insert(
+    store: ClickHouseStore,
+    names: dict[str, str],
+    projected: Projected,
+    cutoffs: dict[str, datetime],
+    report: RebuildReport,
+) -> None:
+    """Insert a page's rows of the rebuilt tables; note the prunes it carries. (The memory
+    that prunes redact is redacted after the scan, over the whole table.)"""
+    report.skipped += projected.skipped
+    for tenant, before in projected.prunes:
+        known = cutoffs.get(tenant)
+        if known is None or before > known:
+            cutoffs[tenant] = as_utc(before)
+    for table, data in projected.encoded.items():
+        if table in names:
+            store.insert_encoded(table, data, into=names[table])
+            report.rows[table] = report.rows.get(table, 0) + projected.counts[table]
+
+
+class RebuildJob:
+    """A rebuild running in a thread of the serving process, on a connection of its own
+    (the API and the projection worker keep theirs), with its progress for pollers."""
+
+    def __init__(
+        self,
+        open_store: Callable[[], ClickHouseStore],
+        projections: Sequence[str],
+        since: datetime | None,
+        until: datetime | None,
+    ) -> None:
+        unknown = sorted(set(projections) - set(PROJECTIONS))
+        if unknown or not projections:
+            raise RebuildError(f"unknown projections {unknown}; choose from {sorted(PROJECTIONS)}")
+        self.job_id = f"rebuild-{int(time.time() * 1000)}"
+        self.projections = list(projections)
+        self.since, self.until = since, until
+        self.done = 0
+        self.total = 0
+        self.started = time.monotonic()
+        self.report: RebuildReport | None = None
+        self.error = ""
+        self._open_store = open_store
+        self.thread = threading.Thread(target=self._run, name=self.job_id, daemon=True)
+
+    def start(self) -> RebuildJob:
+        self.thread.start()
+        return self
+
+    @property
+    def state(self) -> str:
+        return "failed" if self.error else "done" if self.report else "running"
+
+    def _progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def _run(self) -> None:
+        store = self._open_store()
+        try:
+            self.report = rebuild(
+                store,
+                self.projections,
+                since=self.since,
+                until=self.until,
+                progress=self._progress,
+            )
+        except Exception as exc:  # reported to the poller; the live tables are untouched
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            store.close()
+
+    def status(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed else 0.0
+        left = max(self.total - self.done, 0)
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "projections": self.projections,
+            "done": self.done,
+            "total": self.total,
+            "rate": round(rate, 1),
+            "eta_s": round(left / rate, 1) if rate and self.state == "running" else 0.0,
+            "error": self.error,
+            "report": None
+            if self.report is None
+            else {
+                "events": self.report.events,
+                "rows": self.report.rows,
+                "skipped": self.report.skipped,
+                "caught_up": self.report.caught_up,
+                "seconds": round(self.report.seconds, 3),
+                "rate": round(self.report.rate, 1),
+            },
+        }
