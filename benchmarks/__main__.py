@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks import bench_archive, bench_codec, bench_gateway, bench_log
+from benchmarks import bench_archive, bench_codec, bench_gateway, bench_log, bench_replay
 from benchmarks.common import Result
 
 SUITES = {
@@ -17,6 +17,7 @@ SUITES = {
     "log": bench_log.run,
     "archive": bench_archive.run,
     "gateway": bench_gateway.run,
+    "replay": bench_replay.run,
 }
 
 

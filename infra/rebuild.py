@@ -39,7 +39,7 @@ from streams.projections import (
 PROJECTIONS = {"facts": FACTS_TABLE, "anomalies": ANOMALIES_TABLE, "prunes": PRUNES_TABLE}
 """Name (as the CLI takes it) -> table."""
 SHADOW = "__rebuild"
-PAGE = 20_000
+PAGE = 50_000
 POOL_FROM = 100_000
 """Rebuilds of at least this many events decode and project in worker processes."""
 CATCH_UP_MARGIN = timedelta(seconds=1)
