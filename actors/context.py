@@ -25,6 +25,8 @@ from events import (
     ReplyCompleted,
     TagsChanged,
 )
+from events.chain import event_hash
+from events.codec import decode, encode
 
 # What a context may override, and what each override does in a turn.
 CONFIG_KEYS = {
@@ -65,6 +67,8 @@ class ContextState(msgspec.Struct, frozen=True, kw_only=True):
     documents: tuple[DocumentAttached, ...] = ()
     tags: tuple[str, ...] = ()
     config: dict[str, str] = msgspec.field(default_factory=dict)
+    last_hash: str = ""
+    """The audit-chain hash of the last event (the next event's prev_hash)."""
 
     def prompt(self) -> list[ChatMessage]:
         """What the model sees: the system prompt, text documents, then the conversation."""
@@ -133,7 +137,7 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             config = {**state.config, **overrides}
             config = {k: v for k, v in config.items() if v}
             state = msgspec.structs.replace(state, config=config)
-    return msgspec.structs.replace(state, version=event.stream_version)
+    return msgspec.structs.replace(state, version=event.stream_version, last_hash=event_hash(event))
 
 
 class DocumentInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -267,6 +271,7 @@ def stamp(
     """
     stamped: list[Envelope[Any]] = []
     causation: str | None = None
+    prev_hash = state.last_hash
     for offset, payload in enumerate(payloads, start=1):
         event: Envelope[Any] = Envelope(
             event_id=clock.new_event_id(),
@@ -281,8 +286,13 @@ def stamp(
             span_id=meta.span_id or clock.new_span_id(),
             correlation_id=meta.correlation_id,
             causation_id=causation,
+            prev_hash=prev_hash,
             payload=payload,
         )
+        # As every reader will see it (an int where the type says float becomes a float):
+        # the chain hashes that form, so a rebuilt context hashes the same.
+        event = decode(encode(event))
+        prev_hash = event_hash(event)
         stamped.append(event)
         if isinstance(payload, MessageReceived) and payload.message_id == cause_after:
             causation = event.event_id

@@ -16,6 +16,7 @@ from events.types import (
     MemoryPruned,
     MessageReceived,
     ModelCalled,
+    ProjectionsRebuilt,
     RateAdjusted,
     RateLimitChecked,
     ReplyCompleted,
@@ -23,6 +24,7 @@ from events.types import (
     RouteDecided,
     SentimentScored,
     TagsChanged,
+    UserForgotten,
 )
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "MemoryPruned",
     "MessageReceived",
     "ModelCalled",
+    "ProjectionsRebuilt",
     "RateAdjusted",
     "RateLimitChecked",
     "ReplyCompleted",
@@ -48,6 +51,7 @@ __all__ = [
     "RouteDecided",
     "SentimentScored",
     "TagsChanged",
+    "UserForgotten",
     "decode",
     "encode",
     "payload_type",

@@ -37,4 +37,12 @@ class Envelope(msgspec.Struct, Generic[P], frozen=True, kw_only=True):
     span_id: SpanId
     correlation_id: Ident
     causation_id: Ident | None = None
+    prev_hash: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^([0-9a-f]{64})?$",
+            description="SHA-256 of the stream's previous event (events/chain.py); empty"
+            " for a stream's first event",
+        ),
+    ] = ""
     payload: P

@@ -193,6 +193,26 @@ class MemoryPruned(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
+class UserForgotten(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator erased a user's content from the archive and the projections (a
+    data-protection request); the audit chain still verifies."""
+
+    user_id: NonEmpty
+    events: Annotated[int, msgspec.Meta(ge=0)]
+    """How many archived events had content erased."""
+    requested_by: str = ""
+
+
+class ProjectionsRebuilt(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator rebuilt projections from the archive."""
+
+    projections: tuple[str, ...]
+    events: Annotated[int, msgspec.Meta(ge=0)]
+    since: datetime | None = None
+    until: datetime | None = None
+    requested_by: str = ""
+
+
 Event = (
     ContextCreated
     | MessageReceived
@@ -212,6 +232,8 @@ Event = (
     | FeedbackGiven
     | AnomalyDetected
     | MemoryPruned
+    | UserForgotten
+    | ProjectionsRebuilt
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -235,4 +257,6 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     FeedbackGiven: 1,
     AnomalyDetected: 1,
     MemoryPruned: 1,
+    UserForgotten: 1,
+    ProjectionsRebuilt: 1,
 }

@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+audit_app = typer.Typer(help="The audit trail: a context's events, and verify.")
+app.add_typer(audit_app, name="audit")
 replay_app = typer.Typer(help="Re-run the log: rebuild projections.", no_args_is_help=True)
 app.add_typer(replay_app, name="replay")
 dlq_app = typer.Typer(help="The dead-letter topic: list, show, retry.", no_args_is_help=True)
@@ -104,6 +106,7 @@ async def _serve(
         },
         prune=stack.prune,
         ingest=stack.ingest,
+        admin_log=stack.appender,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -377,16 +380,23 @@ def print_audit(rows: list[dict[str, Any]], context: str, fmt: str) -> None:
     out.print(table)
 
 
-@app.command()
+@audit_app.callback(invoke_without_command=True)
 def audit(
-    context: str = typer.Option(..., "--context", help="context id"),
+    ctx: typer.Context,
+    context: str | None = typer.Option(None, "--context", help="context id"),
     fmt: str = typer.Option("table", "--format", help="table, or json (one event per line)"),
     tenant: str | None = TenantOpt,
     url: str | None = UrlOpt,
     config: Path | None = ConfigOpt,
     profile: str | None = ProfileOpt,
 ) -> None:
-    """Print a context's events in stream order, from the archive."""
+    """Print a context's events in stream order, from the archive (`audit verify`: check
+    the hash chains)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if context is None:
+        err.print("[red]name a context (--context ID), or run `chatllm audit verify`[/red]")
+        raise typer.Exit(2)
     if fmt not in ("table", "json"):
         err.print(f"[red]unknown format {fmt!r}: use table or json[/red]")
         raise typer.Exit(2)
@@ -398,6 +408,74 @@ def audit(
         )
         raise typer.Exit(1)
     print_audit(rows, context, fmt)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    context: str = typer.Option("", "--context", help="one stream only"),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Check the tenant's archived streams against their hash chains; exit 1 on any break,
+    naming the altered, missing or misplaced event."""
+    result: dict[str, Any] = _get_json(
+        "/v1/audit/verify",
+        {"context": context},
+        tenant=tenant,
+        api_key=api_key,
+        url=url,
+        config=config,
+        profile=profile,
+    )
+    if fmt == "json":
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        summary = (
+            f"{result['streams']} streams, {result['events']} events,"
+            f" {result['unchained_streams']} unchained"
+        )
+        if result["ok"]:
+            out.print(f"[green]audit chain holds[/green]: {summary}")
+        else:
+            _print_rows(
+                result["breaks"],
+                f"audit chain BROKEN ({summary})",
+                ["stream_id", "stream_version", "event_id", "problem"],
+            )
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def forget(
+    user: str = typer.Option(..., "--user", help="whose content to erase"),
+    yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Erase a user's content from the archive and every projection (data protection);
+    the audit chain still verifies, and the erasure itself is recorded."""
+    if not yes and not typer.confirm(f"erase every message of user {user!r}? it cannot be undone"):
+        raise typer.Exit(1)
+    result: dict[str, Any] = _get_json(
+        "/v1/admin/forget",
+        {},
+        method="POST",
+        content=json.dumps({"user_id": user}).encode(),
+        tenant=tenant,
+        api_key=api_key,
+        url=url,
+        config=config,
+        profile=profile,
+    )
+    out.print(f"erased the content of {result['erased_events']} archived events of {user}")
 
 
 @app.command()

@@ -4,6 +4,7 @@ OpenAPI at /docs and /openapi.json. OpenAI clients work unchanged with their
 base_url pointed at http://host:port/v1; errors use OpenAI's error shape there.
 """
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -13,7 +14,7 @@ import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -31,8 +32,10 @@ from actors.context import (
     RequestMeta,
     VersionConflict,
 )
-from actors.ports import ChatMessage
-from events import FeedbackGiven
+from actors.ports import ChatMessage, EventSink
+from events import FeedbackGiven, ProjectionsRebuilt, UserForgotten
+from events.standalone import standalone
+from infra.audit import verify
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
 from infra.config import Settings
 from infra.history import UnknownContext, state_at
@@ -114,6 +117,10 @@ class DocumentIn(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(default="text/plain", pattern=r"^[\w.+-]+/[\w.+-]+$")
     content_base64: str = Field(description="the document's bytes, base64")
+
+
+class ForgetIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
 
 
 class RebuildIn(BaseModel):
@@ -222,6 +229,7 @@ def build_api(
     live_counts: Callable[[], dict[str, int]] | None = None,
     prune: TenantPruner | None = None,
     ingest: Ingest | None = None,
+    admin_log: EventSink | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -577,7 +585,45 @@ def build_api(
         prune=prune,
     )
 
+    @api.get("/v1/audit/verify", tags=["audit"])
+    async def audit_verify(
+        who: Annotated[Caller, Depends(caller)],
+        context: Annotated[str, Query(max_length=256, description="one stream only")] = "",
+    ) -> Any:
+        """Check the caller's tenant's archived streams against their hash chains: every
+        altered, removed or reordered event is named (`ok` is false then)."""
+        return await store.call_with(lambda s: verify(s, who.tenant_id, context))
+
+    async def record_admin(who: Caller, payload: Any) -> None:
+        """An operator action, as an event of its own in the log (the audit trail)."""
+        if admin_log is None:
+            return
+        event = standalone(
+            payload,
+            event_id=clock.new_event_id(),
+            tenant_id=who.tenant_id,
+            user_id=who.user_id or "operator",
+            occurred_at=datetime.now(UTC),
+            stream="admin",
+        )
+        await admin_log.append([event])
+
+    @api.post("/v1/admin/forget", tags=["admin"])
+    async def forget_user(body: ForgetIn, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """Erase a user's content from the archive and every projection of the caller's
+        tenant (a data-protection request). The audit chain still verifies; the erasure is
+        itself recorded as a UserForgotten event."""
+        erased = await store.call("forget_user", who.tenant_id, body.user_id)
+        await record_admin(
+            who,
+            UserForgotten(
+                user_id=body.user_id, events=erased, requested_by=who.user_id or "operator"
+            ),
+        )
+        return {"user_id": body.user_id, "erased_events": erased}
+
     rebuilds: dict[str, RebuildJob] = {}
+    background: set[asyncio.Task[None]] = set()
 
     @api.post("/v1/admin/rebuild", tags=["admin"])
     async def start_rebuild(body: RebuildIn, who: Annotated[Caller, Depends(caller)]) -> Any:
@@ -598,6 +644,23 @@ def build_api(
         except RebuildError as exc:
             raise QueryError(str(exc)) from None
         rebuilds[job.job_id] = job
+
+        async def record_when_done() -> None:
+            await asyncio.to_thread(job.thread.join)
+            if job.report is not None:
+                await record_admin(
+                    who,
+                    ProjectionsRebuilt(
+                        projections=tuple(job.projections),
+                        events=job.report.events,
+                        since=job.since,
+                        until=job.until,
+                        requested_by=who.user_id or "operator",
+                    ),
+                )
+
+        background.add(task := asyncio.create_task(record_when_done()))
+        task.add_done_callback(background.discard)
         return JSONResponse(job.status(), 202)
 
     @api.get("/v1/admin/rebuild/{job_id}", tags=["admin"])

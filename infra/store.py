@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from events import decode, encode
+from events.chain import payload_digest
+from events.erasure import erase
 from infra.config import ClickHouseConfig
 from streams.archive import ARCHIVE_COLUMNS, ARCHIVE_TABLE, ArchiveRow
 from streams.ports import ProjectionBatch
@@ -249,6 +252,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             CREATE OR REPLACE VIEW {{db}}.analytics_minute AS
             {_ANALYTICS_SELECT.format(db="{db}", where="1", bucket="toStartOfMinute(at)")}
             """,
+        ],
+    ),
+    (
+        3,
+        "archive: the payload digest kept for erased content (the audit chain still verifies)",
+        [
+            f"ALTER TABLE {{db}}.{ARCHIVE_TABLE}"
+            " ADD COLUMN IF NOT EXISTS erased_digest String DEFAULT ''",
         ],
     ),
 ]
@@ -720,6 +731,70 @@ class ClickHouseStore:
             for values in self.table_rows(table)
         ]
 
+    def forget_user(self, tenant_id: str, user_id: str) -> int:
+        """Erase the user's content from the archive and the projections (a data-protection
+        request): each archived body is rewritten with its content blanked and the payload's
+        digest kept beside it (so the audit chain still verifies), and the facts lose their
+        text. Mutations rewrite the data parts: the content is gone from disk, not hidden.
+        Returns how many archived events had content erased. Idempotent."""
+        rows = self.client.query(
+            f"SELECT event_id, body FROM {self.db}.{ARCHIVE_TABLE} FINAL"
+            " WHERE tenant_id = {tenant:String} AND user_id = {user:String}"
+            " AND erased_digest = ''",
+            parameters={"tenant": tenant_id, "user": user_id},
+        ).result_rows
+        changes: list[tuple[str, str, str]] = []
+        for event_id, body in rows:
+            event = decode(body.encode())
+            erased = erase(event.payload)
+            if erased != event.payload:
+                rewritten = encode(msgspec.structs.replace(event, payload=erased)).decode()
+                changes.append((event_id, rewritten, payload_digest(event)))
+        for start in range(0, len(changes), 500):
+            chunk = changes[start : start + 500]
+            self.client.command(
+                f"ALTER TABLE {self.db}.{ARCHIVE_TABLE} UPDATE"
+                " body = transform(event_id, {ids:Array(String)}, {bodies:Array(String)}, body),"
+                " erased_digest = transform(event_id, {ids:Array(String)},"
+                " {digests:Array(String)}, erased_digest)"
+                " WHERE tenant_id = {tenant:String} AND event_id IN {ids:Array(String)}"
+                " SETTINGS mutations_sync = 1",
+                parameters={
+                    "tenant": tenant_id,
+                    "ids": [c[0] for c in chunk],
+                    "bodies": [c[1] for c in chunk],
+                    "digests": [c[2] for c in chunk],
+                },
+            )
+        self.client.command(
+            f"ALTER TABLE {self.db}.{FACTS_TABLE} UPDATE text = ''"
+            " WHERE tenant_id = {tenant:String} AND user_id = {user:String} AND text != ''"
+            " SETTINGS mutations_sync = 1",
+            parameters={"tenant": tenant_id, "user": user_id},
+        )
+        return len(changes)
+
+    def chain_page(
+        self, tenant_id: str, stream_id: str, after: tuple[str, int] | None, limit: int
+    ) -> list[tuple[str, int, str, str]]:
+        """(stream_id, version, body, erased_digest) of the tenant's archived events in
+        (stream, version) order after `after`; one stream only when `stream_id` is set."""
+        clauses = ["tenant_id = {tenant:String}"]
+        params: dict[str, Any] = {"tenant": tenant_id, "limit": limit}
+        if stream_id:
+            clauses.append("stream_id = {stream:String}")
+            params["stream"] = stream_id
+        if after is not None:
+            clauses.append("(stream_id, stream_version) > ({s:String}, {v:UInt64})")
+            params["s"], params["v"] = after
+        rows = self.client.query(
+            f"SELECT stream_id, stream_version, body, erased_digest"
+            f" FROM {self.db}.{ARCHIVE_TABLE} FINAL WHERE {' AND '.join(clauses)}"
+            " ORDER BY stream_id, stream_version LIMIT {limit:UInt32}",
+            parameters=params,
+        ).result_rows
+        return [(str(s), int(v), str(b), str(d)) for s, v, b, d in rows]
+
     def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
         """A stream's archived events in stream order, each once (FINAL dedups by event_id)."""
         result = self.client.query(
@@ -835,6 +910,10 @@ class AsyncStore:
 
     async def prune_counts(self, before: datetime) -> dict[str, int]:
         return await self._run(self.store.prune_counts, before)
+
+    async def call_with(self, fn: Callable[[ClickHouseStore], T]) -> T:
+        """Run `fn(store)` on the store's thread."""
+        return await self._run(fn, self.store)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run one of the store's query methods (memory, analytics, ...) on its thread."""

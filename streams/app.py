@@ -29,7 +29,7 @@ from typing import Any
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
 
 from events import AnomalyDetected, DecodeError, Envelope, MemoryPruned, decode, topics
-from events.types import CURRENT_SCHEMA
+from events.standalone import standalone
 from streams.archive import archive_row
 from streams.detectors import Detectors, Finding
 from streams.ingest import DEFAULT_PREFIXES, TENANT_HEADER, tenant_hint, validate
@@ -222,21 +222,13 @@ class ProjectionWorker:
         self, payload: Any, tenant_id: str, at: datetime, stream: str
     ) -> Envelope[Any]:
         assert self.new_event_id is not None
-        event_id = self.new_event_id()
-        return Envelope(
-            event_id=event_id,
-            type=type(payload).__name__,
-            schema=CURRENT_SCHEMA[type(payload)],
-            occurred_at=at,
-            # Each finding / prune is a stream of its own: one writer, version 1, no zombie.
-            stream_id=f"{stream}:{event_id}",
-            stream_version=1,
+        return standalone(
+            payload,
+            event_id=self.new_event_id(),
             tenant_id=tenant_id,
             user_id=PROJECTIONS_AGENT,
-            trace_id=event_id.replace("-", ""),
-            span_id=event_id.replace("-", "")[:16],
-            correlation_id=event_id,
-            payload=payload,
+            occurred_at=at,
+            stream=stream,
         )
 
     def _envelope(self, f: Finding) -> Envelope[Any]:

@@ -299,6 +299,62 @@ def test_time_travel_shows_a_context_as_it_was(service: Service) -> None:
     assert naive.status_code == 400
 
 
+def test_audit_verify_through_the_service(service: Service) -> None:
+    tenant = {"X-Tenant-Id": "chained"}
+    for text in ("one", "two", "three"):
+        reply = httpx.post(
+            f"{service.base}/v1/contexts/chain-1/messages", json={"content": text}, headers=tenant
+        )
+        assert reply.status_code == 200
+    deadline = time.monotonic() + 30
+    while True:
+        checked = cli(service, "audit", "verify", "--tenant", "chained", "--format", "json")
+        result = json.loads(checked.stdout)
+        if result["events"] >= 24 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert checked.returncode == 0 and result["ok"] and result["streams"] == 1
+    assert result["unchained_streams"] == 0
+    table = cli(service, "audit", "verify", "--tenant", "chained")
+    assert "audit chain holds" in table.stdout
+
+
+def test_forgetting_a_user_is_recorded_and_keeps_the_chain(service: Service) -> None:
+    base, tenant = service.base, {"X-Tenant-Id": "gdpr"}
+    for user, text in (("carol", "carol's address is 1 Main St"), ("dave", "dave asks")):
+        reply = httpx.post(
+            f"{base}/v1/contexts/gdpr-{user}/messages",
+            json={"content": text, "user_id": user},
+            headers=tenant,
+        )
+        assert reply.status_code == 200
+
+    def memory() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = httpx.get(f"{base}/v1/memory", headers=tenant).json()
+        return found
+
+    deadline = time.monotonic() + 30
+    while len(memory()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    forgot = cli(service, "forget", "--user", "carol", "--yes", "--tenant", "gdpr")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "erased the content of" in forgot.stdout
+    questions = {m["user_id"]: m["question"] for m in memory()}
+    assert questions == {"carol": "", "dave": "dave asks"}
+    log = httpx.get(f"{base}/v1/events", params={"q": "Main St"}, headers=tenant).json()
+    assert log == []
+    verified = cli(service, "audit", "verify", "--tenant", "gdpr", "--format", "json")
+    assert json.loads(verified.stdout)["ok"], verified.stdout
+    while time.monotonic() < deadline:
+        recorded = httpx.get(
+            f"{base}/v1/events", params={"type": "UserForgotten"}, headers=tenant
+        ).json()
+        if recorded:
+            break
+        time.sleep(0.3)
+    assert recorded[0]["event"]["payload"]["user_id"] == "carol"
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc
