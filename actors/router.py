@@ -45,6 +45,8 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Demo provider: error classes to raise on its first calls, in order (for tests and drills)."""
     down: bool = False
     """Demo provider: fail every call with a network error."""
+    price_per_1k_tokens: float = 0.0
+    """What 1,000 tokens (prompt + completion) cost here; `chatllm whatif` estimates with it."""
 
 
 class Band(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -103,10 +105,11 @@ class RoutingPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 def default_deployments() -> list[Deployment]:
     return [
-        Deployment(name="demo-fast-a", model="demo-fast"),
-        Deployment(name="demo-1-a", model="demo-1"),
-        Deployment(name="demo-1-b", model="demo-1"),
-        Deployment(name="demo-large-a", model="demo-large"),
+        # Illustrative prices, so what-if reports show a cost difference out of the box.
+        Deployment(name="demo-fast-a", model="demo-fast", price_per_1k_tokens=0.1),
+        Deployment(name="demo-1-a", model="demo-1", price_per_1k_tokens=0.5),
+        Deployment(name="demo-1-b", model="demo-1", price_per_1k_tokens=0.5),
+        Deployment(name="demo-large-a", model="demo-large", price_per_1k_tokens=2.0),
     ]
 
 

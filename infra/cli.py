@@ -479,6 +479,67 @@ def forget(
 
 
 @app.command()
+def whatif(
+    policy: Path = typer.Option(..., "--policy", help="TOML: [limits], [routing], [[deployments]]"),
+    since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
+    until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Re-run recorded requests under another policy, without calling any model; what
+    would have changed, side by side (denials, model mix, fallbacks, cost, latency)."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(policy.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        err.print(f"[red]cannot read the policy {str(policy)!r}: {exc}[/red]")
+        raise typer.Exit(2) from None
+    unknown = sorted(set(document) - {"limits", "routing", "deployments"})
+    if unknown:
+        err.print(f"[red]the policy has sections {unknown}; use limits, routing, deployments[/red]")
+        raise typer.Exit(2)
+    body = {"policy": document, "since": since, "until": until}
+    report: dict[str, Any] = _get_json(
+        "/v1/whatif",
+        {},
+        method="POST",
+        content=json.dumps(body).encode(),
+        tenant=tenant,
+        api_key=api_key,
+        url=url,
+        config=config,
+        profile=profile,
+    )
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    recorded, counter = report["recorded"], report["whatif"]
+    table = Table(title=f"what if: {policy.name}", title_justify="left")
+    for column in ("", "recorded", "what if", "change"):
+        table.add_column(column, justify="right" if column else "left")
+    for key in ("requests", "denied", "failed", "fallbacks", "unrouted", "cost", "latency_ms_mean"):
+        old, new = recorded.get(key), counter.get(key)
+        delta = (
+            f"{new - old:+,.4g}"
+            if isinstance(old, int | float) and isinstance(new, int | float)
+            else ""
+        )
+        table.add_row(key, _cell(old), _cell(new), delta)
+    for model in sorted(set(recorded.get("models", {})) | set(counter.get("models", {}))):
+        old = recorded.get("models", {}).get(model, 0)
+        new = counter.get("models", {}).get(model, 0)
+        table.add_row(f"model {model}", str(old), str(new), f"{new - old:+d}")
+    for key, value in report.get("changed", {}).items():
+        table.add_row(key.replace("_", " "), "", str(value), "")
+    out.print(table)
+
+
+@app.command()
 def state(
     context: str = typer.Option(..., "--context", help="context id"),
     at: str = typer.Option(..., "--at", help="the moment, ISO 8601 with a zone"),

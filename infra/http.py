@@ -33,7 +33,8 @@ from actors.context import (
     VersionConflict,
 )
 from actors.ports import ChatMessage, EventSink
-from events import FeedbackGiven, ProjectionsRebuilt, UserForgotten
+from actors.whatif import WHATIF_TYPES, WhatIfPolicy, whatif
+from events import FeedbackGiven, ProjectionsRebuilt, UserForgotten, decode
 from events.standalone import standalone
 from infra.audit import verify
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
@@ -117,6 +118,14 @@ class DocumentIn(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(default="text/plain", pattern=r"^[\w.+-]+/[\w.+-]+$")
     content_base64: str = Field(description="the document's bytes, base64")
+
+
+class WhatIfIn(BaseModel):
+    policy: dict[str, Any] = Field(
+        description="sections of the config format: limits, routing, deployments (optional)"
+    )
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class ForgetIn(BaseModel):
@@ -621,6 +630,30 @@ def build_api(
             ),
         )
         return {"user_id": body.user_id, "erased_events": erased}
+
+    @api.post("/v1/whatif", tags=["replay"])
+    async def what_if(body: WhatIfIn, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """Re-run the caller's tenant's recorded requests under another policy (limits,
+        routing, deployments with prices) without calling any model; recorded and
+        counterfactual side by side. Deterministic."""
+        for moment in (body.since, body.until):
+            if moment is not None and moment.tzinfo is None:
+                raise QueryError("since/until need a time zone (e.g. ...Z)")
+        try:
+            policy = msgspec.convert(body.policy, WhatIfPolicy)
+        except msgspec.ValidationError as exc:
+            raise QueryError(f"invalid policy: {exc}") from None
+        if not policy.deployments:
+            policy = msgspec.structs.replace(policy, deployments=list(settings.deployments))
+        if problems := policy.problems():
+            raise QueryError("invalid policy: " + "; ".join(problems))
+        where = EventFilter(
+            tenant_id=who.tenant_id, types=WHATIF_TYPES, since=body.since, until=body.until
+        )
+        events = [decode(r.body.encode()) async for page in store.search(where) for r in page]
+        report = whatif(events, policy, settings.deployments)
+        empty = {"requests": 0}
+        return report.get(who.tenant_id, {"recorded": empty, "whatif": empty, "changed": {}})
 
     rebuilds: dict[str, RebuildJob] = {}
     background: set[asyncio.Task[None]] = set()

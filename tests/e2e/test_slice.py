@@ -355,6 +355,52 @@ def test_forgetting_a_user_is_recorded_and_keeps_the_chain(service: Service) -> 
     assert recorded[0]["event"]["payload"]["user_id"] == "carol"
 
 
+def test_whatif_replays_recorded_requests_under_another_policy(
+    service: Service, tmp_path: Path
+) -> None:
+    tenant = {"X-Tenant-Id": "wi"}
+    for i in range(6):
+        reply = httpx.post(
+            f"{service.base}/v1/contexts/wi-{i}/messages",
+            json={"content": f"question {i}", "user_id": "erin"},
+            headers=tenant,
+        )
+        assert reply.status_code == 200
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        """
+[limits]
+user = "2/hour"
+tenant = ""
+rate_per_s = 0
+
+[[routing.bands]]
+name = "all"
+max_complexity = 1.0
+model = "demo-large"
+"""
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        run = cli(service, "whatif", "--policy", str(policy), "--tenant", "wi", "--format", "json")
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        if report["recorded"]["requests"] >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert report["recorded"]["requests"] == 6 and report["recorded"]["denied"] == 0
+    assert report["whatif"]["denied"] == 4 and report["changed"]["newly_denied"] == 4
+    assert report["whatif"]["models"] == {"demo-large": 2}
+    again = cli(service, "whatif", "--policy", str(policy), "--tenant", "wi", "--format", "json")
+    assert json.loads(again.stdout) == report  # deterministic
+    table = cli(service, "whatif", "--policy", str(policy), "--tenant", "wi")
+    assert "what if: policy.toml" in table.stdout and "model demo-large" in table.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[routing.bands]]\nname = "x"\nmax_complexity = 1.0\nmodel = "nope"\n')
+    refused = cli(service, "whatif", "--policy", str(bad), "--tenant", "wi")
+    assert refused.returncode == 1 and "without deployments" in refused.stderr
+
+
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
     proc: subprocess.Popen[bytes] = service.proc
