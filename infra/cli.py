@@ -410,6 +410,42 @@ def audit(
     print_audit(rows, context, fmt)
 
 
+@audit_app.command("search")
+def audit_search(
+    action: list[str] = typer.Option([], "--action", help="event type (repeatable)"),
+    actor: str = typer.Option("", "--actor", help="the user who acted"),
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    context: str = typer.Option("", "--context"),
+    text: str = typer.Option("", "--text", help="text anywhere in the event"),
+    fmt: str = typer.Option("table", "--format", help="table, json, jsonl (as logged) or csv"),
+    limit: int | None = typer.Option(None, "--limit"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Search the audit trail by action (event type), actor, time, context or text; jsonl
+    and csv export any number of events (the same search as `chatllm query log`)."""
+    query_log(
+        types=action,
+        since=since,
+        until=until,
+        user=actor,
+        context=context,
+        model="",
+        text=text,
+        fmt=fmt,
+        limit=limit,
+        tenant=tenant,
+        api_key=api_key,
+        url=url,
+        config=config,
+        profile=profile,
+    )
+
+
 @audit_app.command("verify")
 def audit_verify(
     context: str = typer.Option("", "--context", help="one stream only"),

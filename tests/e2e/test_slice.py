@@ -353,6 +353,20 @@ def test_forgetting_a_user_is_recorded_and_keeps_the_chain(service: Service) -> 
             break
         time.sleep(0.3)
     assert recorded[0]["event"]["payload"]["user_id"] == "carol"
+    searched = cli(
+        service,
+        "audit",
+        "search",
+        "--action",
+        "UserForgotten",
+        "--tenant",
+        "gdpr",
+        "--format",
+        "json",
+    )
+    assert [json.loads(line)["payload"]["user_id"] for line in searched.stdout.splitlines()] == [
+        "carol"
+    ]
 
 
 def test_whatif_replays_recorded_requests_under_another_policy(
