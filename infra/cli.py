@@ -107,6 +107,7 @@ async def _serve(
         prune=stack.prune,
         ingest=stack.ingest,
         admin_log=stack.appender,
+        bootstrap_servers=stack.bootstrap_servers,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -1086,6 +1087,9 @@ def replay_rebuild(
     everything: bool = typer.Option(False, "--all", help="every projection"),
     since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
     until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
+    source: str = typer.Option(
+        "archive", "--source", help="archive (all history) or broker (what its log still holds)"
+    ),
     api_key: str | None = KeyOpt,
     url: str | None = UrlOpt,
     config: Path | None = ConfigOpt,
@@ -1097,7 +1101,7 @@ def replay_rebuild(
     the configured ClickHouse."""
     from datetime import datetime
 
-    from infra.rebuild import PROJECTIONS, RebuildError, rebuild
+    from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, rebuild
 
     chosen = sorted(PROJECTIONS) if everything else projection
     if not chosen:
@@ -1108,7 +1112,10 @@ def replay_rebuild(
     headers = {"X-Tenant-Id": settings.tenant}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    body = {"projections": chosen, "since": since, "until": until}
+    if source not in ("archive", "broker"):
+        err.print(f"[red]unknown source {source!r}: use archive or broker[/red]")
+        raise typer.Exit(2)
+    body = {"projections": chosen, "since": since, "until": until, "source": source}
     try:
         started = httpx.post(f"{base}/v1/admin/rebuild", json=body, headers=headers, timeout=30)
     except httpx.TransportError:
@@ -1132,7 +1139,23 @@ def replay_rebuild(
                     rate = done / max(time.monotonic() - began, 1e-9)
                     bar.update(task, completed=done, total=total, rate=rate)
 
-                report = rebuild(store, chosen, since=moments[0], until=moments[1], progress=show)
+                broker = None
+                if source == "broker":
+                    if not settings.broker.bootstrap_servers:
+                        raise RebuildError(
+                            "--source broker needs broker.bootstrap_servers (the embedded"
+                            " broker runs only inside `chatllm up`)"
+                        )
+                    broker = BrokerSource(settings.broker.bootstrap_servers, settings.topics.events)
+                report = rebuild(
+                    store,
+                    chosen,
+                    since=moments[0],
+                    until=moments[1],
+                    progress=show,
+                    source="broker" if source == "broker" else "archive",
+                    broker=broker,
+                )
         except RebuildError as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None

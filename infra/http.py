@@ -44,7 +44,7 @@ from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
 from infra.queries import QueryError, TenantPruner, add_query_routes
-from infra.rebuild import PROJECTIONS, RebuildError, RebuildJob
+from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
 from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
 from infra.tracing import hex_ids
@@ -138,6 +138,9 @@ class RebuildIn(BaseModel):
     )
     since: datetime | None = None
     until: datetime | None = None
+    source: Literal["archive", "broker"] = Field(
+        "archive", description="the archive (all history) or the broker's log (its retention)"
+    )
 
 
 class FeedbackIn(BaseModel):
@@ -239,6 +242,7 @@ def build_api(
     prune: TenantPruner | None = None,
     ingest: Ingest | None = None,
     admin_log: EventSink | None = None,
+    bootstrap_servers: str = "",
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -673,6 +677,10 @@ def build_api(
                 body.projections,
                 body.since,
                 body.until,
+                source=body.source,
+                broker=BrokerSource(bootstrap_servers, settings.topics.events)
+                if bootstrap_servers
+                else None,
             ).start()
         except RebuildError as exc:
             raise QueryError(str(exc)) from None

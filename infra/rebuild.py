@@ -10,8 +10,10 @@ ran into the new table, and drops the old one. The live worker keeps writing mea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
+import queue
 import threading
 import time
 from collections import deque
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -83,8 +85,13 @@ def rebuild(
     until: datetime | None = None,
     progress: Progress | None = None,
     workers: int = 2,
+    source: Literal["archive", "broker"] = "archive",
+    broker: BrokerSource | None = None,
 ) -> RebuildReport:
-    """Rebuild the named projections (see PROJECTIONS) from the archive; blocking."""
+    """Rebuild the named projections (see PROJECTIONS); blocking. The events come from the
+    archive (all history), or from the broker's log (what its retention still holds)."""
+    if source == "broker" and broker is None:
+        raise RebuildError("a rebuild from the broker needs its address and topic")
     unknown = sorted(set(projections) - set(PROJECTIONS))
     if unknown or not projections:
         raise RebuildError(f"unknown projections {unknown}; choose from {sorted(PROJECTIONS)}")
@@ -112,8 +119,12 @@ def rebuild(
     )
     shadow = {t: f"{t}{SHADOW}" for t in tables}
     cutoffs = dict(store.memory_cutoffs())
-    pages = _pages(store, where, params)
-    with _projecting(total, workers) as project_page:
+    if source == "broker":
+        assert broker is not None
+        pages = broker.pages(since, until)
+    else:
+        pages = _pages(store, where, params)
+    with _projecting(total, workers, since, until) as project_page:
         # Pages are read, decoded and projected (in worker processes for large rebuilds),
         # and inserted in a pipeline: the next pages are in flight while one is inserted.
         for projected in project_page(pages):
@@ -158,8 +169,11 @@ class Projected:
 _encoder = msgspec.json.Encoder()
 
 
-def project_bodies(bodies: Sequence[str]) -> Projected:
-    """Decode and project archived bodies (pure; runs in a worker process when pooled)."""
+def project_bodies(
+    bodies: Sequence[str], since: datetime | None = None, until: datetime | None = None
+) -> Projected:
+    """Decode and project archived bodies (pure; runs in a worker process when pooled);
+    events outside [since, until) are left out (the broker's log is not indexed by time)."""
     rows: dict[str, list[Row]] = {}
     skipped = 0
     for body in bodies:
@@ -167,6 +181,10 @@ def project_bodies(bodies: Sequence[str]) -> Projected:
             event = decode(body.encode())
         except DecodeError:
             skipped += 1
+            continue
+        if (since is not None and event.occurred_at < since) or (
+            until is not None and event.occurred_at >= until
+        ):
             continue
         row = project(event)
         if row is not None:
@@ -205,14 +223,81 @@ def _pages(store: ClickHouseStore, where: str, params: dict[str, Any]) -> Iterat
         yield [r[4] for r in result]
 
 
+@dataclass(frozen=True)
+class BrokerSource:
+    """The event log on the broker, read from its beginning up to its end when read."""
+
+    bootstrap_servers: str
+    topic: str
+
+    def pages(self, since: datetime | None, until: datetime | None) -> Iterator[list[str]]:
+        """The log's records, page by page (read by a thread of its own, a few pages ahead)."""
+        pages: queue.Queue[list[str] | BaseException | None] = queue.Queue(maxsize=4)
+        thread = threading.Thread(
+            target=lambda: asyncio.run(self._read(pages)), name="rebuild-broker", daemon=True
+        )
+        thread.start()
+        while True:
+            page = pages.get()
+            if page is None:
+                break
+            if isinstance(page, BaseException):
+                raise RebuildError(f"reading the log failed: {page!r}") from page
+            yield page
+        thread.join()
+
+    async def _read(self, pages: queue.Queue[list[str] | BaseException | None]) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=8 * 2**20,
+        )
+        try:
+            await consumer.start()
+            found = consumer.partitions_for_topic(self.topic) or set()
+            if not found:
+                await consumer.topics()
+                found = consumer.partitions_for_topic(self.topic) or set()
+            parts = [TopicPartition(self.topic, p) for p in sorted(found)]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            page: list[str] = []
+            while True:
+                batch = await consumer.getmany(timeout_ms=500, max_records=PAGE)
+                for records in batch.values():
+                    page.extend(r.value.decode() for r in records if r.value)
+                if len(page) >= PAGE or (not batch and page):
+                    pages.put(page)
+                    page = []
+                # Done once every partition is read up to its end as the broker reports it
+                # (tansu: the highwater of the last fetch; a fetch with nothing means the end).
+                at_end = True
+                for tp in parts:
+                    end = consumer.highwater(tp)
+                    at_end = at_end and end is not None and await consumer.position(tp) >= end
+                if not batch or at_end:
+                    break
+            if page:
+                pages.put(page)
+            pages.put(None)
+        except BaseException as exc:
+            pages.put(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+
 @contextlib.contextmanager
 def _projecting(
-    total: int, workers: int
+    total: int, workers: int, since: datetime | None, until: datetime | None
 ) -> Iterator[Callable[[Iterable[list[str]]], Iterator[Projected]]]:
     """project_bodies over pages: inline for small rebuilds, else in `workers` processes
     with a few pages in flight (the parent reads and inserts meanwhile)."""
     if workers < 1 or total < POOL_FROM:
-        yield lambda pages: (project_bodies(page) for page in pages)
+        yield lambda pages: (project_bodies(page, since, until) for page in pages)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding chDB
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -220,7 +305,7 @@ def _projecting(
         def pooled(pages: Iterable[list[str]]) -> Iterator[Projected]:
             in_flight: deque[Future[Projected]] = deque()
             for page in pages:
-                in_flight.append(pool.submit(project_bodies, page))
+                in_flight.append(pool.submit(project_bodies, page, since, until))
                 if len(in_flight) > workers:
                     yield in_flight.popleft().result()
             while in_flight:
@@ -259,6 +344,8 @@ class RebuildJob:
         projections: Sequence[str],
         since: datetime | None,
         until: datetime | None,
+        source: Literal["archive", "broker"] = "archive",
+        broker: BrokerSource | None = None,
     ) -> None:
         unknown = sorted(set(projections) - set(PROJECTIONS))
         if unknown or not projections:
@@ -266,6 +353,7 @@ class RebuildJob:
         self.job_id = f"rebuild-{int(time.time() * 1000)}"
         self.projections = list(projections)
         self.since, self.until = since, until
+        self.source, self.broker = source, broker
         self.done = 0
         self.total = 0
         self.started = time.monotonic()
@@ -294,6 +382,8 @@ class RebuildJob:
                 since=self.since,
                 until=self.until,
                 progress=self._progress,
+                source=self.source,
+                broker=self.broker,
             )
         except Exception as exc:  # reported to the poller; the live tables are untouched
             self.error = f"{type(exc).__name__}: {exc}"

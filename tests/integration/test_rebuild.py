@@ -3,6 +3,7 @@ ones row for row (and the fold of the log), for a full and a partial rebuild, po
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 from typing import Any
@@ -11,11 +12,13 @@ import pytest
 
 from events import MemoryPruned, encode
 from infra import rebuild as rebuilding
+from infra.broker import EmbeddedBroker
 from infra.rebuild import RebuildError, rebuild
 from infra.store import ClickHouseStore
 from streams.archive import archive_row
 from streams.ports import ProjectionBatch
 from streams.projections import ANOMALIES_TABLE, FACTS_TABLE, PRUNES_TABLE, fold, project, table_of
+from tests.conftest import Topics
 from tests.factories import BASE_TIME, make_event, make_turn
 
 pytestmark = pytest.mark.integration
@@ -117,3 +120,30 @@ def test_what_is_archived_while_it_runs_is_not_lost(store: ClickHouseStore) -> N
 def test_unknown_projections_are_refused(store: ClickHouseStore) -> None:
     with pytest.raises(RebuildError, match="unknown projections"):
         rebuild(store, ["memory", "facts"])
+
+
+async def test_a_rebuild_from_the_brokers_log(
+    store: ClickHouseStore, broker: EmbeddedBroker, topics: Topics
+) -> None:
+    """The broker's log as the source (what its retention holds): the same projections."""
+    from infra.rebuild import BrokerSource
+    from tests.integration.test_archive_worker import produce
+
+    events = traffic()
+    await produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in events])
+    source = BrokerSource(broker.bootstrap_servers, topics.events)
+    report = await asyncio.to_thread(
+        rebuild, store, ["facts", "anomalies", "prunes"], source="broker", broker=source
+    )
+    assert report.events == len(events)
+    expected = fold(events)
+    assert snapshot(store) == {t: [expected[t][k] for k in sorted(expected[t])] for t in TABLES}
+    # A time range from the log: only its events.
+    since, until = BASE_TIME + timedelta(seconds=50), BASE_TIME + timedelta(seconds=150)
+    store.client.command(f"TRUNCATE TABLE {store.db}.{FACTS_TABLE}")
+    await asyncio.to_thread(
+        rebuild, store, ["facts"], since=since, until=until, source="broker", broker=source
+    )
+    inside = [e for e in events if since <= e.occurred_at < until]
+    want = fold(inside)[FACTS_TABLE]
+    assert store.projected_rows(FACTS_TABLE) == [want[k] for k in sorted(want)]
