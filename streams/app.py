@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -79,18 +80,13 @@ class WorkerSettings:
     """How often to prune conversation memory older than memory_max_age_days (0: never)."""
 
     def loop(self, topic: str, group: str) -> LoopSettings:
-        return LoopSettings(
-            bootstrap_servers=self.bootstrap_servers,
-            topic=topic,
-            group=group,
-            batch_size=self.batch_size,
-            batch_within_s=self.batch_within_s,
-            session_timeout_s=self.session_timeout_s,
-            heartbeat_interval_s=self.heartbeat_interval_s,
-            rebalance_timeout_s=self.rebalance_timeout_s,
-            commit_interval_s=self.commit_interval_s,
-            fetch_wait_s=self.fetch_wait_s,
-        )
+        """The consume loop's settings: its tuning fields come from these, by name."""
+        tuning = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(LoopSettings)
+            if f.name not in ("topic", "group")
+        }
+        return LoopSettings(topic=topic, group=group, **tuning)
 
 
 LagObserver = Callable[[str, float], None]
