@@ -84,7 +84,7 @@ class WorkerSettings:
         tuning = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(LoopSettings)
-            if f.name not in ("topic", "group")
+            if f.name not in ("topic", "group", "start_at_end")
         }
         return LoopSettings(topic=topic, group=group, **tuning)
 

@@ -35,6 +35,8 @@ class LoopSettings:
     """Handled offsets are committed at most this often (a crash re-reads at most that)."""
     fetch_wait_s: float = 0.1
     """How long the broker may hold a fetch for more data (bounds the lag when idle)."""
+    start_at_end: bool = False
+    """A new group starts at the end of the topic instead of its beginning."""
 
 
 Handler = Callable[[Sequence[Any]], Awaitable[None]]
@@ -128,7 +130,7 @@ class BatchLoop:
             group_id=s.group,
             client_id=f"{s.group}-loop",
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="latest" if s.start_at_end else "earliest",
             max_poll_records=s.batch_size,
             fetch_max_wait_ms=int(s.fetch_wait_s * 1000),
             session_timeout_ms=int(s.session_timeout_s * 1000),
