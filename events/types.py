@@ -203,6 +203,15 @@ class UserForgotten(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
+class PluginChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A plugin was loaded, reloaded, unloaded, failed or disabled."""
+
+    plugin: NonEmpty
+    version: str = ""
+    change: Literal["loaded", "reloaded", "unloaded", "failed", "disabled"]
+    detail: str = ""
+
+
 class ProjectionsRebuilt(msgspec.Struct, frozen=True, kw_only=True):
     """An operator rebuilt projections from the archive."""
 
@@ -234,6 +243,7 @@ Event = (
     | MemoryPruned
     | UserForgotten
     | ProjectionsRebuilt
+    | PluginChanged
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -259,4 +269,5 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     MemoryPruned: 1,
     UserForgotten: 1,
     ProjectionsRebuilt: 1,
+    PluginChanged: 1,
 }

@@ -59,6 +59,7 @@ class EventBus:
         self.undecodable = 0
         self._sink = KafkaEventSink(bootstrap_servers, topic, broker or BrokerConfig())
         self._clock = SystemClock()
+        self._task: asyncio.Task[None] | None = None
         self._loop = BatchLoop(
             LoopSettings(
                 bootstrap_servers=bootstrap_servers,
@@ -131,13 +132,18 @@ class EventBus:
                 )
             self.failures.extend(failures)
 
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EventBus]:
         """Deliver events to the handlers for the duration of the block."""
-        task = asyncio.create_task(self._loop.run())
+        task = self._task = asyncio.create_task(self._loop.run())
         try:
             yield self
         finally:
+            self._task = None
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -108,6 +108,7 @@ async def _serve(
         ingest=stack.ingest,
         admin_log=stack.appender,
         bootstrap_servers=stack.bootstrap_servers,
+        plugins=stack.plugins,
     )
     server = uvicorn.Server(
         uvicorn.Config(

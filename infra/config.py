@@ -157,6 +157,18 @@ class IngestConfig(_Section):
     """Most events in one POST /v1/events."""
 
 
+class PluginsConfig(_Section):
+    folder: str = ""
+    """A folder of plugin files (*.py), hot-reloaded while the service runs; empty: none."""
+    entry_points: bool = True
+    """Also load the installed plugins (Python entry points, group `chatllm.plugins`)."""
+    failure_limit: Positive = 3
+    """Failures in a row after which a plugin's breaker disables it."""
+    reload_interval_s: PositiveFloat = 1.0
+    config: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """Each plugin's own config, by plugin name (validated by the plugin's Config)."""
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -190,6 +202,7 @@ class Settings(_Section):
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
@@ -212,7 +225,7 @@ class LoadedConfig:
 
 
 # Maps whose keys are data (model names, error classes), not settings: set as a whole.
-_WHOLE_MAPS = frozenset({"routing.fallbacks", "routing.retries"})
+_WHOLE_MAPS = frozenset({"routing.fallbacks", "routing.retries", "plugins.config"})
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

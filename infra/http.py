@@ -43,6 +43,7 @@ from infra.history import UnknownContext, state_at
 from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
 from infra.metrics import Metrics
+from infra.plugins import PluginHost, PluginRequest
 from infra.queries import QueryError, TenantPruner, add_query_routes
 from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
@@ -230,6 +231,24 @@ def outcome_error(outcome: TurnOutcome) -> OpenAIError | None:
     )
 
 
+async def _before_reply(
+    plugins: PluginHost, request: ChatRequest
+) -> tuple[ChatRequest, PluginRequest]:
+    """The plugins' before_reply on the request's new (last) message."""
+    last = request.messages[-1]
+    asked = PluginRequest(
+        tenant_id=request.meta.tenant_id,
+        user_id=request.meta.user_id,
+        context_id=request.meta.context_id,
+        message=last.content,
+    )
+    text = await plugins.before_reply(asked)
+    if text == last.content:
+        return request, asked
+    messages = (*request.messages[:-1], msgspec.structs.replace(last, content=text))
+    return msgspec.structs.replace(request, messages=messages), asked
+
+
 def build_api(
     *,
     gateway: Any,
@@ -243,6 +262,7 @@ def build_api(
     ingest: Ingest | None = None,
     admin_log: EventSink | None = None,
     bootstrap_servers: str = "",
+    plugins: PluginHost | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -313,10 +333,18 @@ def build_api(
 
     async def run_turn(request: ChatRequest) -> TurnOutcome:
         started = time.perf_counter()
+        hooked = plugins is not None and bool(plugins.plugins)
+        if hooked:
+            assert plugins is not None
+            request, asked = await _before_reply(plugins, request)
         try:
             outcome: TurnOutcome = await gateway.turn(request)
         except Exception as exc:
             raise _as_http(exc) from None
+        if hooked and outcome.status == "ok":
+            assert plugins is not None
+            reply = await plugins.after_reply(asked, outcome.reply)
+            outcome = msgspec.structs.replace(outcome, reply=reply)
         if metrics is not None:
             metrics.turn_seconds.observe(time.perf_counter() - started)
             metrics.turns.labels(status=outcome.status, model=outcome.model or "-").inc()

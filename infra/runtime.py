@@ -11,10 +11,13 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from events.standalone import standalone
 from infra.broker import EmbeddedBroker
+from infra.bus import EventBus
 from infra.clock import SystemClock
 from infra.config import RayConfig, Settings
 from infra.gateway import Gateway
@@ -22,6 +25,7 @@ from infra.ingest import Ingest
 from infra.kafka import KafkaEventSink, ensure_topics
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
+from infra.plugins import PluginHost
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
 from streams.app import ProjectionWorker, WorkerSettings
@@ -107,6 +111,38 @@ def detector_config(settings: Settings) -> DetectorConfig:
     a = settings.anomalies
     return DetectorConfig(
         **{f.name: getattr(a, f.name) for f in dataclasses.fields(DetectorConfig)}
+    )
+
+
+def plugin_host(settings: Settings, log_sink: KafkaEventSink, store: AsyncStore) -> PluginHost:
+    """The plugins of this process, their lifecycle events appended to the log."""
+    clock = SystemClock()
+
+    async def record(event: Any) -> None:
+        await log_sink.append([event])
+
+    async def emit(payload: Any) -> Any:
+        event = standalone(
+            payload,
+            event_id=clock.new_event_id(),
+            tenant_id=settings.tenant,
+            user_id="plugins",
+            occurred_at=datetime.now(UTC),
+            stream="plugin-emit",
+        )
+        await log_sink.append([event])
+        return event
+
+    p = settings.plugins
+    return PluginHost(
+        folder=Path(p.folder) if p.folder else None,
+        configs=dict(p.config),
+        record=record,
+        tenant_id=settings.tenant,
+        store=store,
+        emit=emit,
+        failure_limit=p.failure_limit,
+        entry_points=p.entry_points,
     )
 
 
@@ -202,6 +238,7 @@ class Stack:
     worker: ProjectionWorker
     appender: KafkaEventSink
     ingest: Ingest
+    plugins: PluginHost
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
@@ -253,6 +290,7 @@ class Stack:
             worker=worker,
             appender=appender,
             ingest=Ingest(settings, bootstrap),
+            plugins=plugin_host(settings, appender, astore),
             hosts=hosts,
             metrics=metrics,
             broker=broker,
@@ -261,14 +299,56 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def processors(self) -> AsyncIterator[None]:
-        """Run the projection worker on the running loop for the duration of the block."""
+        """Run the projection worker, and the plugins (their folder watched, their on_event
+        fed by a bus subscriber), on the running loop for the duration of the block."""
         try:
-            async with self.worker.running():
+            async with self.worker.running(), self._plugins_running():
                 yield
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
             await self.ingest.stop()
+
+    @contextlib.asynccontextmanager
+    async def _plugins_running(self) -> AsyncIterator[None]:
+        p = self.settings.plugins
+        if not p.folder and not p.entry_points:
+            yield
+            return
+        await self.plugins.load_all()
+        bus = EventBus(
+            self.bootstrap_servers,
+            name="plugins",
+            topic=self.settings.topics.events,
+            broker=self.settings.broker,
+            start_at_end=True,  # plugins hear what happens from now on
+        )
+        bus.on("*", self.plugins.on_event)
+        feeding = contextlib.AsyncExitStack()
+
+        async def supervise() -> None:
+            # Hot reload, and the bus only once a plugin listens (consuming every event in
+            # this process costs CPU that no one would use otherwise).
+            while True:
+                if not bus.is_running and any(
+                    "on_event" in plugin.hooks for plugin in self.plugins.plugins.values()
+                ):
+                    await feeding.enter_async_context(bus.running())
+                await asyncio.sleep(p.reload_interval_s)
+                try:
+                    await self.plugins.scan()
+                except Exception:
+                    log.exception("plugin scan failed")
+
+        supervisor = asyncio.create_task(supervise())
+        try:
+            yield
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            await feeding.aclose()
+            await self.plugins.close()
 
     async def prune(
         self, tenant: str, max_age_days: float | None, requested_by: str
