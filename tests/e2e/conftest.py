@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,6 +69,20 @@ def start_service(
             raise AssertionError(f"chatllm up did not come up:\n{tail}")
         time.sleep(0.2)
     return Service(base=base, env=env, proc=proc, workdir=workdir)
+
+
+def wait_for(
+    check: Callable[[], Any], what: str, timeout_s: float = 30, every_s: float = 0.3
+) -> Any:
+    """Poll `check` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every_s)
 
 
 def stop_service(service: Service) -> None:

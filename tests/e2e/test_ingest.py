@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from infra.broker import free_port
-from tests.e2e.conftest import Service, cli, start_service, stop_service
+from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +54,6 @@ def event(stream: str, version: int, text: str, tenant: str = TENANT) -> dict[st
         "correlation_id": f"{stream}-{version}",
         "payload": {"message_id": f"m{version}", "content": text, "role": "user"},
     }
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def logged(service: Service, stream: str) -> list[dict[str, Any]]:

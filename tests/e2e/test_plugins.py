@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, start_service, stop_service
+from tests.e2e.conftest import Service, start_service, stop_service, wait_for
 from tests.integration.test_plugins import BROKEN, SHOUT
 
 pytestmark = pytest.mark.e2e
@@ -59,17 +57,6 @@ def ask(service: Service, text: str) -> str:
     assert response.status_code == 200, response.text
     reply: str = response.json()["reply"]
     return reply
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def plugin_events(service: Service) -> list[tuple[str, str]]:

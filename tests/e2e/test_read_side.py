@@ -9,15 +9,14 @@ import io
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, cli, start_service, stop_service
+from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +36,6 @@ def reads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield running
     finally:
         stop_service(running)
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def send(base: str, context: str, content: str, headers: dict[str, str]) -> dict[str, Any]:
