@@ -7,7 +7,7 @@ breaking change is a new type plus an upcaster (see events/upcasters.py).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -222,6 +222,93 @@ class ProjectionsRebuilt(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
+class WorkflowStarted(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow run began; the first event of stream `workflow:<run_id>`. It carries the
+    definition it runs, so a resumed run follows the steps it started with."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    digest: NonEmpty
+    """SHA-256 of the definition's canonical JSON."""
+    definition: dict[str, Any]
+    inputs: dict[str, Any]
+    requested_by: str = ""
+
+
+class WorkflowStepStarted(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's action began; attempt > 1 is a retry, or a re-run after the worker died."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    step: NonEmpty
+    iteration: Annotated[int, msgspec.Meta(ge=1)] = 1
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class WorkflowStepCompleted(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's action returned (one event per loop iteration)."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    step: NonEmpty
+    duration_ms: Annotated[float, msgspec.Meta(ge=0)]
+    output: Any = None
+    iteration: Annotated[int, msgspec.Meta(ge=1)] = 1
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class WorkflowStepFailed(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's action raised, timed out, or its condition could not be evaluated."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    step: NonEmpty
+    error_class: NonEmpty
+    message: str
+    duration_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    iteration: Annotated[int, msgspec.Meta(ge=1)] = 1
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class WorkflowStepSkipped(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's condition did not hold, so it did not run."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    step: NonEmpty
+    reason: str
+
+
+class WorkflowFinished(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow run ended: every step settled, or one failed for good."""
+
+    run_id: NonEmpty
+    workflow: NonEmpty
+    status: Literal["completed", "failed"]
+    duration_ms: Annotated[float, msgspec.Meta(ge=0)]
+    outputs: dict[str, Any] = msgspec.field(default_factory=dict)
+    error: str = ""
+
+
+class ConfigChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One key's value before and after (secrets shown as their SHA-256 prefix)."""
+
+    key: NonEmpty
+    before: Any = None
+    after: Any = None
+
+
+class ConfigChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """The running service switched its configuration (`chatllm config use`)."""
+
+    profile_before: str
+    profile_after: str
+    changes: tuple[ConfigChange, ...]
+    applied: tuple[str, ...] = ()
+    """Keys that took effect at once; the others take effect at the next restart."""
+    requested_by: str = ""
+
+
 Event = (
     ContextCreated
     | MessageReceived
@@ -244,6 +331,13 @@ Event = (
     | UserForgotten
     | ProjectionsRebuilt
     | PluginChanged
+    | WorkflowStarted
+    | WorkflowStepStarted
+    | WorkflowStepCompleted
+    | WorkflowStepFailed
+    | WorkflowStepSkipped
+    | WorkflowFinished
+    | ConfigChanged
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -270,4 +364,11 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     UserForgotten: 1,
     ProjectionsRebuilt: 1,
     PluginChanged: 1,
+    WorkflowStarted: 1,
+    WorkflowStepStarted: 1,
+    WorkflowStepCompleted: 1,
+    WorkflowStepFailed: 1,
+    WorkflowStepSkipped: 1,
+    WorkflowFinished: 1,
+    ConfigChanged: 1,
 }
