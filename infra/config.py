@@ -169,6 +169,22 @@ class PluginsConfig(_Section):
     """Each plugin's own config, by plugin name (validated by the plugin's Config)."""
 
 
+class WorkflowsConfig(_Section):
+    folder: str = ""
+    """A folder of workflow definitions (*.toml, *.yaml, *.py), read again when they change."""
+    run: bool = True
+    """Drive workflow runs in this process (`chatllm up`, `chatllm worker`)."""
+    api_url: str = ""
+    """Where a standalone worker sends chat steps (this service's HTTP API); `up` uses its
+    own gateway."""
+    api_key: str = ""
+    """The API key for api_url, when the service requires one."""
+    max_output_bytes: Positive = 256 * 1024
+    """A step's output travels in an event: larger outputs fail the step."""
+    http_timeout_s: PositiveFloat = 30.0
+    """Timeout of one request of an http step."""
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -203,6 +219,7 @@ class Settings(_Section):
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
+    workflows: WorkflowsConfig = msgspec.field(default_factory=WorkflowsConfig)
     anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)

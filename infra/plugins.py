@@ -22,7 +22,8 @@ A plugin is a module that declares itself and implements some hooks:
         ...
 
 Hooks: `before_reply(request) -> str | None` (a new text for the user's message),
-`after_reply(request, reply) -> str | None` (a new reply text), `on_event(event)`.
+`after_reply(request, reply) -> str | None` (a new reply text), `on_event(event)`,
+`run_step(params, step) -> output` (a workflow's `plugin` step).
 A plugin that raises does not break the reply: the failure is a PluginFailed event, and
 after `failure_limit` failures in a row its circuit breaker disables it (PluginDisabled).
 Loading and reloading are events too (PluginLoaded, PluginReloaded).
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 PROJECT = "chatllm"
 ENTRY_POINT_GROUP = "chatllm.plugins"
-HOOKS = ("before_reply", "after_reply", "on_event")
+HOOKS = ("before_reply", "after_reply", "on_event", "run_step")
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 Change = Literal["loaded", "reloaded", "unloaded", "failed", "disabled"]
@@ -72,6 +73,10 @@ class _Specs:
     @hookspec
     def on_event(self, event: Envelope[Any]) -> None:
         """Every event of the log, as the bus delivers it."""
+
+    @hookspec
+    def run_step(self, params: dict[str, Any], step: Any) -> Any:
+        """A workflow step's output (a `plugin` step naming this plugin)."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,19 @@ class PluginHost:
         for plugin, fn in self._impls("on_event"):
             await self._call(plugin, fn, event=event)
 
+    async def run_step(self, plugin: str, params: dict[str, Any], step: Any) -> Any:
+        """A workflow step run by one plugin; its failure fails the step (and counts
+        towards the plugin's breaker)."""
+        found = self.plugins.get(plugin)
+        if found is None or "run_step" not in found.hooks:
+            known = [p.name for p in self.plugins.values() if "run_step" in p.hooks]
+            raise LookupError(f"no plugin {plugin!r} with a run_step hook (found: {known})")
+        if found.disabled:
+            raise RuntimeError(f"plugin {plugin!r} is disabled (its breaker opened)")
+        return await self._call(
+            found, found.module.run_step, reraise=True, params=params, step=step
+        )
+
     def _impls(self, hook: str) -> list[tuple[Plugin, Callable[..., Any]]]:
         found = []
         for impl in getattr(self._pm.hook, hook).get_hookimpls():
@@ -255,7 +273,9 @@ class PluginHost:
                 found.append((plugin, impl.function))
         return found
 
-    async def _call(self, plugin: Plugin, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    async def _call(
+        self, plugin: Plugin, fn: Callable[..., Any], reraise: bool = False, **kwargs: Any
+    ) -> Any:
         """One plugin's hook, isolated: its failure is an event, and after `failure_limit`
         failures in a row its breaker opens and the plugin is disabled."""
         try:
@@ -273,6 +293,8 @@ class PluginHost:
                     "disabled",
                     f"{plugin.failures_in_a_row} failures in a row (its breaker opened)",
                 )
+            if reraise:
+                raise
             return None
         plugin.failures_in_a_row = 0
         return result

@@ -28,6 +28,16 @@ from infra.metrics import Metrics
 from infra.plugins import PluginHost
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
+from infra.workflows import (
+    ArchivedDocuments,
+    Catalog,
+    ChatPort,
+    GatewayChat,
+    HttpChat,
+    RunnerSettings,
+    WorkflowRunner,
+    builtin_actions,
+)
 from streams.app import ProjectionWorker, WorkerSettings
 from streams.detectors import DetectorConfig, Detectors
 
@@ -146,6 +156,47 @@ def plugin_host(settings: Settings, log_sink: KafkaEventSink, store: AsyncStore)
     )
 
 
+def workflow_catalog(settings: Settings) -> Catalog:
+    folder = settings.workflows.folder
+    return Catalog(folder=Path(folder) if folder else None)
+
+
+def workflow_runner(
+    settings: Settings,
+    bootstrap_servers: str,
+    log_sink: KafkaEventSink,
+    astore: AsyncStore,
+    *,
+    chat: ChatPort | None = None,
+    plugins: PluginHost | None = None,
+) -> WorkflowRunner:
+    """The runner of this process: drives the runs of the partitions it gets. A worker
+    without a gateway sends chat steps to workflows.api_url, when one is set."""
+    w, s = settings.workflows, settings.streams
+    if chat is None and w.api_url:
+        chat = HttpChat(w.api_url, w.api_key)
+    actions = builtin_actions(
+        chat=chat,
+        knowledge=ArchivedDocuments(astore),
+        plugins=plugins,
+        http_timeout_s=w.http_timeout_s,
+    )
+    return WorkflowRunner(
+        RunnerSettings(
+            bootstrap_servers=bootstrap_servers,
+            topic=settings.topics.events,
+            session_timeout_s=s.session_timeout_s,
+            heartbeat_interval_s=s.heartbeat_interval_s,
+            rebalance_timeout_s=s.rebalance_timeout_s,
+            fetch_wait_s=s.fetch_wait_s,
+            commit_interval_s=s.commit_interval_s,
+            max_output_bytes=w.max_output_bytes,
+        ),
+        log_sink,
+        actions,
+    )
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory of a process in MiB (Linux /proc), None if it is gone."""
     import os
@@ -239,6 +290,7 @@ class Stack:
     appender: KafkaEventSink
     ingest: Ingest
     plugins: PluginHost
+    workflows: Catalog
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
@@ -291,6 +343,7 @@ class Stack:
             appender=appender,
             ingest=Ingest(settings, bootstrap),
             plugins=plugin_host(settings, appender, astore),
+            workflows=workflow_catalog(settings),
             hosts=hosts,
             metrics=metrics,
             broker=broker,
@@ -302,12 +355,33 @@ class Stack:
         """Run the projection worker, and the plugins (their folder watched, their on_event
         fed by a bus subscriber), on the running loop for the duration of the block."""
         try:
-            async with self.worker.running(), self._plugins_running():
+            async with (
+                self.worker.running(),
+                self._plugins_running(),
+                self._workflows_running(),
+            ):
                 yield
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
             await self.ingest.stop()
+
+    @contextlib.asynccontextmanager
+    async def _workflows_running(self) -> AsyncIterator[None]:
+        if not self.settings.workflows.run:
+            yield
+            return
+        self.workflows.definitions()  # imports the folder's Python steps before runs resume
+        runner = workflow_runner(
+            self.settings,
+            self.bootstrap_servers,
+            self.appender,
+            self.astore,
+            chat=GatewayChat(self.gateway),
+            plugins=self.plugins,
+        )
+        async with runner.running():
+            yield
 
     @contextlib.asynccontextmanager
     async def _plugins_running(self) -> AsyncIterator[None]:

@@ -262,7 +262,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " ADD COLUMN IF NOT EXISTS erased_digest String DEFAULT ''",
         ],
     ),
+    (
+        4,
+        "facts: the workflow and step of workflow events (per-step metrics)",
+        [
+            f"ALTER TABLE {{db}}.{FACTS_TABLE}"
+            " ADD COLUMN IF NOT EXISTS workflow LowCardinality(String) DEFAULT '',"
+            " ADD COLUMN IF NOT EXISTS step LowCardinality(String) DEFAULT ''",
+        ],
+    ),
 ]
+
+
+def _ok_ms(aggregate: str) -> str:
+    """`aggregate` over the latency of completed steps, in ms, 0 when there are none."""
+    return f"round(ifNotFinite({aggregate}(latency_ms, status = 'completed'), 0), 3)"
 
 
 class ArchivedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -690,6 +704,45 @@ class ClickHouseStore:
             "topics": {r["topic"]: int(r["messages"]) for r in topics},
             "follow_ups": {r["kind"]: int(r["messages"]) for r in follow_ups},
         }
+
+    def workflow_runs(
+        self, tenant_id: str, workflow: str = "", limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest runs (of one workflow, or all), with their status and step counts."""
+        where = " AND workflow = {workflow:String}" if workflow else ""
+        return self._dicts(
+            "SELECT substring(context_id, 10) AS run_id, any(workflow) AS workflow,"
+            " minIf(at, type = 'WorkflowStarted') AS started_at,"
+            " if(countIf(type = 'WorkflowFinished') > 0,"
+            "    anyIf(status, type = 'WorkflowFinished'), 'running') AS status,"
+            " maxIf(latency_ms, type = 'WorkflowFinished') AS duration_ms,"
+            " countIf(type = 'WorkflowStepCompleted') AS steps_completed,"
+            " countIf(type = 'WorkflowStepFailed') AS steps_failed"
+            f" FROM {self.db}.{FACTS_TABLE} FINAL"
+            " WHERE tenant_id = {tenant:String} AND startsWith(context_id, 'workflow:')"
+            f"{where} GROUP BY context_id"
+            " HAVING countIf(type = 'WorkflowStarted') > 0"
+            " ORDER BY started_at DESC LIMIT {limit:UInt32}",
+            {"tenant": tenant_id, "workflow": workflow, "limit": limit},
+        )
+
+    def workflow_metrics(self, tenant_id: str, workflow: str = "") -> list[dict[str, Any]]:
+        """Per workflow and step: how often it completed, failed and was skipped, and its
+        duration (avg, p50, p95 over completed runs of the step), from the facts."""
+        where = " AND workflow = {workflow:String}" if workflow else ""
+        return self._dicts(
+            "SELECT workflow, step,"
+            " countIf(status = 'completed') AS completed, countIf(status = 'failed') AS failed,"
+            " countIf(status = 'skipped') AS skipped,"
+            f" {_ok_ms('avgIf')} AS avg_ms,"
+            f" {_ok_ms('quantileExactIf(0.5)')} AS p50_ms,"
+            f" {_ok_ms('quantileExactIf(0.95)')} AS p95_ms"
+            f" FROM {self.db}.{FACTS_TABLE} FINAL"
+            " WHERE tenant_id = {tenant:String}"
+            " AND type IN ('WorkflowStepCompleted', 'WorkflowStepFailed', 'WorkflowStepSkipped')"
+            f"{where} GROUP BY workflow, step ORDER BY workflow, step",
+            {"tenant": tenant_id, "workflow": workflow},
+        )
 
     def anomalies(
         self,

@@ -36,6 +36,11 @@ from events import (
     RouteDecided,
     SentimentScored,
     TagsChanged,
+    WorkflowFinished,
+    WorkflowStarted,
+    WorkflowStepCompleted,
+    WorkflowStepFailed,
+    WorkflowStepSkipped,
 )
 
 FACTS_TABLE = "facts"
@@ -77,6 +82,9 @@ class FactRow(NamedTuple):
     tags_removed: tuple[str, ...] = ()
     redacted: int = 0
     """1 once pruning cleared `text`; the sink keeps the row with the highest value."""
+    workflow: str = ""
+    step: str = ""
+    """A workflow run's step (per-step metrics: status, latency_ms, error_class)."""
 
 
 class AnomalyRow(NamedTuple):
@@ -228,6 +236,20 @@ def project(event: Envelope[Any]) -> Row | None:
             return _fact(event, rating=p.rating, thumbs=p.thumbs, text=p.reason)
         case ContextCreated():
             return _fact(event, text=p.title)
+        case WorkflowStarted():
+            return _fact(event, workflow=p.workflow, status="started")
+        case WorkflowStepCompleted():
+            return _fact(event, workflow=p.workflow, step=p.step, status="completed",
+                         latency_ms=p.duration_ms)  # fmt: skip
+        case WorkflowStepFailed():
+            return _fact(event, workflow=p.workflow, step=p.step, status="failed",
+                         latency_ms=p.duration_ms, error_class=p.error_class,
+                         text=p.message)  # fmt: skip
+        case WorkflowStepSkipped():
+            return _fact(event, workflow=p.workflow, step=p.step, status="skipped")
+        case WorkflowFinished():
+            return _fact(event, workflow=p.workflow, status=p.status, latency_ms=p.duration_ms,
+                         text=p.error)  # fmt: skip
         case AnomalyDetected():
             return AnomalyRow(
                 event_id=event.event_id,
