@@ -49,6 +49,8 @@ from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
 from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
 from infra.tracing import hex_ids
+from infra.workflow_api import add_workflow_routes
+from infra.workflows import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +265,7 @@ def build_api(
     admin_log: EventSink | None = None,
     bootstrap_servers: str = "",
     plugins: PluginHost | None = None,
+    workflows: Catalog | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -625,6 +628,9 @@ def build_api(
         live_counts=live_counts or (lambda: {}),
         prune=prune,
     )
+
+    if workflows is not None:
+        add_workflow_routes(api, caller, store, workflows, admin_log)
 
     @api.get("/v1/audit/verify", tags=["audit"])
     async def audit_verify(
