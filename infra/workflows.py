@@ -468,6 +468,12 @@ class ArchivedDocuments:
         return rank_passages(documents.values(), query, k)
 
 
+def _terms(text: str) -> list[str]:
+    """Lower-cased words, a plural's "s" dropped (refunds ~ refund): a stemmer's first step."""
+    words = (w.lower() for w in _WORD.findall(text))
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
+
+
 def rank_passages(
     documents: Iterable[DocumentAttached], query: str, k: int
 ) -> list[dict[str, Any]]:
@@ -480,9 +486,9 @@ def rank_passages(
     ]
     if not passages:
         return []
-    tokens = [Counter(w.lower() for w in _WORD.findall(text)) for _, text in passages]
+    tokens = [Counter(_terms(text)) for _, text in passages]
     average = sum(sum(t.values()) for t in tokens) / len(tokens) or 1.0
-    terms = {w.lower() for w in _WORD.findall(query)}
+    terms = set(_terms(query))
     frequency = {t: sum(1 for c in tokens if t in c) for t in terms}
     scored = []
     for (doc, text), counts in zip(passages, tokens, strict=True):

@@ -1,0 +1,106 @@
+"""Workflows in the running service, through the CLI: the README's TOML workflow (kb, chat,
+a condition, a loop) run to its end, its status and events, the step metrics in the
+analytics projection, and clear refusals of bad runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
+
+pytestmark = pytest.mark.e2e
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+TRIAGE = next(b for b in re.findall(r"```toml\n(.*?)```", README, re.S) if "[[steps]]" in b)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("workflows")
+    folder = workdir / "workflows"
+    folder.mkdir()
+    (folder / "triage.toml").write_text(TRIAGE)
+    service = start_service(workdir, extra_env={"CHATLLM_WORKFLOWS__FOLDER": str(folder)})
+    try:
+        yield service
+    finally:
+        stop_service(service)
+
+
+def test_the_readme_workflow_runs_from_the_cli_to_its_end(running: Service) -> None:
+    # Step 1: the support context holds a document for the kb step to find.
+    policy = b"Refunds are possible within 30 days.\n\nShipping takes 3 days."
+    response = httpx.post(
+        f"{running.base}/v1/contexts/support/documents",
+        json={"name": "policy.txt", "content_base64": base64.b64encode(policy).decode()},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    wait_for(
+        lambda: httpx.get(f"{running.base}/v1/contexts/support/events", timeout=30).json(),
+        "the document in the archive (the kb step reads it there)",
+    )
+
+    # Step 2: `workflow run` starts the run and follows it to its end.
+    done = cli(running, "workflow", "run", "triage", "-i", "question=Can I get a refund?")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "completed" in done.stdout
+    run_id = re.search(r"run ([0-9a-f-]{36})", done.stdout).group(1)  # type: ignore[union-attr]
+
+    # Step 3: the status shows every step settled; the condition held (a refund), so
+    # escalate ran; the kb step found the refund paragraph; the loop ran 1-3 times.
+    shown = cli(running, "workflow", "status", run_id, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    steps = {s["step"]: s for s in status["steps"]}
+    assert status["status"] == "completed"
+    assert [s["step"] for s in status["steps"]][0] == "docs"
+    assert {k: v["status"] for k, v in steps.items()} == dict.fromkeys(
+        ["docs", "answer", "escalate", "follow_up"], "completed"
+    )
+    assert steps["docs"]["output"][0]["passage"].startswith("Refunds are possible")
+    assert steps["answer"]["output"]["reply"]
+    assert 1 <= steps["follow_up"]["iterations"] <= 3
+
+    # Step 4: the run's events, and the step metrics in the analytics projection.
+    with_events = cli(running, "workflow", "status", run_id, "--events")
+    assert "WorkflowFinished" in with_events.stdout
+
+    def metrics() -> list[dict[str, object]]:
+        listed = json.loads(cli(running, "workflow", "list", "--format", "json").stdout)
+        [triage] = listed["workflows"]
+        return triage["metrics"] if len(triage["metrics"]) == 4 else []
+
+    found = wait_for(metrics, "step metrics in the analytics projection")
+    assert {m["step"]: m["completed"] for m in found}["docs"] >= 1
+    table = cli(running, "workflow", "list")
+    assert "triage" in table.stdout and run_id[:8] in table.stdout
+
+
+def test_a_question_without_refund_skips_the_escalation(running: Service) -> None:
+    done = cli(running, "workflow", "run", "triage", "-i", "question=Where is my parcel?")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = re.search(r"run ([0-9a-f-]{36})", done.stdout).group(1)  # type: ignore[union-attr]
+    status = httpx.get(f"{running.base}/v1/workflows/runs/{run_id}", timeout=30).json()
+    escalate = next(s for s in status["steps"] if s["step"] == "escalate")
+    assert escalate["status"] == "skipped" and "refund" in escalate["reason"]
+
+
+def test_bad_runs_are_refused_with_the_reason(running: Service) -> None:
+    unknown = cli(running, "workflow", "run", "nope")
+    assert unknown.returncode == 1 and "no workflow named 'nope'" in unknown.stderr
+    missing = httpx.post(f"{running.base}/v1/workflows/triage/runs", json={}, timeout=30)
+    assert missing.status_code == 422 and "needs input 'question'" in missing.json()["detail"]
+    wrong = httpx.post(
+        f"{running.base}/v1/workflows/triage/runs",
+        json={"inputs": {"question": 42}},
+        timeout=30,
+    )
+    assert wrong.status_code == 422 and "must be str" in wrong.json()["detail"]
