@@ -124,6 +124,12 @@ class RateLimiter:
         self.factor = 1.0
         self._healthy = 0
 
+    def use(self, policy: LimitPolicy) -> None:
+        """Switch to `policy`, keeping the windows counted so far (a switch is no reset)."""
+        self.policy = policy
+        self._user = parse_many(policy.user) if policy.user else []
+        self._tenant = parse_many(policy.tenant) if policy.tenant else []
+
     def _rate_item(self) -> tuple[RateLimitItem, str] | None:
         p = self.policy
         if p.rate_per_s <= 0:

@@ -114,6 +114,7 @@ async def _serve(
         bootstrap_servers=stack.bootstrap_servers,
         plugins=stack.plugins,
         workflows=stack.workflows,
+        use_profile=stack.use_profile,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -151,19 +152,20 @@ def _run(coroutine: Any) -> Any:
     return uvloop.run(coroutine)
 
 
-def _start_stack(settings: Settings) -> Any:
+def _start_stack(settings: Settings, loaded: LoadedConfig | None = None) -> Any:
     from infra.runtime import Stack
 
     with out.status("starting broker, ClickHouse, Ray and the processors ..."):
-        return Stack.start(settings)
+        return Stack.start(settings, loaded)
 
 
 @app.command()
 def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
     """Start the whole stack (broker, ClickHouse, Ray, processors, HTTP) until Ctrl-C."""
-    settings = _load(config, profile).settings
+    loaded = _load(config, profile)
+    settings = loaded.settings
     _setup_logging(settings)
-    stack = _start_stack(settings)
+    stack = _start_stack(settings, loaded)
     try:
         _run(_serve(stack))
     except KeyboardInterrupt:
@@ -1401,6 +1403,44 @@ def workflow_status(
                 f"{escape(json.dumps(event['payload'], default=str)[:120])}",
                 highlight=False,
             )
+
+
+@config_app.command("use")
+def config_use(
+    profile: str = typer.Argument(..., help="a profile of the service's config file ('' for none)"),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Switch the running service to another profile; shows what changed and what needs a
+    restart. The switch is recorded as a ConfigChanged event."""
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=None)
+    body = json.dumps({"profile": profile}).encode()
+    result: dict[str, Any] = _get_json(
+        "/v1/admin/config",
+        {},
+        method="POST",
+        content=body,
+        **where,  # type: ignore[arg-type]
+    )
+    if fmt == "json":
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        return
+    before, after = result["profile_before"] or "(none)", result["profile_after"] or "(none)"
+    table = Table(title=f"profile {before} → {after}", title_justify="left")
+    for column in ("key", "before", "after", "effect"):
+        table.add_column(column, overflow="fold")
+    for change in result["changes"]:
+        live = change["key"] in result["applied"]
+        table.add_row(
+            escape(change["key"]),
+            escape(_cell(change["before"])),
+            escape(_cell(change["after"])),
+            "[green]applied[/green]" if live else "[yellow]at next start[/yellow]",
+        )
+    out.print(table)
 
 
 # ---- demo ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ CHATLLM_HTTP__PORT=9000. CHATLLM_CONFIG names the file, CHATLLM_PROFILE the prof
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -239,6 +240,8 @@ class LoadedConfig:
     settings: Settings
     sources: dict[str, str]
     values: dict[str, Any]
+    path: str | None = None
+    profile: str = ""
 
 
 # Maps whose keys are data (model names, error classes), not settings: set as a whole.
@@ -346,7 +349,43 @@ def load_config(
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), sources)) from None
     _check_models(settings, sources)
-    return LoadedConfig(settings=settings, sources=sources, values=values)
+    return LoadedConfig(
+        settings=settings,
+        sources=sources,
+        values=values,
+        path=str(path) if path else None,
+        profile=profile or "",
+    )
+
+
+# Keys a running service applies at once when its config changes (`chatllm config use`);
+# the others take effect at the next start.
+LIVE_KEYS = ("limits.", "routing.", "deployments", "sanitizer.", "log.level", "plugins.config",
+             "plugins.failure_limit")  # fmt: skip
+# Values that are secrets (or may hold one): a change shows their digest, never the value.
+SECRET_KEYS = frozenset(
+    {"auth.keys", "workflows.api_key", "clickhouse.url", "tracing.otlp_endpoint"}
+)
+
+
+def is_live(key: str) -> bool:
+    return key.startswith(LIVE_KEYS)
+
+
+def changes(before: LoadedConfig, after: LoadedConfig) -> list[tuple[str, Any, Any]]:
+    """(key, before, after) of every key whose value differs, secrets as digests."""
+
+    def shown(key: str, value: Any) -> Any:
+        if key in SECRET_KEYS and value:
+            digest = hashlib.sha256(msgspec.json.encode(value)).hexdigest()
+            return f"sha256:{digest[:12]}"
+        return value
+
+    return [
+        (key, shown(key, before.values.get(key)), shown(key, after.values[key]))
+        for key in sorted(after.values)
+        if before.values.get(key) != after.values[key]
+    ]
 
 
 def _check_models(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -38,7 +38,7 @@ from events import FeedbackGiven, ProjectionsRebuilt, UserForgotten, decode
 from events.standalone import standalone
 from infra.audit import verify
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
-from infra.config import Settings
+from infra.config import ConfigError, Settings
 from infra.history import UnknownContext, state_at
 from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
@@ -129,6 +129,10 @@ class WhatIfIn(BaseModel):
     )
     since: datetime | None = None
     until: datetime | None = None
+
+
+class ProfileIn(BaseModel):
+    profile: str = Field(max_length=64, description="a profile of the config file; empty: none")
 
 
 class ForgetIn(BaseModel):
@@ -266,6 +270,7 @@ def build_api(
     bootstrap_servers: str = "",
     plugins: PluginHost | None = None,
     workflows: Catalog | None = None,
+    use_profile: Callable[[str, str, str], Awaitable[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -654,6 +659,18 @@ def build_api(
             stream="admin",
         )
         await admin_log.append([event])
+
+    @api.post("/v1/admin/config", tags=["admin"])
+    async def switch_config(body: ProfileIn, who: Annotated[Caller, Depends(caller)]) -> Any:
+        """Switch the running service to another profile of its config file (empty: the
+        file alone). Live keys take effect now; the answer lists those that need a restart.
+        The change is recorded as a ConfigChanged event (who, before, after)."""
+        if use_profile is None:
+            raise HTTPException(503, "this service cannot switch its configuration")
+        try:
+            return await use_profile(body.profile, who.tenant_id, who.user_id or "operator")
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     @api.post("/v1/admin/forget", tags=["admin"])
     async def forget_user(body: ForgetIn, who: Annotated[Caller, Depends(caller)]) -> Any:

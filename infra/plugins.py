@@ -219,6 +219,17 @@ class PluginHost:
             self._pm.unregister(plugin.module)
         self.plugins.pop(plugin.name, None)
 
+    async def reconfigure(self, configs: dict[str, dict[str, Any]], failure_limit: int) -> None:
+        """New plugin config: each plugin whose config changed is initialised again with it
+        (a config its Config refuses leaves the plugin as it was, and is a failed event)."""
+        old, self.configs, self.failure_limit = self.configs, configs, failure_limit
+        for plugin in list(self.plugins.values()):
+            if old.get(plugin.name) != configs.get(plugin.name):
+                try:
+                    await self._install(plugin.module, plugin.source, plugin.digest, plugin)
+                except Exception as exc:
+                    await self._event(plugin.name, plugin.version, "failed", f"new config: {exc}")
+
     async def close(self) -> None:
         for plugin in list(self.plugins.values()):
             self._uninstall(plugin)

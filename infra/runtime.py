@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from events import ConfigChange, ConfigChanged
 from events.standalone import standalone
 from infra.broker import EmbeddedBroker
 from infra.bus import EventBus
 from infra.clock import SystemClock
-from infra.config import RayConfig, Settings
+from infra.config import LoadedConfig, RayConfig, Settings, changes, is_live, load_config
 from infra.gateway import Gateway
 from infra.ingest import Ingest
 from infra.kafka import KafkaEventSink, ensure_topics
@@ -295,10 +296,12 @@ class Stack:
     metrics: Metrics
     broker: EmbeddedBroker | None = None
     owns_ray: bool = False
+    loaded: LoadedConfig | None = None
+    """The configuration in effect (its file and profile), for `chatllm config use`."""
     _stopped: bool = field(default=False, repr=False)
 
     @classmethod
-    def start(cls, settings: Settings) -> Stack:
+    def start(cls, settings: Settings, loaded: LoadedConfig | None = None) -> Stack:
         """Start the stack (blocking); call stop() to take it down in reverse order."""
         broker, bootstrap = start_broker(settings, Path(settings.streams.datadir).parent)
         store: ClickHouseStore | None = None
@@ -348,6 +351,7 @@ class Stack:
             metrics=metrics,
             broker=broker,
             owns_ray=owns_ray,
+            loaded=loaded,
         )
 
     @contextlib.asynccontextmanager
@@ -423,6 +427,47 @@ class Stack:
                 await supervisor
             await feeding.aclose()
             await self.plugins.close()
+
+    async def use_profile(self, profile: str, tenant_id: str, requested_by: str) -> dict[str, Any]:
+        """Switch the running service to another profile of its config file: the live keys
+        (limits, routing, deployments, sanitizer, log level, plugin config) take effect now,
+        the rest at the next start; the change is a ConfigChanged event (who, before, after).
+        ConfigError if the profile does not exist or does not validate."""
+        before = self.loaded or load_config(env={})
+        after = load_config(before.path, profile or None)
+        changed = changes(before, after)
+        live = [key for key, _, _ in changed if is_live(key)]
+        if any(not k.startswith(("log.", "plugins.")) for k in live):
+            await asyncio.gather(*(h.reconfigure.remote(after.settings) for h in self.hosts))
+        if "log.level" in live:
+            logging.getLogger().setLevel(after.settings.log.level)
+        if any(k.startswith("plugins.") for k in live):
+            p = after.settings.plugins
+            await self.plugins.reconfigure(dict(p.config), p.failure_limit)
+        event = standalone(
+            ConfigChanged(
+                profile_before=before.profile,
+                profile_after=after.profile,
+                changes=tuple(ConfigChange(key=k, before=b, after=a) for k, b, a in changed),
+                applied=tuple(live),
+                requested_by=requested_by,
+            ),
+            event_id=SystemClock().new_event_id(),
+            tenant_id=tenant_id,
+            user_id=requested_by,
+            occurred_at=datetime.now(UTC),
+            stream="config",
+        )
+        await self.appender.append([event])
+        self.loaded = after
+        return {
+            "profile_before": before.profile,
+            "profile_after": after.profile,
+            "changes": [{"key": k, "before": b, "after": a} for k, b, a in changed],
+            "applied": live,
+            "restart_required": [k for k, _, _ in changed if not is_live(k)],
+            "event_id": event.event_id,
+        }
 
     async def prune(
         self, tenant: str, max_age_days: float | None, requested_by: str

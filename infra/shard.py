@@ -113,6 +113,19 @@ class ChatShard:
         self._max_document_bytes = settings.contexts.max_document_bytes
         self._loading: dict[str, asyncio.Lock] = {}
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Apply the live part of a new configuration (`chatllm config use`): limits keep
+        their windows; a new routing table or deployments start with closed breakers."""
+        service = self.service
+        service.limiter.use(settings.limits)
+        service.sanitizer = Sanitizer(settings.sanitizer)
+        if (
+            settings.routing != service.router.policy
+            or list(service.router.deployments.values()) != settings.deployments
+        ):
+            service.router = ModelRouter(settings.routing, settings.deployments)
+            service.providers = {d.name: provider_for(d) for d in settings.deployments}
+
     def pid(self) -> int:
         """The actor's process id (the memory detector samples it)."""
         return os.getpid()

@@ -1,6 +1,7 @@
 """Workflows in the running service, through the CLI: the README's TOML workflow (kb, chat,
 a condition, a loop) run to its end, its status and events, the step metrics in the
-analytics projection, and clear refusals of bad runs."""
+analytics projection, and clear refusals of bad runs. And `chatllm config use`: a profile
+switched while the service runs, recorded as an event."""
 
 from __future__ import annotations
 
@@ -21,13 +22,27 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 TRIAGE = next(b for b in re.findall(r"```toml\n(.*?)```", README, re.S) if "[[steps]]" in b)
 
 
+CONFIG = """
+[log]
+level = "INFO"
+
+[profiles.strict.limits]
+user = "2/minute"
+
+[profiles.strict.http]
+host = "0.0.0.0"
+"""
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("workflows")
     folder = workdir / "workflows"
     folder.mkdir()
     (folder / "triage.toml").write_text(TRIAGE)
-    service = start_service(workdir, extra_env={"CHATLLM_WORKFLOWS__FOLDER": str(folder)})
+    service = start_service(
+        workdir, config=CONFIG, extra_env={"CHATLLM_WORKFLOWS__FOLDER": str(folder)}
+    )
     try:
         yield service
     finally:
@@ -104,3 +119,46 @@ def test_bad_runs_are_refused_with_the_reason(running: Service) -> None:
         timeout=30,
     )
     assert wrong.status_code == 422 and "must be str" in wrong.json()["detail"]
+
+
+def test_config_use_switches_a_live_profile_and_records_who_and_what(running: Service) -> None:
+    def ask() -> int:
+        return httpx.post(
+            f"{running.base}/v1/contexts/cfg-1/messages",
+            json={"content": "hello", "user_id": "cfg-user"},
+            timeout=30,
+        ).status_code
+
+    # Step 1: switch to the strict profile while the service runs.
+    switched = cli(running, "config", "use", "strict")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert "limits.user" in switched.stdout and "applied" in switched.stdout
+    assert "http.host" in switched.stdout and "at next start" in switched.stdout
+
+    # Step 2: the new user limit holds at once: 2 a minute.
+    assert [ask(), ask(), ask()] == [200, 200, 429]
+
+    # Step 3: back to no profile; the limit is the default again.
+    back = cli(running, "config", "use", "", "--format", "json")
+    change = json.loads(back.stdout)
+    assert change["profile_before"] == "strict" and change["profile_after"] == ""
+    assert ask() == 200
+
+    # Step 4: an unknown profile is refused with the reason, and nothing changes.
+    unknown = cli(running, "config", "use", "nope")
+    assert unknown.returncode == 1 and "profile 'nope' is not defined" in unknown.stderr
+
+    # Step 5: both switches are in the audit trail: who, before and after.
+    def recorded() -> list[dict[str, object]]:
+        found = cli(running, "audit", "search", "--action", "ConfigChanged", "--format", "jsonl")
+        events = [json.loads(line) for line in found.stdout.splitlines() if line.strip()]
+        return events if len(events) == 2 else []
+
+    first, second = wait_for(recorded, "two ConfigChanged events in the archive")
+    payload = first["payload"]
+    assert (payload["profile_before"], payload["profile_after"]) == ("", "strict")
+    assert {"key": "limits.user", "before": "600/hour;5000/day", "after": "2/minute"} in payload[
+        "changes"
+    ]
+    assert payload["requested_by"] == first["user_id"] == "operator"
+    assert second["payload"]["profile_after"] == ""

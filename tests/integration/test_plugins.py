@@ -78,6 +78,45 @@ async def test_a_folder_plugin_is_loaded_configured_and_reloaded(tmp_path: Path)
     assert await plugins.after_reply(REQUEST, "lisbon") == "lisbon"
 
 
+async def test_new_config_is_validated_by_the_plugin_and_applied_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "shout.py").write_text(SHOUT.replace("VERSION", "1.0"))
+    events: list[Any] = []
+    plugins = host(tmp_path, events)
+    await plugins.load_all()
+    # A config its Config refuses: a failed event, and the plugin goes on as it was.
+    await plugins.reconfigure({"shout": {"suffix": 3}}, failure_limit=3)
+    assert changes(events)[-1] == ("shout", "failed")
+    assert "new config" in events[-1].detail
+    assert await plugins.after_reply(REQUEST, "ok") == "OK!"
+    # A valid one: the plugin is initialised again with it.
+    await plugins.reconfigure({"shout": {"suffix": "?"}}, failure_limit=3)
+    assert changes(events)[-1] == ("shout", "reloaded")
+    assert await plugins.after_reply(REQUEST, "ok") == "OK?"
+
+
+async def test_a_plugin_runs_a_workflow_step_and_its_failure_fails_the_step(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "steps.py").write_text(
+        "from infra.plugins import hookimpl\n"
+        'PLUGIN = {"name": "steps", "version": "1", "hooks": ["run_step"]}\n'
+        "@hookimpl\n"
+        "def run_step(params, step):\n"
+        "    return {'double': params['n'] * 2}\n"
+    )
+    events: list[Any] = []
+    plugins = host(tmp_path, events)
+    await plugins.load_all()
+    assert await plugins.run_step("steps", {"n": 4}, None) == {"double": 8}
+    with pytest.raises(KeyError):
+        await plugins.run_step("steps", {}, None)
+    assert changes(events)[-1] == ("steps", "failed")
+    with pytest.raises(LookupError, match="no plugin 'other'"):
+        await plugins.run_step("other", {}, None)
+
+
 async def test_a_failing_plugin_is_isolated_then_disabled(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text(BROKEN)
     (tmp_path / "shout.py").write_text(SHOUT.replace("VERSION", "1.0"))

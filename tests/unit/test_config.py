@@ -174,3 +174,22 @@ def test_every_detector_setting_comes_from_the_anomalies_section() -> None:
     env = {"CHATLLM_ANOMALIES__WINDOW_S": "30", "CHATLLM_ANOMALIES__COOLDOWN_S": "5"}
     config = detector_config(load_config(env=env).settings)
     assert (config.window_s, config.cooldown_s) == (30.0, 5.0)
+
+
+def test_a_profile_switch_lists_changed_keys_with_secrets_as_digests(tmp_path: Path) -> None:
+    from infra.config import changes, is_live
+
+    path = tmp_path / "chatllm.toml"
+    path.write_text(
+        '[profiles.prod.limits]\nuser = "5/minute"\n'
+        '[profiles.prod.workflows]\napi_key = "s3cret"\n'
+        "[profiles.prod.http]\nport = 9001\n"
+    )
+    before, after = load_config(path, env={}), load_config(path, "prod", env={})
+    found = {key: (b, a) for key, b, a in changes(before, after)}
+    assert found["limits.user"] == ("600/hour;5000/day", "5/minute")
+    assert found["http.port"] == (8000, 9001)
+    assert found["workflows.api_key"][1].startswith("sha256:")
+    assert "s3cret" not in repr(found)
+    assert is_live("limits.user") and not is_live("http.port")
+    assert (after.path, after.profile) == (str(path), "prod")
