@@ -167,9 +167,22 @@ class BatchLoop:
                     timeout_ms=int(s.batch_within_s * 1000), max_records=s.batch_size
                 )
                 if fetched:
-                    await self.handle([r for batch in fetched.values() for r in batch])
+                    ends = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
+                    work = asyncio.ensure_future(
+                        self.handle([r for batch in fetched.values() for r in batch])
+                    )
+                    try:
+                        await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # A stop in the middle of a batch lets it finish and commits it:
+                        # handlers that already ran must not see its events a second time.
+                        with contextlib.suppress(Exception):
+                            await work
+                        if not work.cancelled() and work.exception() is None:
+                            handled.update(ends)
+                        raise
                     # Only now, with the batch handled, may its offsets move on.
-                    handled.update({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                    handled.update(ends)
                 if time.monotonic() - committed_at >= s.commit_interval_s:
                     await commit()
         except asyncio.CancelledError:

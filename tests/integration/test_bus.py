@@ -60,9 +60,11 @@ async def test_emit_subscribe_miss_and_catch_up(broker: EmbeddedBroker, topics: 
     again = EventBus(broker.bootstrap_servers, name="billing", topic=topics.events)
     again.on("FeedbackGiven", lambda e: got.append(e.payload.reason))
     async with again.running():
-        await until(lambda: got == ["#1", "#2", "#3"], "the missed events")
+        await until(lambda: len(got) >= 3, "the missed events")
         await asyncio.sleep(0.5)
-    assert got == ["#1", "#2", "#3"]
+    # Each emitted event is a stream of its own: the log orders a stream, not streams
+    # across partitions.
+    assert got[0] == "#1" and sorted(got[1:]) == ["#2", "#3"]
 
     # Step 3: history reads the log from its beginning.
     history = await emitter.history("Feedback*")
