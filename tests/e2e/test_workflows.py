@@ -76,7 +76,7 @@ def test_the_readme_workflow_runs_from_the_cli_to_its_end(running: Service) -> N
     status = json.loads(shown.stdout)
     steps = {s["step"]: s for s in status["steps"]}
     assert status["status"] == "completed"
-    assert [s["step"] for s in status["steps"]][0] == "docs"
+    assert status["steps"][0]["step"] == "docs"
     assert {k: v["status"] for k, v in steps.items()} == dict.fromkeys(
         ["docs", "answer", "escalate", "follow_up"], "completed"
     )
