@@ -22,18 +22,23 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from actors.cache import ReplyCache, scope_key
 from actors.context import ContextActor, RequestMeta
+from actors.knowledge import Retrieved, knowledge_prompt
 from actors.limiter import RateLimiter
 from actors.ports import ChatMessage, ModelError, ModelProvider, SentimentScorer
 from actors.router import REQUEST_ERRORS, Deployment, ModelRouter, RetryRule
 from actors.sanitizer import Sanitizer
 from events import (
+    CacheHit,
     ContextCreated,
     Envelope,
     Event,
     InputChecked,
+    KnowledgeUsed,
     MessageReceived,
     ModelCalled,
+    PassageRef,
     RateLimitChecked,
     ReplyCompleted,
     ReplyFailed,
@@ -41,6 +46,8 @@ from events import (
     SentimentScored,
 )
 
+CACHE_DEPLOYMENT = "cache"
+"""The deployment of a reply the reply cache gave (a CacheHit event says which one)."""
 FALLBACK_NOTE = "[fallback: every routed model failed; this answer is from the offline demo model] "
 
 
@@ -58,6 +65,10 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Ask these models at once (each with its own fallbacks) instead of routing to one."""
     merge: Literal["first", "all"] = "first"
     """Fan-out: keep the first complete answer (the others are cancelled), or all side by side."""
+    knowledge: tuple[Retrieved, ...] = ()
+    """Knowledge-base passages to put before the model (retrieval-augmented reply)."""
+    use_cache: bool = True
+    """Let the reply cache answer (when the shard has one)."""
 
 
 class Piece(msgspec.Struct, frozen=True, array_like=True):
@@ -147,6 +158,7 @@ class ChatService:
         sentiment: SentimentScorer,
         clock: Any,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        cache: ReplyCache | None = None,
     ) -> None:
         self.limiter = limiter
         self.router = router
@@ -156,6 +168,7 @@ class ChatService:
         self.sentiment = sentiment
         self.clock = clock
         self.sleep = sleep
+        self.cache = cache
 
     async def turn(self, context: ContextActor, request: ChatRequest) -> TurnOutcome:
         """The whole turn; the reply comes back complete."""
@@ -244,6 +257,72 @@ class ChatService:
                 ),
                 ChatMessage(role="user", content=verdict.text, message_id=message_id),
             ]
+            if request.knowledge:
+                conversation.insert(
+                    len(conversation) - 1,
+                    ChatMessage(role="system", content=knowledge_prompt(request.knowledge)),
+                )
+                payloads.append(
+                    KnowledgeUsed(
+                        in_reply_to=message_id,
+                        passages=tuple(
+                            PassageRef(
+                                source=p.source,
+                                document=p.document,
+                                chunk=p.chunk,
+                                score=round(p.score, 4),
+                            )
+                            for p in request.knowledge
+                        ),
+                    )
+                )
+            scope, vector = "", None
+            if self.cache is not None and request.use_cache and len(request.fanout) <= 1:
+                started = time.perf_counter()
+                scope = scope_key(
+                    meta.tenant_id,
+                    conversation[:-1],
+                    request.model or state.config.get("model", ""),
+                )
+                # The embedding runs outside the loop (onnxruntime lets go of the GIL).
+                vector = await asyncio.to_thread(self.cache.vector, verdict.text)
+                hit = self.cache.lookup(scope, verdict.text, vector, self.clock.monotonic())
+                if hit is not None:
+                    reply = ReplyCompleted(
+                        message_id=self.clock.new_event_id(),
+                        in_reply_to=message_id,
+                        content=hit.entry.reply,
+                        model=hit.entry.model,
+                        latency_ms=(time.perf_counter() - started) * 1000,
+                        prompt_tokens=sum(count_tokens(m.content) for m in conversation),
+                        completion_tokens=count_tokens(hit.entry.reply),
+                        deployment=CACHE_DEPLOYMENT,
+                    )
+                    payloads += [
+                        CacheHit(
+                            in_reply_to=message_id,
+                            kind=hit.kind,
+                            similarity=hit.similarity,
+                            cached_message_id=hit.entry.message_id,
+                            cached_prompt=hit.entry.prompt[:500],
+                            embedder=self.cache.embedder.name,
+                        ),
+                        reply,
+                    ]
+                    events = await context.record(payloads, meta, cause_after=message_id)
+                    yield reply.content
+                    yield TurnOutcome(
+                        status="ok",
+                        context_id=meta.context_id,
+                        reply=reply.content,
+                        model=reply.model,
+                        deployment=CACHE_DEPLOYMENT,
+                        prompt_tokens=reply.prompt_tokens,
+                        completion_tokens=reply.completion_tokens,
+                        events=refs(events),
+                        message_id=reply.message_id,
+                    )
+                    return
             depth = sum(1 for m in conversation if m.role == "user") - 1
             route = self.router.route(
                 in_reply_to=message_id,
@@ -291,6 +370,17 @@ class ChatService:
             payloads += self.router.take_circuit_events()
             payloads.append(final)
             events = await context.record(payloads, meta, cause_after=message_id)
+            if scope and isinstance(final, ReplyCompleted) and not final.fallback:
+                assert self.cache is not None
+                self.cache.put(
+                    scope,
+                    verdict.text,
+                    final.content,
+                    final.model,
+                    final.message_id,
+                    vector,
+                    self.clock.monotonic(),
+                )
 
         prompt_tokens = sum(count_tokens(m.content) for m in conversation)
         if isinstance(final, ReplyFailed):

@@ -309,6 +309,46 @@ class ConfigChanged(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
+class KnowledgeIngested(msgspec.Struct, frozen=True, kw_only=True):
+    """A document of a knowledge source was added, updated or removed (re-ingestion touches
+    only what changed)."""
+
+    source: NonEmpty
+    document: NonEmpty
+    change: Literal["added", "updated", "removed"]
+    digest: str = ""
+    """SHA-256 of the document's bytes (empty once removed)."""
+    passages: Annotated[int, msgspec.Meta(ge=0)] = 0
+    embedder: str = ""
+
+
+class PassageRef(msgspec.Struct, frozen=True, kw_only=True):
+    source: NonEmpty
+    document: NonEmpty
+    chunk: Annotated[int, msgspec.Meta(ge=0)]
+    score: float
+
+
+class KnowledgeUsed(msgspec.Struct, frozen=True, kw_only=True):
+    """Passages of the knowledge base were put before the model for a message."""
+
+    in_reply_to: NonEmpty
+    passages: tuple[PassageRef, ...]
+
+
+class CacheHit(msgspec.Struct, frozen=True, kw_only=True):
+    """A message was answered from the reply cache instead of a model; `similarity` lets a
+    replay find false hits."""
+
+    in_reply_to: NonEmpty
+    kind: Literal["exact", "semantic"]
+    similarity: float
+    cached_message_id: NonEmpty
+    """The ReplyCompleted whose content was reused."""
+    cached_prompt: str = ""
+    embedder: str = ""
+
+
 Event = (
     ContextCreated
     | MessageReceived
@@ -338,6 +378,9 @@ Event = (
     | WorkflowStepSkipped
     | WorkflowFinished
     | ConfigChanged
+    | KnowledgeIngested
+    | KnowledgeUsed
+    | CacheHit
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -371,4 +414,7 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     WorkflowStepSkipped: 1,
     WorkflowFinished: 1,
     ConfigChanged: 1,
+    KnowledgeIngested: 1,
+    KnowledgeUsed: 1,
+    CacheHit: 1,
 }
