@@ -24,22 +24,26 @@ import numpy as np
 
 from actors.ports import ChatMessage
 
-# Each word names a concept and a side: "disable" is enable's negative side.
+# Each word names a concept and a side: "disable" is enable's negative side. Bare "no",
+# "not", "without" count as negations instead.
 _OPPOSITES = [
-    ("enable", "disable"), ("on", "off"), ("allow", "deny"), ("allow", "block"),
+    ("enable", "disable"), ("allow", "deny"), ("allow", "block"),
     ("add", "remove"), ("add", "delete"), ("start", "stop"), ("increase", "decrease"),
     ("show", "hide"), ("lock", "unlock"), ("open", "close"), ("include", "exclude"),
     ("accept", "reject"), ("activate", "deactivate"), ("subscribe", "unsubscribe"),
-    ("buy", "sell"), ("up", "down"), ("before", "after"), ("max", "min"),
+    ("buy", "sell"), ("before", "after"), ("max", "min"),
     ("maximum", "minimum"), ("more", "less"), ("enabled", "disabled"), ("connect", "disconnect"),
     ("install", "uninstall"), ("encrypt", "decrypt"), ("import", "export"), ("upload", "download"),
-    ("true", "false"), ("yes", "no"), ("always", "never"), ("with", "without"),
+    ("true", "false"), ("always", "never"),
     ("win", "lose"), ("mute", "unmute"), ("follow", "unfollow"), ("pause", "resume"),
 ]  # fmt: skip
 _POLARITY: dict[str, tuple[str, int]] = {}
 for _plus, _minus in _OPPOSITES:
     _POLARITY.setdefault(_plus, (_plus, 1))
     _POLARITY.setdefault(_minus, (_plus, -1))
+# "on", "up", "with" are mostly prepositions ("the email on my account"): only their
+# opposites count, so "turn off" differs from "turn on" and the preposition changes nothing.
+_POLARITY.update({"off": ("on", -1), "down": ("up", -1)})
 _NEGATIONS = frozenset({"not", "no", "never", "cannot", "without", "nor", "none", "nothing"})
 _TOKEN = re.compile(r"[a-z]+(?:'t)?|\d+(?:\.\d+)?")
 

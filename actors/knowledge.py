@@ -22,7 +22,7 @@ class Passage(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     text: str
     match: str
-    """What the embedding is made of: the text itself, or an FAQ entry's question."""
+    """What the embedding is made of: the text itself, or an FAQ entry's question and answer."""
 
 
 class Retrieved(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,7 +93,7 @@ class FaqError(ValueError):
 
 def faq_passages(document: str, data: bytes) -> list[Passage]:
     """An FAQ file: a JSON list of {"question", "answer"} (or {"faq": [...]}); each entry is
-    one passage, matched by its question."""
+    one passage, matched by its question and answer together."""
     try:
         parsed = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -116,7 +116,7 @@ def faq_passages(document: str, data: bytes) -> list[Passage]:
                 chunk=i,
                 title=question,
                 text=f"Q: {question}\nA: {answer}",
-                match=question,
+                match=f"{question} {answer}",
             )
         )
     return passages

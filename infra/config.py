@@ -186,6 +186,41 @@ class WorkflowsConfig(_Section):
     """Timeout of one request of an http step."""
 
 
+class CacheConfig(_Section):
+    """The reply cache (actors/cache.py), one per shard: a tenant's replicas share it."""
+
+    enabled: bool = False
+    semantic: bool = True
+    """Also answer paraphrases (embeds each message); off: identical messages only."""
+    threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.85
+    """Cosine similarity at or above which a paraphrase is answered from the cache."""
+    ttl_s: PositiveFloat = 3600.0
+    max_entries: Positive = 10_000
+    """Per shard; the least recently used scopes go first."""
+
+
+class KnowledgeSource(_Section):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    path: str
+    """A folder: Markdown, text and PDF documents (kind docs), or JSON FAQ files (kind faq)."""
+    kind: Literal["docs", "faq"] = "docs"
+    tenant: str = ""
+    """The tenant whose requests may use it; empty: the default tenant."""
+
+
+class KnowledgeConfig(_Section):
+    sources: list[KnowledgeSource] = msgspec.field(default_factory=list)
+    reingest_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Re-ingest every source this often (only what changed is touched); 0: on demand."""
+    chunk_chars: Annotated[int, msgspec.Meta(ge=100, le=4000)] = 800
+    chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 100
+    attach: bool = False
+    """Attach passages to every chat request (a request can say `knowledge: true/false`)."""
+    attach_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    min_score: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.35
+    """Passages less similar to the message than this are not attached."""
+
+
 class ApiKey(_Section):
     """An API key, stored as its SHA-256 (`chatllm keys hash` prints it), mapped to who uses it."""
 
@@ -221,6 +256,8 @@ class Settings(_Section):
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     workflows: WorkflowsConfig = msgspec.field(default_factory=WorkflowsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    kb: KnowledgeConfig = msgspec.field(default_factory=KnowledgeConfig)
     anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)

@@ -85,7 +85,10 @@ class MiniLMEmbedder:
             self._load()
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        rows = [self._batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        rows = [
+            self._batch(texts[i : i + self.batch_size])
+            for i in range(0, len(texts), self.batch_size)
+        ]
         return np.vstack(rows)
 
     def _batch(self, texts: Sequence[str]) -> np.ndarray:

@@ -42,6 +42,8 @@ from infra.config import ConfigError, Settings
 from infra.history import UnknownContext, state_at
 from infra.ingest import Ingest
 from infra.kafka import LogUnavailable
+from infra.knowledge import KnowledgeBase
+from infra.knowledge_api import add_knowledge_routes
 from infra.metrics import Metrics
 from infra.plugins import PluginHost, PluginRequest
 from infra.queries import QueryError, TenantPruner, add_query_routes
@@ -109,12 +111,27 @@ class CompletionIn(BaseModel):
     merge: Literal["first", "all"] = Field(
         default="first", description="fan-out: the first complete answer, or all as choices"
     )
+    knowledge: bool | None = Field(
+        default=None,
+        description="chat-llm extension: attach knowledge-base passages (default: kb.attach)",
+    )
+    cache: bool = Field(
+        default=True, description="chat-llm extension: let the reply cache answer (if enabled)"
+    )
 
 
 class MessageIn(BaseModel):
     content: str = Field(min_length=1, max_length=100_000)
     user_id: str = Field(default="anonymous", pattern=IDENT)
     title: str = Field(default="", max_length=500)
+    model: str | None = Field(default=None, max_length=200, description="a model to ask for")
+    knowledge: bool | None = Field(
+        default=None,
+        description="chat-llm extension: attach knowledge-base passages (default: kb.attach)",
+    )
+    cache: bool = Field(
+        default=True, description="chat-llm extension: let the reply cache answer (if enabled)"
+    )
 
 
 class DocumentIn(BaseModel):
@@ -271,6 +288,7 @@ def build_api(
     plugins: PluginHost | None = None,
     workflows: Catalog | None = None,
     use_profile: Callable[[str, str, str], Awaitable[dict[str, Any]]] | None = None,
+    knowledge: KnowledgeBase | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -338,6 +356,25 @@ def build_api(
                 "missing_api_key",
             )
         return Caller(tenant_id=x_tenant_id or settings.tenant, user_id="")
+
+    async def with_knowledge(
+        request: ChatRequest, wanted: bool | None, use_cache: bool
+    ) -> ChatRequest:
+        """The request with the knowledge-base passages closest to its message attached
+        (when asked, or by default with kb.attach), and the caller's cache choice."""
+        passages: tuple[Any, ...] = ()
+        if knowledge is not None and (settings.kb.attach if wanted is None else wanted):
+            kb = settings.kb
+            found = await knowledge.search(
+                request.meta.tenant_id,
+                request.messages[-1].content,
+                kb.attach_k,
+                min_score=kb.min_score,
+            )
+            passages = tuple(found)
+        if not passages and use_cache:
+            return request
+        return msgspec.structs.replace(request, knowledge=passages, use_cache=use_cache)
 
     async def run_turn(request: ChatRequest) -> TurnOutcome:
         started = time.perf_counter()
@@ -442,6 +479,7 @@ def build_api(
             fanout=tuple(body.fanout),
             merge=body.merge,
         )
+        request = await with_knowledge(request, body.knowledge, body.cache)
         completion_id = f"chatcmpl-{request.meta.correlation_id}"
         created = int(time.time())
         headers = {"X-Context-Id": context_id}
@@ -515,7 +553,9 @@ def build_api(
             meta=meta_for(who, context_id, body.user_id, traceparent),
             messages=(ChatMessage(role="user", content=body.content),),
             title=body.title,
+            model=body.model or "",
         )
+        request = await with_knowledge(request, body.knowledge, body.cache)
         outcome = await run_turn(request)
         if outcome.status in ("denied", "blocked"):
             error = outcome_error(outcome)
@@ -636,6 +676,8 @@ def build_api(
 
     if workflows is not None:
         add_workflow_routes(api, caller, store, workflows, admin_log)
+    if knowledge is not None:
+        add_knowledge_routes(api, caller, knowledge)
 
     @api.get("/v1/audit/verify", tags=["audit"])
     async def audit_verify(

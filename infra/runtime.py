@@ -21,9 +21,11 @@ from infra.broker import EmbeddedBroker
 from infra.bus import EventBus
 from infra.clock import SystemClock
 from infra.config import LoadedConfig, RayConfig, Settings, changes, is_live, load_config
+from infra.embeddings import MiniLMEmbedder
 from infra.gateway import Gateway
 from infra.ingest import Ingest
 from infra.kafka import KafkaEventSink, ensure_topics
+from infra.knowledge import KnowledgeBase
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
 from infra.plugins import PluginHost
@@ -157,6 +159,19 @@ def plugin_host(settings: Settings, log_sink: KafkaEventSink, store: AsyncStore)
     )
 
 
+def knowledge_base(
+    settings: Settings, log_sink: KafkaEventSink, astore: AsyncStore
+) -> KnowledgeBase:
+    """The knowledge base of this process (the model loads on first use)."""
+
+    async def record(event: Any) -> None:
+        await log_sink.append([event])
+
+    return KnowledgeBase(
+        astore, MiniLMEmbedder(), settings.kb, default_tenant=settings.tenant, record=record
+    )
+
+
 def workflow_catalog(settings: Settings) -> Catalog:
     folder = settings.workflows.folder
     return Catalog(folder=Path(folder) if folder else None)
@@ -170,6 +185,7 @@ def workflow_runner(
     *,
     chat: ChatPort | None = None,
     plugins: PluginHost | None = None,
+    knowledge: KnowledgeBase | None = None,
 ) -> WorkflowRunner:
     """The runner of this process: drives the runs of the partitions it gets. A worker
     without a gateway sends chat steps to workflows.api_url, when one is set."""
@@ -178,7 +194,9 @@ def workflow_runner(
         chat = HttpChat(w.api_url, w.api_key)
     actions = builtin_actions(
         chat=chat,
-        knowledge=ArchivedDocuments(astore),
+        knowledge=ArchivedDocuments(
+            astore, knowledge or knowledge_base(settings, log_sink, astore)
+        ),
         plugins=plugins,
         http_timeout_s=w.http_timeout_s,
     )
@@ -292,6 +310,7 @@ class Stack:
     ingest: Ingest
     plugins: PluginHost
     workflows: Catalog
+    knowledge: KnowledgeBase
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
@@ -347,6 +366,7 @@ class Stack:
             ingest=Ingest(settings, bootstrap),
             plugins=plugin_host(settings, appender, astore),
             workflows=workflow_catalog(settings),
+            knowledge=knowledge_base(settings, appender, astore),
             hosts=hosts,
             metrics=metrics,
             broker=broker,
@@ -363,12 +383,38 @@ class Stack:
                 self.worker.running(),
                 self._plugins_running(),
                 self._workflows_running(),
+                self._knowledge_refreshed(),
             ):
                 yield
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
             await self.ingest.stop()
+
+    @contextlib.asynccontextmanager
+    async def _knowledge_refreshed(self) -> AsyncIterator[None]:
+        """Re-ingest the knowledge sources on the configured schedule (first at start)."""
+        interval = self.settings.kb.reingest_interval_s
+        if not interval or not self.settings.kb.sources:
+            yield
+            return
+
+        async def refresh() -> None:
+            while True:
+                try:
+                    for report in await self.knowledge.ingest():
+                        log.info("knowledge source %s: %s", report.source, report)
+                except Exception:
+                    log.exception("knowledge re-ingestion failed; retrying next round")
+                await asyncio.sleep(interval)
+
+        task = asyncio.create_task(refresh(), name="knowledge-refresh")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @contextlib.asynccontextmanager
     async def _workflows_running(self) -> AsyncIterator[None]:
@@ -383,6 +429,7 @@ class Stack:
             self.astore,
             chat=GatewayChat(self.gateway),
             plugins=self.plugins,
+            knowledge=self.knowledge,
         )
         async with runner.running():
             yield

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from actors.cache import ReplyCache
 from actors.chat import ChatRequest, ChatService, Piece, TurnOutcome
 from actors.context import (
     ContextActor,
@@ -35,6 +36,7 @@ from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
 from infra.clock import SystemClock
 from infra.config import Settings
+from infra.embeddings import MiniLMEmbedder
 from infra.gateway import shard_index
 from infra.kafka import KafkaEventSink, KafkaStreamReader
 from infra.lease import Lease, LeasedSink
@@ -58,6 +60,28 @@ class ReplayClock:
 # A restarted shard replays the limit decisions of this long ago and since (the widest
 # window `limits` offers is a day; longer ones would need a longer replay).
 LIMITER_MEMORY_S = 86_400.0
+
+
+def reply_cache(settings: Settings) -> ReplyCache | None:
+    """The shard's reply cache, when configured (the model loads on the first lookup)."""
+    c = settings.cache
+    if not c.enabled:
+        return None
+    embedder: Any = MiniLMEmbedder() if c.semantic else ExactOnly()
+    return ReplyCache(embedder, threshold=c.threshold, ttl_s=c.ttl_s, max_entries=c.max_entries)
+
+
+class ExactOnly:
+    """The embedder of an exact-only cache: no model, every vector the same (so only the
+    exact match can hit; the threshold is never reached by a different text)."""
+
+    name = "exact"
+    dimension = 1
+
+    def embed(self, texts: Any) -> Any:
+        import numpy as np
+
+        return np.zeros((len(texts), 1), dtype=np.float32)
 
 
 class ChatShard:
@@ -106,6 +130,7 @@ class ChatShard:
             sanitizer=Sanitizer(settings.sanitizer),
             sentiment=VaderScorer(),
             clock=self._clock,
+            cache=reply_cache(settings),
         )
         # Least recently used first; an evicted context is rebuilt from the log when it returns.
         self._contexts: OrderedDict[str, ContextActor] = OrderedDict()

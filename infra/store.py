@@ -117,6 +117,7 @@ _ANALYTICS_SELECT = (
 )
 
 # Each migration is a list of idempotent statements; `{db}` is the database.
+KB_TABLE = "kb_passages"
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (
         1,
@@ -269,6 +270,29 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             f"ALTER TABLE {{db}}.{FACTS_TABLE}"
             " ADD COLUMN IF NOT EXISTS workflow LowCardinality(String) DEFAULT '',"
             " ADD COLUMN IF NOT EXISTS step LowCardinality(String) DEFAULT ''",
+        ],
+    ),
+    (
+        5,
+        "knowledge base: passages with their embeddings and a vector index",
+        [
+            f"""
+            CREATE TABLE IF NOT EXISTS {{db}}.{KB_TABLE} (
+                tenant_id LowCardinality(String),
+                source LowCardinality(String),
+                document String,
+                digest String,
+                chunk UInt32,
+                title String,
+                text String CODEC(ZSTD(3)),
+                embedding Array(Float32),
+                ingested_at DateTime64(6, 'UTC') DEFAULT now64(6),
+                INDEX vectors embedding TYPE vector_similarity('hnsw', 'cosineDistance', 384)
+                    GRANULARITY 100000000
+            )
+            ENGINE = MergeTree
+            ORDER BY (tenant_id, source, document, chunk)
+            """,
         ],
     ),
 ]

@@ -270,7 +270,7 @@ def kb_action(port: KnowledgePort | None) -> Action:
             raise StepFailure("BadParams", "param 'k' must be an integer in 1..50")
         return await port.search(
             tenant_id=step.tenant_id,
-            context_id=_param(params, "context"),
+            context_id=str(params.get("context", "")),
             query=_param(params, "query"),
             k=k,
         )
@@ -443,19 +443,22 @@ class HttpChat:
         }
 
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
 class ArchivedDocuments:
-    """kb steps over the text documents attached to a context, read from the archive and
-    ranked by BM25 over their paragraphs."""
+    """kb steps: with a `context`, the text documents attached to that context (read from
+    the archive, ranked by BM25 over their paragraphs); without, the knowledge base."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, knowledge: Any = None) -> None:
         self.store = store
+        self.knowledge = knowledge
 
     async def search(
         self, *, tenant_id: str, context_id: str, query: str, k: int
     ) -> list[dict[str, Any]]:
+        if not context_id:
+            if self.knowledge is None:
+                raise StepFailure("Unavailable", "no knowledge base in this process")
+            found = await self.knowledge.search(tenant_id, query, k)
+            return [msgspec.to_builtins(r) for r in found]
         documents: dict[str, DocumentAttached] = {}
         for record in await self.store.stream_events(tenant_id, context_id):
             if record.type not in ("DocumentAttached", "DocumentRemoved"):
@@ -466,6 +469,9 @@ class ArchivedDocuments:
             elif isinstance(p, DocumentRemoved):
                 documents.pop(p.document_id, None)
         return rank_passages(documents.values(), query, k)
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def _terms(text: str) -> list[str]:

@@ -24,7 +24,7 @@ def test_migrations_are_idempotent(store: ClickHouseStore) -> None:
     versions = store.client.query(
         f"SELECT version FROM {store.db}.schema_migrations FINAL ORDER BY version"
     ).result_rows
-    assert versions == [(1,), (2,), (3,), (4,)]
+    assert versions == [(1,), (2,), (3,), (4,), (5,)]
 
 
 def test_duplicate_rows_are_read_once(store: ClickHouseStore) -> None:
