@@ -330,6 +330,7 @@ class ChatService:
                 depth=depth,
                 current_model=state.model,
                 requested=request.model or state.config.get("model", ""),
+                tenant_id=meta.tenant_id,
             )
             if len(request.fanout) > 1:
                 routes = [

@@ -23,6 +23,7 @@ from events import (
     FeedbackGiven,
     MessageReceived,
     ReplyCompleted,
+    RouteDecided,
     TagsChanged,
 )
 from events.chain import event_hash
@@ -69,6 +70,9 @@ class ContextState(msgspec.Struct, frozen=True, kw_only=True):
     config: dict[str, str] = msgspec.field(default_factory=dict)
     last_hash: str = ""
     """The audit-chain hash of the last event (the next event's prev_hash)."""
+    replies: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
+    """Each reply's (model, band): what feedback on it teaches routing."""
+    last_band: str = ""
 
     def prompt(self) -> list[ChatMessage]:
         """What the model sees: the system prompt, text documents, then the conversation."""
@@ -123,8 +127,14 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
         case ReplyCompleted(message_id=message_id, content=content, model=model, fallback=fallback):
             message = ChatMessage(role="assistant", content=content, message_id=message_id)
             state = msgspec.structs.replace(
-                state, messages=(*state.messages, message), model=state.model if fallback else model
+                state,
+                messages=(*state.messages, message),
+                model=state.model if fallback else model,
+                replies={**state.replies, message_id: (model, state.last_band)},
+                last_band="",
             )
+        case RouteDecided(band=band):
+            state = msgspec.structs.replace(state, last_band=band)
         case DocumentAttached() as document:
             state = msgspec.structs.replace(state, documents=(*state.documents, document))
         case DocumentRemoved(document_id=document_id):
@@ -247,7 +257,8 @@ def decide_command(
             raise CommandRejected(f"no reply {feedback.message_id!r} in this context")
         if not feedback.thumbs and not feedback.rating:
             raise CommandRejected("feedback needs thumbs (up/down) or a rating (1-5)")
-        decided.append(feedback)
+        model, band = state.replies.get(feedback.message_id, ("", ""))
+        decided.append(msgspec.structs.replace(feedback, model=model, band=band))
     return decided
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 import pybreaker
 
+from actors.bandit import LearningPolicy, QualityBandit
 from events import CircuitChanged, RouteDecided
 
 ERROR_CLASSES = (
@@ -53,6 +54,9 @@ class Band(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     name: str
     max_complexity: float
     model: str
+    candidates: tuple[str, ...] = ()
+    """Models routing may learn to prefer for this band from feedback (routing.learning);
+    empty: always `model`."""
 
 
 class RetryRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -101,6 +105,7 @@ class RoutingPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     breaker_reset_s: float = 30.0
     demo_fallback: bool = True
     """When every model of the chain failed, the offline demo model answers (flagged fallback)."""
+    learning: LearningPolicy = msgspec.field(default_factory=LearningPolicy)
 
 
 def default_deployments() -> list[Deployment]:
@@ -167,6 +172,7 @@ class ModelRouter:
             for d in deployments
         }
         self._turn: dict[str, int] = {}
+        self.bandit = QualityBandit(policy.learning)
         missing = {b.model for b in policy.bands} - set(self._by_model)
         if missing:
             raise ValueError(f"routing table names models without deployments: {sorted(missing)}")
@@ -183,6 +189,7 @@ class ModelRouter:
         depth: int,
         current_model: str = "",
         requested: str = "",
+        tenant_id: str = "",
     ) -> RouteDecided:
         """The decision for one query, with its inputs (so a replay can recompute it)."""
         score, features = complexity(text, depth)
@@ -191,10 +198,18 @@ class ModelRouter:
         )
         reason: Literal["table", "sticky", "requested"] = "table"
         model = band.model
+        learned: tuple[dict[str, float], bool] | None = None
         if requested and requested in self._by_model:
             model, reason = requested, "requested"
         elif self.policy.sticky and current_model in self._by_model:
             model, reason = current_model, "sticky"
+        else:
+            candidates = [m for m in band.candidates if m in self._by_model]
+            if self.policy.learning.enabled and candidates:
+                model, scores, explored = self.bandit.choose(
+                    tenant_id, band.name, candidates, seed=in_reply_to
+                )
+                learned = (scores, explored)
         chain = [model]
         for fallback in self.policy.fallbacks.get(model, []):
             if fallback not in chain and fallback in self._by_model:
@@ -208,6 +223,9 @@ class ModelRouter:
             band=band.name,
             reason=reason,
             policy_version=self.policy.version,
+            learned=learned is not None,
+            scores=learned[0] if learned else {},
+            explored=learned[1] if learned else False,
         )
 
     def pick(self, model: str) -> Deployment | None:

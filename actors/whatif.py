@@ -15,6 +15,9 @@ reply events), in time order:
   same tokens. Cost is tokens times the model's price (`price_per_1k_tokens` of its first
   deployment). A request that was denied before and is allowed now has no recorded route:
   it is counted under `unrouted`.
+- with learned routing (routing.learning), a band with candidates is chosen again by a
+  bandit that learns from the recorded feedback as it came in, seeded as the live one is:
+  the policy in force replays the live choices, another shows what it would have chosen.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from typing import Any
 
 import msgspec
 
+from actors.bandit import QualityBandit
 from actors.limiter import LimitPolicy, RateLimiter
 from actors.router import Deployment, RoutingPolicy
 from events import (
     Envelope,
+    FeedbackGiven,
     ModelCalled,
     RateLimitChecked,
     ReplyCompleted,
@@ -103,7 +108,7 @@ class _Clock:
 
 _TURN_TYPES = (RateLimitChecked, RouteDecided, ModelCalled, ReplyCompleted, ReplyFailed)
 _CHANGES = ("newly_denied", "newly_allowed", "rerouted")
-WHATIF_TYPES = tuple(t.__name__ for t in _TURN_TYPES)
+WHATIF_TYPES = (*(t.__name__ for t in _TURN_TYPES), "FeedbackGiven")
 """The event types a what-if reads."""
 
 
@@ -153,6 +158,7 @@ def whatif(
     recorded_deployments: Sequence[Deployment],
 ) -> dict[str, dict[str, Any]]:
     """Per tenant: {"recorded": ..., "whatif": ..., "changed": ...} (see the module doc)."""
+    events = list(events)
     turns = _turns(events)
     latency: dict[str, list[float]] = {}
     for turn in turns:
@@ -165,6 +171,14 @@ def whatif(
     new_models = {d.model for d in policy.deployments}
     clock = _Clock()
     limiter = RateLimiter(policy.limits, clock)
+    # Learned routing learns again, from the feedback as it came in (before each request,
+    # what had been given by then).
+    bandit = QualityBandit(policy.routing.learning)
+    feedback = sorted(
+        (e for e in events if isinstance(e.payload, FeedbackGiven)),
+        key=lambda e: (e.occurred_at, e.event_id),
+    )
+    given = 0
     sticky: dict[str, str] = {}
     report: dict[str, dict[str, Any]] = {}
     sides: dict[str, tuple[Side, Side, Counter[str]]] = {}
@@ -187,6 +201,9 @@ def whatif(
                 recorded.latency_ms_total += turn.reply.latency_ms
                 recorded.answered += 1
         # What would have.
+        while given < len(feedback) and feedback[given].occurred_at.timestamp() <= turn.at:
+            bandit.learn(feedback[given].tenant_id, feedback[given].payload)
+            given += 1
         clock.at = turn.at
         decision = limiter.check(turn.tenant_id, turn.user_id)
         for call in turn.calls:  # the upstream behaved as it did
@@ -205,10 +222,13 @@ def whatif(
             policy.routing.bands[-1],
         )
         model = band.model
+        candidates = [m for m in band.candidates if m in new_models]
         if route.reason == "requested" and route.model in new_models:
             model = route.model
         elif policy.routing.sticky and sticky.get(turn.context_id) in new_models:
             model = sticky[turn.context_id]
+        elif policy.routing.learning.enabled and candidates:
+            model, _, _ = bandit.choose(turn.tenant_id, band.name, candidates, route.in_reply_to)
         recorded_model = route.model
         if model == recorded_model:
             if isinstance(turn.reply, ReplyFailed):

@@ -98,6 +98,11 @@ class RouteDecided(msgspec.Struct, frozen=True, kw_only=True):
     band: str
     reason: Literal["table", "sticky", "requested"]
     policy_version: str
+    learned: bool = False
+    """The band's model was chosen by what feedback taught (routing.learning)."""
+    scores: dict[str, float] = msgspec.field(default_factory=dict)
+    """Learned routing: each candidate's posterior mean, or its Thompson sample if explored."""
+    explored: bool = False
 
 
 class ModelCalled(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +171,12 @@ class FeedbackGiven(msgspec.Struct, frozen=True, kw_only=True):
     rating: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     """1-5; 0 when only thumbs were given."""
     reason: str = ""
+    model: str = ""
+    """The model that wrote the reply (filled in by the context)."""
+    band: str = ""
+    """The complexity band the reply's request was routed in (what routing learns per)."""
+    topic: str = ""
+    """The topic of the question the reply answered (the quality projection's per-topic)."""
 
 
 class AnomalyDetected(msgspec.Struct, frozen=True, kw_only=True):

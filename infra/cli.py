@@ -943,6 +943,24 @@ def query_analytics(
     _emit_list("/v1/analytics", params, fmt, "analytics", columns, **where)
 
 
+@query_app.command("quality")
+def query_quality(
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    fmt: str = FormatOpt,
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Reply quality from feedback per model and topic (what learned routing optimises)."""
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    columns = ["model", "topic", "feedback", "up", "down", "avg_rating", "satisfied"]
+    _emit_list("/v1/analytics/quality", {"since": since, "until": until}, fmt, "quality",
+               columns, **where)  # fmt: skip
+
+
 @query_app.command("anomalies")
 def query_anomalies(
     since: str | None = SinceOpt,

@@ -435,6 +435,13 @@ def _check_models(settings: Settings, sources: Mapping[str, str]) -> None:
                 f"{band.name!r} routes to model {band.model!r}, which no deployment serves "
                 f"(deployments serve: {', '.join(sorted(served))})"
             )
+    for band in settings.routing.bands:
+        unknown = sorted(set(band.candidates) - served)
+        if unknown:
+            raise ConfigError(
+                f"invalid config key 'routing.bands' (from {sources['routing.bands']}): band "
+                f"{band.name!r} lists candidates {unknown} that no deployment serves"
+            )
     names = [d.name for d in settings.deployments]
     if len(names) != len(set(names)):
         raise ConfigError(

@@ -145,6 +145,19 @@ def add_query_routes(
         _aware(since, until)
         return await store.call("conversation_analytics", who.tenant_id, since, until)
 
+    @api.get("/v1/analytics/quality", response_model=None, tags=["query"])
+    async def quality(
+        who: Who,
+        since: Since = None,
+        until: Until = None,
+        format_: Annotated[Format, Query(alias="format")] = "json",
+    ) -> Response:
+        """Reply quality from feedback, per model and topic: count, thumbs, mean rating and
+        the satisfied share (what learned routing optimises)."""
+        _aware(since, until)
+        rows = await store.call("quality", who.tenant_id, since, until)
+        return rows_as(rows, format_)
+
     @api.get("/v1/anomalies", response_model=None, tags=["query"])
     async def anomalies(
         who: Who,

@@ -25,6 +25,7 @@ from actors.chat import ChatRequest, ChatService, Piece, TurnOutcome
 from actors.context import (
     ContextActor,
     ContextCommand,
+    ContextState,
     ContextView,
     RequestMeta,
     decide_command,
@@ -34,6 +35,7 @@ from actors.limiter import RateLimiter
 from actors.ports import ChatMessage
 from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
+from events import FeedbackGiven
 from infra.clock import SystemClock
 from infra.config import Settings
 from infra.embeddings import MiniLMEmbedder
@@ -43,6 +45,7 @@ from infra.lease import Lease, LeasedSink
 from infra.models import DemoModel, provider_for
 from infra.sentiment import VaderScorer
 from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
+from streams.projections import topic_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,20 @@ class ReplayClock:
 # A restarted shard replays the limit decisions of this long ago and since (the widest
 # window `limits` offers is a day; longer ones would need a longer replay).
 LIMITER_MEMORY_S = 86_400.0
+
+
+def _with_topic(state: ContextState, command: ContextCommand) -> ContextCommand:
+    """Feedback with the topic of the question its reply answered (for the quality
+    projection per model and topic)."""
+    assert command.feedback is not None
+    question = ""
+    for message in state.messages:
+        if message.message_id == command.feedback.message_id:
+            break
+        if message.role == "user":
+            question = message.content
+    feedback = msgspec.structs.replace(command.feedback, topic=topic_of(question))
+    return msgspec.structs.replace(command, feedback=feedback)
 
 
 def reply_cache(settings: Settings) -> ReplyCache | None:
@@ -148,7 +165,9 @@ class ChatShard:
             settings.routing != service.router.policy
             or list(service.router.deployments.values()) != settings.deployments
         ):
+            learned = service.router.bandit.counts  # what feedback taught stays
             service.router = ModelRouter(settings.routing, settings.deployments)
+            service.router.bandit.counts = learned
             service.providers = {d.name: provider_for(d) for d in settings.deployments}
 
     def pid(self) -> int:
@@ -171,14 +190,17 @@ class ChatShard:
 
     async def _restore_limits(self) -> None:
         """Replay this shard's recorded limit decisions, so a restart does not reset the
-        windows (an actor that forgot its counts would let a user past the limit)."""
+        windows (an actor that forgot its counts would let a user past the limit), and its
+        feedback, so routing keeps what it learned."""
         if self._restored:
             return
         async with self._restoring:
             if self._restored:
                 return
             since = time.time() - LIMITER_MEMORY_S
-            events = await self._reader.read_types({"RateLimitChecked", "RateAdjusted"})
+            events = await self._reader.read_types(
+                {"RateLimitChecked", "RateAdjusted", "FeedbackGiven"}
+            )
             mine = sorted(
                 (
                     e
@@ -190,6 +212,9 @@ class ChatShard:
             )
             try:
                 for event in mine:
+                    if isinstance(event.payload, FeedbackGiven):
+                        self.service.router.bandit.learn(event.tenant_id, event.payload)
+                        continue
                     self._limiter_clock.at = event.occurred_at.timestamp()
                     self.service.limiter.replay(event.payload, event.tenant_id, event.user_id)
             finally:
@@ -259,6 +284,8 @@ class ChatShard:
         try:
             context.admit(command.meta)
             async with context.lock:
+                if command.feedback is not None:
+                    command = _with_topic(context.state, command)
                 decided = decide_command(
                     context.state,
                     command,
@@ -267,6 +294,9 @@ class ChatShard:
                 )
                 if decided:
                     await context.record(decided, command.meta)
+                for event in decided:
+                    if isinstance(event, FeedbackGiven):  # routing learns from it at once
+                        self.service.router.bandit.learn(command.meta.tenant_id, event)
             return view(context.state)
         finally:
             span.end()

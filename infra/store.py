@@ -729,6 +729,33 @@ class ClickHouseStore:
             "follow_ups": {r["kind"]: int(r["messages"]) for r in follow_ups},
         }
 
+    def quality(
+        self, tenant_id: str, since: datetime | None = None, until: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Feedback per model and topic: how many, thumbs up and down, the mean rating, and
+        the satisfied share (up or 4-5 counts 1, down or 1-2 counts 0, a 3 counts half)."""
+        clauses = ["tenant_id = {tenant:String}", "type = 'FeedbackGiven'", "model != ''"]
+        params: dict[str, Any] = {"tenant": tenant_id}
+        if since is not None:
+            clauses.append("at >= {since:DateTime64(6, 'UTC')}")
+            params["since"] = since
+        if until is not None:
+            clauses.append("at < {until:DateTime64(6, 'UTC')}")
+            params["until"] = until
+        satisfied = (
+            "multiIf(rating >= 4, 1, rating between 1 and 2, 0, rating = 3, 0.5,"
+            " thumbs = 'up', 1, 0)"
+        )
+        return self._dicts(
+            "SELECT model, topic, count() AS feedback, countIf(thumbs = 'up') AS up,"
+            " countIf(thumbs = 'down') AS down,"
+            " round(ifNotFinite(avgIf(rating, rating > 0), 0), 3) AS avg_rating,"
+            f" round(avg({satisfied}), 4) AS satisfied"
+            f" FROM {self.db}.{FACTS_TABLE} FINAL WHERE {' AND '.join(clauses)}"
+            " GROUP BY model, topic ORDER BY model, topic",
+            params,
+        )
+
     def workflow_runs(
         self, tenant_id: str, workflow: str = "", limit: int = 50
     ) -> list[dict[str, Any]]:

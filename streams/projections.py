@@ -233,7 +233,14 @@ def project(event: Envelope[Any]) -> Row | None:
         case TagsChanged():
             return _fact(event, tags_added=p.added, tags_removed=p.removed)
         case FeedbackGiven():
-            return _fact(event, rating=p.rating, thumbs=p.thumbs, text=p.reason)
+            return _fact(
+                event,
+                rating=p.rating,
+                thumbs=p.thumbs,
+                text=p.reason,
+                model=p.model,
+                topic=p.topic,
+            )
         case ContextCreated():
             return _fact(event, text=p.title)
         case WorkflowStarted():

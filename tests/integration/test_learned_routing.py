@@ -1,0 +1,101 @@
+"""Routing that learns from feedback, on real Ray and the real broker: feedback that favours
+one model moves the band's traffic to it, and a restarted shard keeps what it learned
+(rebuilt from the FeedbackGiven events in the log)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from actors.context import ContextCommand
+from events import FeedbackGiven
+from infra.broker import EmbeddedBroker
+from infra.gateway import Gateway, shard_index
+from infra.runtime import start_shards
+from tests.conftest import Topics, make_settings
+from tests.integration.test_ray_shards import ask
+
+pytestmark = pytest.mark.integration
+
+BANDS = [
+    {"name": "simple", "max_complexity": 0.25, "model": "demo-fast",
+     "candidates": ["demo-fast", "demo-1"]},
+    {"name": "standard", "max_complexity": 1.0, "model": "demo-large"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
+    settings = make_settings(
+        broker=broker,
+        topics=topics,
+        ray__shards=2,
+        ray__lease_ttl_s=1.5,
+        limits__rate_per_s=0,
+        limits__user="10000/minute",
+        routing__bands=BANDS,
+        routing__learning__enabled=True,
+        routing__learning__max_explore=0.2,
+    )
+    started = start_shards(settings, broker.bootstrap_servers)
+    try:
+        yield started
+    finally:
+        for shard in started:
+            ray_runtime.kill(shard)
+
+
+async def requests(gateway: Gateway, tenant: str, n: int) -> list[Any]:
+    """n one-line questions, each in a new context (no sticky model)."""
+    asks = [ask(f"{tenant}-{uuid.uuid4().hex[:8]}", f"hi {i}", tenant=tenant) for i in range(n)]
+    outcomes = await asyncio.gather(*(gateway.turn(a) for a in asks))
+    assert all(o.status == "ok" for o in outcomes)
+    return list(outcomes)
+
+
+def share(outcomes: list[Any], model: str) -> float:
+    return Counter(o.model for o in outcomes)[model] / len(outcomes)
+
+
+async def test_feedback_moves_traffic_and_a_restarted_shard_keeps_it(
+    shards: list[Any], ray_runtime: Any
+) -> None:
+    gateway = Gateway(shards, [])
+    tenant = f"tenant-{uuid.uuid4().hex[:6]}"
+
+    # Step 1: with no feedback yet, the band's table model takes most of the traffic;
+    # at most max_explore (0.2) explores.
+    before = await requests(gateway, tenant, 60)
+    assert share(before, "demo-fast") >= 0.65
+
+    # Step 2: users dislike demo-fast's replies and like demo-1's.
+    for outcome in before:
+        thumbs = "up" if outcome.model == "demo-1" else "down"
+        meta = ask(outcome.context_id, "-", tenant=tenant).meta
+        feedback = FeedbackGiven(message_id=outcome.message_id, thumbs=thumbs)
+        await gateway.command(ContextCommand(meta=meta, feedback=feedback))
+
+    # Step 3: the band's traffic moves to demo-1.
+    after = await requests(gateway, tenant, 60)
+    assert share(after, "demo-1") >= 0.65, Counter(o.model for o in after)
+
+    # Step 4: the shard dies and Ray restarts it with an empty memory; it rebuilds what it
+    # learned from the log, and keeps routing to demo-1.
+    owner = shards[shard_index(tenant, len(shards))]
+    ray_runtime.kill(owner, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await owner.ready.remote()
+            break
+        except Exception:  # unavailable while restarting
+            assert time.monotonic() < deadline, "the shard was not restarted"
+            await asyncio.sleep(0.1)
+    restarted = await requests(gateway, tenant, 60)
+    assert share(restarted, "demo-1") >= 0.65, Counter(o.model for o in restarted)
