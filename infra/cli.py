@@ -538,6 +538,34 @@ def forget(
 
 
 @app.command()
+def feedback(
+    context: str = typer.Argument(..., help="the context of the reply"),
+    message_id: str = typer.Argument(..., help="the reply's message id (in its turn's answer)"),
+    up: bool = typer.Option(False, "--up", help="thumbs up"),
+    down: bool = typer.Option(False, "--down", help="thumbs down"),
+    rating: int = typer.Option(0, "--rating", min=0, max=5, help="1-5"),
+    reason: str = typer.Option("", "--reason", help="why, in a few words"),
+    tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
+    url: str | None = UrlOpt,
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """Give feedback on a reply: thumbs, a 1-5 rating, a reason (routing learns from it)."""
+    if up and down:
+        err.print("[red]--up or --down, not both[/red]")
+        raise typer.Exit(2)
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    thumbs = "up" if up else "down" if down else ""
+    body = {"message_id": message_id, "thumbs": thumbs, "rating": rating, "reason": reason}
+    _get_json(
+        f"/v1/contexts/{context}/feedback", {}, method="POST",
+        content=json.dumps(body).encode(), **where,  # type: ignore[arg-type]
+    )  # fmt: skip
+    out.print(f"feedback on {message_id} recorded")
+
+
+@app.command()
 def whatif(
     policy: Path = typer.Option(..., "--policy", help="TOML: [limits], [routing], [[deployments]]"),
     since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),

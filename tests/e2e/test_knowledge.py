@@ -102,3 +102,21 @@ def test_a_paraphrase_in_another_context_is_answered_from_the_shared_cache(
     assert "CacheHit" not in types(
         ask(running, "cache-4", "How do I change the email on my account?", cache=False)
     )
+
+
+def test_feedback_from_the_cli_lands_in_the_quality_projection(running: Service) -> None:
+    turn = ask(running, "fb-1", "Explain the refund rules in one line")
+    done = cli(running, "feedback", "fb-1", str(turn["message_id"]), "--up", "--rating", "5",
+               "--reason", "clear")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    refused = cli(running, "feedback", "fb-1", "no-such-reply", "--down")
+    assert refused.returncode == 1 and "no reply 'no-such-reply'" in refused.stderr
+
+    def quality() -> list[dict[str, object]]:
+        shown = cli(running, "query", "quality", "--format", "json")
+        rows = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
+        return [r for r in rows if r["model"] == turn["model"]]
+
+    [row] = wait_for(quality, "the feedback in the quality projection")
+    assert (row["feedback"], row["up"], row["avg_rating"], row["satisfied"]) == (1, 1, 5.0, 1.0)
+    assert row["topic"]
