@@ -9,7 +9,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks import bench_archive, bench_codec, bench_gateway, bench_log, bench_replay
+from benchmarks import (
+    bench_archive,
+    bench_codec,
+    bench_gateway,
+    bench_knowledge,
+    bench_log,
+    bench_replay,
+)
 from benchmarks.common import Result
 
 SUITES = {
@@ -18,6 +25,7 @@ SUITES = {
     "archive": bench_archive.run,
     "gateway": bench_gateway.run,
     "replay": bench_replay.run,
+    "knowledge": bench_knowledge.run,
 }
 
 

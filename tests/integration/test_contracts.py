@@ -239,3 +239,26 @@ async def test_model_answers_with_its_name_and_token_counts(model: ModelProvider
     assert completion.content
     assert completion.model == model.name
     assert completion.prompt_tokens > 0 and completion.completion_tokens > 0
+
+
+# ---- Embedder ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["hash", "minilm"])
+def embedder(request: pytest.FixtureRequest) -> Any:
+    from infra.embeddings import HashEmbedder, MiniLMEmbedder
+
+    return HashEmbedder() if request.param == "hash" else MiniLMEmbedder()
+
+
+def test_embedder_gives_unit_rows_of_its_dimension_the_same_every_time(embedder: Any) -> None:
+    import numpy as np
+
+    texts = ["reset my password", "reset the password", "weather in Lisbon", ""]
+    first, again = embedder.embed(texts), embedder.embed(list(reversed(texts)))[::-1]
+    assert first.shape == (4, embedder.dimension) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first[:3], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(first, again, atol=1e-5)  # a text's vector does not depend on its batch
+    close, far = float(first[0] @ first[1]), float(first[0] @ first[2])
+    assert close > far
+    assert embedder.embed([]).shape == (0, embedder.dimension)

@@ -29,6 +29,15 @@ def test_readme_config_example_loads_with_every_profile(tmp_path: Path) -> None:
     assert prod.ray.address == "ray://ray-head:10001"
 
 
+def test_every_readme_config_snippet_is_valid_config(tmp_path: Path) -> None:
+    snippets = [b for b in blocks("toml") if "[[steps]]" not in b]
+    assert len(snippets) >= 3
+    for n, snippet in enumerate(snippets):
+        path = tmp_path / f"snippet-{n}.toml"
+        path.write_text(snippet)
+        load_config(path, env={})
+
+
 def test_readme_event_example_is_a_valid_event() -> None:
     (example,) = blocks("json")
     event = decode(example)
