@@ -85,6 +85,10 @@ class RayConfig(_Section):
 class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    """Browser origins allowed to call the API (CORS); empty: none (the default)."""
+    max_body_bytes: Positive = 8 * 1024 * 1024
+    """Larger request bodies are refused with 413 before they are read."""
 
 
 class ModelConfig(_Section):
@@ -228,6 +232,14 @@ class ApiKey(_Section):
     tenant: str
     user: str
     name: str = ""
+    scopes: list[Literal["chat", "ingest", "query", "admin"]] = msgspec.field(
+        default_factory=lambda: ["chat", "query"]
+    )
+    """What the key may do: chat (turns, its contexts), query (projections, logs, audit),
+    ingest (upstream events, dead letters), admin (config, erasure, rebuilds, ingestion)."""
+    limit: str = ""
+    """Requests this key may make, in limits notation ("600/minute;10000/day"); empty: no
+    per-key limit (the user and tenant limits still apply)."""
 
 
 class AuthConfig(_Section):
@@ -386,6 +398,7 @@ def load_config(
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), sources)) from None
     _check_models(settings, sources)
+    _check_keys(settings, sources)
     return LoadedConfig(
         settings=settings,
         sources=sources,
@@ -423,6 +436,21 @@ def changes(before: LoadedConfig, after: LoadedConfig) -> list[tuple[str, Any, A
         for key in sorted(after.values)
         if before.values.get(key) != after.values[key]
     ]
+
+
+def _check_keys(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Each key's limit must parse (a typo must not silently mean "no limit")."""
+    from limits import parse_many
+
+    for key in settings.auth.keys:
+        if key.limit:
+            try:
+                parse_many(key.limit)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"invalid config key 'auth.keys' (from {sources['auth.keys']}): key of "
+                    f"{key.tenant}/{key.user} has limit {key.limit!r}: {exc}"
+                ) from None
 
 
 def _check_models(settings: Settings, sources: Mapping[str, str]) -> None:

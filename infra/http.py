@@ -49,6 +49,7 @@ from infra.plugins import PluginHost, PluginRequest
 from infra.queries import QueryError, TenantPruner, add_query_routes
 from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
+from infra.security import BodyLimit, KeyLimits, SecurityHeaders, needed_scope
 from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
 from infra.tracing import hex_ids
 from infra.workflow_api import add_workflow_routes
@@ -303,8 +304,22 @@ def build_api(
     # FastAPI's own OpenTelemetry support makes the server span of each request, continuing
     # the caller's traceparent, once a tracer provider is installed (infra/tracing.py).
     api = FastAPI(title="chat-llm", version="0.1.0", lifespan=_lifespan)
+    # Outermost last: every response (errors included) gets the security headers.
+    api.add_middleware(BodyLimit, max_bytes=settings.http.max_body_bytes)
+    if settings.http.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.http.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-tenant-id", "x-context-id"],
+            expose_headers=["x-context-id", "retry-after"],
+        )
+    api.add_middleware(SecurityHeaders)
     clock = SystemClock()
     keys = {k.sha256: k for k in settings.auth.keys}
+    key_limits = KeyLimits()
 
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -336,10 +351,12 @@ def build_api(
         )
 
     async def caller(  # async: a sync dependency would cost a thread hop per request
+        request: Request,
         authorization: Annotated[str | None, Header()] = None,
         x_tenant_id: Annotated[str | None, Header(pattern=IDENT)] = None,
     ) -> Caller:
-        """Who calls: the API key's tenant and user; without keys, the X-Tenant-Id header."""
+        """Who calls: the API key's tenant and user (the key must hold the route's scope,
+        and be within its limit); without keys, the X-Tenant-Id header."""
         if authorization:
             scheme, _, token = authorization.partition(" ")
             key = keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" else None
@@ -347,6 +364,25 @@ def build_api(
                 raise OpenAIError(
                     401, "invalid API key", "invalid_request_error", "invalid_api_key"
                 )
+            route = request.scope.get("route")
+            needed = needed_scope(request.method, getattr(route, "path", request.url.path))
+            if needed not in key.scopes:
+                raise OpenAIError(
+                    403,
+                    f"this API key lacks the {needed!r} scope (it has: {', '.join(key.scopes)})",
+                    "permission_error",
+                    "insufficient_scope",
+                )
+            if key.limit:
+                wait = key_limits.hit(key.sha256, key.limit)
+                if wait is not None:
+                    raise OpenAIError(
+                        429,
+                        f"this API key's limit {key.limit} is reached",
+                        "rate_limit_error",
+                        "key_rate_limited",
+                        headers={"Retry-After": str(int(wait + 0.999))},
+                    )
             return Caller(tenant_id=key.tenant, user_id=key.user)
         if settings.auth.required:
             raise OpenAIError(
@@ -576,10 +612,9 @@ def build_api(
         try:
             result = await gateway.command(command)
         except CommandRejected as exc:
-            status = 413 if "the limit is" in str(exc) else 400
-            raise OpenAIError(
-                status, str(exc), "invalid_request_error", "invalid_command"
-            ) from None
+            own = _own(exc)
+            status = 413 if "the limit is" in own else 400
+            raise OpenAIError(status, own, "invalid_request_error", "invalid_command") from None
         except Exception as exc:
             raise _as_http(exc) from None
         view: dict[str, Any] = msgspec.to_builtins(result)
@@ -987,13 +1022,20 @@ def _valid_ident(value: str) -> bool:
     return re.fullmatch(IDENT, value) is not None
 
 
+def _own(exc: Exception) -> str:
+    """A domain error's own message (Ray's re-raised copy prints its traceback instead)."""
+    return str(getattr(exc, "cause", None) or exc)
+
+
 def _as_http(exc: Exception) -> Exception:
-    """Domain errors from the actor (Ray re-raises them as themselves) to HTTP errors."""
+    """Domain errors from the actor (Ray re-raises them as themselves) to HTTP errors. The
+    message is the domain error's own: never Ray's traceback (pids, addresses, code)."""
+    own = _own(exc)
     if isinstance(exc, ContextRejected):
-        return OpenAIError(403, str(exc), "permission_error", "context_forbidden")
+        return OpenAIError(403, own, "permission_error", "context_forbidden")
     if isinstance(exc, VersionConflict):
         return OpenAIError(
-            409, f"concurrent writer on this context: {exc}", "api_error", "version_conflict"
+            409, f"concurrent writer on this context: {own}", "api_error", "version_conflict"
         )
     cause = exc if isinstance(exc, LogUnavailable) else getattr(exc, "cause", None)
     if isinstance(cause, LogUnavailable):
