@@ -274,9 +274,18 @@ def chat(
 def new_key(
     tenant: str = typer.Option(..., "--tenant", help="tenant the key belongs to"),
     user: str = typer.Option(..., "--user", help="user the key acts as"),
+    scope: list[str] = typer.Option(
+        ["chat", "query"], "--scope", help="chat, query, ingest, admin (repeatable)"
+    ),
+    limit: str = typer.Option("", "--limit", help='requests it may make, e.g. "600/minute"'),
 ) -> None:
     """Make a new API key: prints the key once, and the config entry that stores only its hash."""
     import secrets
+
+    unknown = sorted(set(scope) - {"chat", "query", "ingest", "admin"})
+    if unknown:
+        err.print(f"[red]unknown scope(s) {unknown}: chat, query, ingest, admin[/red]")
+        raise typer.Exit(2)
 
     from infra.http import hash_key
 
@@ -284,11 +293,11 @@ def new_key(
     err.print("[bold]API key (shown once, store it now):[/bold]")
     sys.stdout.write(key + "\n")
     err.print("\nadd to chatllm.toml:\n")
-    err.print(
-        f'[[auth.keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nuser = "{user}"\n',
-        highlight=False,
-        markup=False,
+    entry = (
+        f'[[auth.keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nuser = "{user}"\n'
+        f"scopes = {json.dumps(sorted(set(scope)))}\n" + (f'limit = "{limit}"\n' if limit else "")
     )
+    err.print(entry, highlight=False, markup=False)
 
 
 def _fetch_audit(
