@@ -68,9 +68,11 @@ class KafkaEventSink:
                 self._producer = AIOKafkaProducer(**self._options)
                 try:
                     await self._producer.start()
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):
                         await self._producer.stop()
+                    if isinstance(exc, KafkaError):
+                        raise LogUnavailable(f"cannot reach the event log: {exc!r}") from exc
                     raise
                 self._started = True
 
@@ -144,7 +146,12 @@ class KafkaStreamReader:
             # context's first turn waits on this read.
             fetch_max_wait_ms=10,
         )
-        await consumer.start()
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise LogUnavailable(f"cannot read the event log: {exc!r}") from exc
         try:
             await consumer.topics()  # refreshes the metadata
             partitions = consumer.partitions_for_topic(self._topic)
@@ -177,8 +184,11 @@ class KafkaStreamReader:
                 if pending and asyncio.get_running_loop().time() > deadline:
                     raise LogUnavailable(f"could not read the log within {self._timeout_s}s")
             return found
+        except KafkaError as exc:
+            raise LogUnavailable(f"reading the event log failed: {exc!r}") from exc
         finally:
-            await consumer.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), self._timeout_s)
 
     async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
         key = stream_id.encode()
