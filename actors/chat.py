@@ -138,10 +138,13 @@ def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
 class _Attempt:
     """The state of the model calls of one turn: events so far, streamed text so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: bool = True) -> None:
         self.events: list[Event] = []
         self.text: list[str] = []
+        self.live = live
+        """Text reaches the caller as it comes (a stream); otherwise only the whole reply."""
         self.streamed = False
+        """Text of this turn already reached the caller: no retry into a different answer."""
 
 
 class ChatService:
@@ -173,14 +176,16 @@ class ChatService:
     async def turn(self, context: ContextActor, request: ChatRequest) -> TurnOutcome:
         """The whole turn; the reply comes back complete."""
         outcome: TurnOutcome | None = None
-        async for item in self.stream(context, request):
+        # Nothing reaches the caller before the end: a model cut off mid-answer can be
+        # retried or fall back like any other failure.
+        async for item in self.stream(context, request, live=False):
             if isinstance(item, TurnOutcome):
                 outcome = item
         assert outcome is not None
         return outcome
 
     async def stream(
-        self, context: ContextActor, request: ChatRequest
+        self, context: ContextActor, request: ChatRequest, live: bool = True
     ) -> AsyncIterator[str | Piece | TurnOutcome]:
         """The turn, yielding reply text as the model produces it, and the outcome last."""
         meta = request.meta
@@ -356,7 +361,7 @@ class ChatService:
                 return
             payloads.append(route)
 
-            attempt = _Attempt()
+            attempt = _Attempt(live)
             final: ReplyCompleted | ReplyFailed | None = None
             deployment_used = ""
             try:
@@ -627,10 +632,12 @@ class ChatService:
         started = time.perf_counter()
         outcome, detail, retry_after = "ok", "", 0.0
         try:
+            if not attempt.streamed:
+                attempt.text.clear()  # a failed try's partial text is no part of the answer
             try:
                 with breaker.calling():
                     async for piece in provider.stream(conversation):
-                        attempt.streamed = True
+                        attempt.streamed = attempt.live
                         attempt.text.append(piece)
                         yield piece
             except pybreaker.CircuitBreakerError as exc:

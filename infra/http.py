@@ -1040,6 +1040,16 @@ def _as_http(exc: Exception) -> Exception:
     cause = exc if isinstance(exc, LogUnavailable) else getattr(exc, "cause", None)
     if isinstance(cause, LogUnavailable):
         return cause
+    if type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
+        log.warning("chat shard stopped during a request: %s", type(exc).__name__)
+        return OpenAIError(
+            503,
+            "the chat shard stopped during the request (Ray restarts it). A turn is recorded"
+            " completely or not at all: check the context's events before retrying.",
+            "api_error",
+            "shard_restarting",
+            headers={"Retry-After": "2"},
+        )
     log.error("chat turn failed: %r", exc)
     return OpenAIError(
         503, f"the chat shard failed: {type(exc).__name__}", "api_error", "shard_unavailable"

@@ -194,13 +194,16 @@ class OpenAICompatibleModel:
         await self._client.aclose()
 
 
-def provider_for(deployment: Deployment) -> DemoModel | OpenAICompatibleModel:
-    """The provider that serves a deployment."""
+def provider_for(
+    deployment: Deployment, demo_latency_ms: float = 0.0
+) -> DemoModel | OpenAICompatibleModel:
+    """The provider that serves a deployment (`demo_latency_ms`, model.demo_latency_ms: the
+    demo model's latency where the deployment sets none)."""
     if deployment.provider == "openai":
         return OpenAICompatibleModel(deployment)
     return DemoModel(
         name=deployment.model,
-        latency_ms=deployment.latency_ms,
+        latency_ms=deployment.latency_ms or demo_latency_ms,
         faults=deployment.faults,
         down=deployment.down,
     )

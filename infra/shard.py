@@ -142,7 +142,10 @@ class ChatShard:
         self.service = ChatService(
             limiter=RateLimiter(settings.limits, self._limiter_clock),
             router=router,
-            providers={d.name: provider_for(d) for d in settings.deployments},
+            providers={
+                d.name: provider_for(d, settings.model.demo_latency_ms)
+                for d in settings.deployments
+            },
             fallback=DemoModel(name="demo-fallback"),
             sanitizer=Sanitizer(settings.sanitizer),
             sentiment=VaderScorer(),
@@ -168,7 +171,10 @@ class ChatShard:
             learned = service.router.bandit.counts  # what feedback taught stays
             service.router = ModelRouter(settings.routing, settings.deployments)
             service.router.bandit.counts = learned
-            service.providers = {d.name: provider_for(d) for d in settings.deployments}
+            service.providers = {
+                d.name: provider_for(d, settings.model.demo_latency_ms)
+                for d in settings.deployments
+            }
 
     def pid(self) -> int:
         """The actor's process id (the memory detector samples it)."""

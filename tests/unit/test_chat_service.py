@@ -259,6 +259,18 @@ async def test_a_stream_cut_mid_answer_is_a_failure_not_a_short_reply() -> None:
     assert (await h.story("s"))[-1][0] == "ReplyFailed"
 
 
+async def test_a_cut_answer_nobody_saw_yet_is_retried_not_returned_short() -> None:
+    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup")])
+    outcome = await h.ask("tell me a story")  # not streamed: the caller sees the end only
+    assert outcome.status == "ok"
+    calls = [p for t, p in await h.story() if t == "ModelCalled"]
+    assert calls[0].outcome != "ok" and calls[-1].outcome == "ok"
+    reply = (await h.story())[-1][1]
+    assert reply.content == outcome.reply and not reply.fallback
+    other = Harness([healthy()])
+    assert (await other.ask("tell me a story")).reply == outcome.reply  # whole, not cut
+
+
 async def test_conversations_stick_to_their_model_and_deployments_are_balanced() -> None:
     policy = RoutingPolicy(
         bands=(

@@ -1,6 +1,8 @@
-"""A SIGKILLed projection worker (between writing rows and committing offsets) loses nothing
-and duplicates nothing once a new worker has taken over: the archive holds every event once
-and every projection equals the fold of its pure projector over the log."""
+"""Fault: the projection worker is SIGKILLed between writing rows and committing offsets.
+
+Must hold: nothing is lost and nothing duplicated once a new worker has taken over: the
+archive holds every event once and every projection equals the fold of its pure projector
+over the log."""
 
 from __future__ import annotations
 

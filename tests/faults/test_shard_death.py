@@ -1,0 +1,85 @@
+"""Fault: the Ray actor that owns a conversation dies in the middle of a turn.
+
+Must hold: the caller gets a clear error (503 that says what happened), never a half turn
+in the log (a turn is appended completely or not at all); the restarted actor rebuilds the
+context exactly from the log, and the next turn continues its stream without a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from infra.broker import EmbeddedBroker
+from infra.gateway import Gateway, shard_index
+from infra.http import OpenAIError, _as_http
+from infra.kafka import KafkaStreamReader
+from infra.runtime import start_shards
+from tests.conftest import Topics, make_settings
+from tests.integration.test_ray_shards import ask
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def slow_shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
+    settings = make_settings(
+        broker=broker, topics=topics, ray__shards=2, ray__lease_ttl_s=1.5,
+        model__demo_latency_ms=2500, limits__rate_per_s=0,
+    )  # fmt: skip
+    started = start_shards(settings, broker.bootstrap_servers)
+    try:
+        yield started
+    finally:
+        for shard in started:
+            ray_runtime.kill(shard)
+
+
+async def test_a_shard_killed_mid_turn(
+    slow_shards: list[Any], ray_runtime: Any, broker: EmbeddedBroker, topics: Topics
+) -> None:
+    gateway = Gateway(slow_shards, [])
+    tenant, context = f"t-{uuid.uuid4().hex[:6]}", f"ctx-{uuid.uuid4().hex[:6]}"
+    first = await gateway.turn(ask(context, "first", tenant=tenant))
+    assert first.status == "ok"
+
+    # Step 1: the owner dies while the model is still answering the second turn.
+    turn = asyncio.create_task(gateway.turn(ask(context, "second", tenant=tenant)))
+    await asyncio.sleep(1.0)
+    owner = slow_shards[shard_index(tenant, len(slow_shards))]
+    ray_runtime.kill(owner, no_restart=False)
+    with pytest.raises(Exception) as failed:
+        await turn
+    answer = _as_http(failed.value)  # what the HTTP caller gets
+    assert isinstance(answer, OpenAIError) and answer.status == 503
+    assert "stopped during the request" in answer.message
+
+    # Step 2: the log holds whole turns only: the first, and nothing of the second.
+    reader = KafkaStreamReader(broker.bootstrap_servers, topics.events)
+    logged = await reader.read_stream(context)
+    assert [e.stream_version for e in logged] == list(range(1, len(logged) + 1))
+    asked = [e for e in logged if e.type == "MessageReceived"]
+    answered = [e for e in logged if e.type in ("ReplyCompleted", "ReplyFailed")]
+    assert len(asked) == len(answered) == 1
+
+    # Step 3: the restarted actor rebuilds the context from the log; the next turn goes on
+    # from the last version, and the conversation is the logged one plus this turn.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if await owner.ready.remote() == 0:
+                break
+        except Exception:  # unavailable while restarting
+            pass
+        assert time.monotonic() < deadline, "the shard was not restarted"
+        await asyncio.sleep(0.1)
+    third = await gateway.turn(ask(context, "third", tenant=tenant))
+    assert third.status == "ok"
+    assert third.events[0].stream_version == logged[-1].stream_version + 1
+    view = await gateway.view(ask(context, "-", tenant=tenant).meta)
+    assert view.messages == 4  # first + its reply, third + its reply
