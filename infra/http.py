@@ -46,7 +46,7 @@ from infra.knowledge import KnowledgeBase
 from infra.knowledge_api import add_knowledge_routes
 from infra.metrics import Metrics
 from infra.plugins import PluginHost, PluginRequest
-from infra.queries import QueryError, TenantPruner, add_query_routes
+from infra.queries import QueryError, TenantPruner, add_query_routes, check_moments
 from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
 from infra.security import BodyLimit, KeyLimits, SecurityHeaders, needed_scope
@@ -768,9 +768,7 @@ def build_api(
         """Re-run the caller's tenant's recorded requests under another policy (limits,
         routing, deployments with prices) without calling any model; recorded and
         counterfactual side by side. Deterministic."""
-        for moment in (body.since, body.until):
-            if moment is not None and moment.tzinfo is None:
-                raise QueryError("since/until need a time zone (e.g. ...Z)")
+        check_moments(body.since, body.until)
         try:
             policy = msgspec.convert(body.policy, WhatIfPolicy)
         except msgspec.ValidationError as exc:
@@ -796,9 +794,7 @@ def build_api(
         atomically; the service keeps serving. Returns a job to poll (one at a time)."""
         if any(job.state == "running" for job in rebuilds.values()):
             raise HTTPException(409, "a rebuild is already running")
-        for moment in (body.since, body.until):
-            if moment is not None and moment.tzinfo is None:
-                raise QueryError("since/until need a time zone (e.g. ...Z)")
+        check_moments(body.since, body.until)
         try:
             job = RebuildJob(
                 lambda: ClickHouseStore(settings.clickhouse).open(),
@@ -908,14 +904,10 @@ def build_api(
         """The request log: the caller's tenant's archived events, filtered, in time order.
         `json` answers up to `limit` (default 100) events; `jsonl` (the events exactly as
         logged) and `csv` stream any number with flat memory."""
-        for moment in (since, until):
-            if moment is not None and moment.tzinfo is None:
-                raise OpenAIError(
-                    400,
-                    "since/until need a time zone (e.g. ...Z)",
-                    "invalid_request_error",
-                    "invalid_request",
-                )
+        try:
+            check_moments(since, until)
+        except QueryError as exc:
+            raise OpenAIError(400, str(exc), "invalid_request_error", "invalid_query") from None
         where = EventFilter(
             tenant_id=who.tenant_id,
             types=tuple(type_ or ()),
@@ -944,8 +936,7 @@ def build_api(
     ) -> Any:
         """Time travel: the context (messages, documents, tags, config) and the limiter and
         router state that applied to it, exactly as they were at `at`, from events alone."""
-        if at.tzinfo is None:
-            raise QueryError("`at` needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+        check_moments(at)
         try:
             moment = await state_at(store, who.tenant_id, context_id, at)
         except UnknownContext as exc:

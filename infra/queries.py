@@ -30,10 +30,19 @@ class QueryError(ValueError):
     """A query parameter is invalid (a 400)."""
 
 
-def _aware(*moments: datetime | None) -> None:
+EARLIEST, LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(2299, 12, 31, tzinfo=UTC)
+"""What ClickHouse's DateTime64 holds: a moment outside is a bad request, not a 500."""
+
+
+def check_moments(*moments: datetime | None) -> None:
+    """QueryError (400) for a moment without a zone, or outside what the store holds."""
     for moment in moments:
-        if moment is not None and moment.tzinfo is None:
-            raise QueryError("since/until need a time zone (e.g. 2026-01-01T00:00:00Z)")
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
+            raise QueryError("times need a time zone (e.g. 2026-01-01T00:00:00Z)")
+        if not EARLIEST <= moment <= LATEST:
+            raise QueryError(f"{moment.isoformat()} is outside 1900-01-01 .. 2299-12-31")
 
 
 def _plain(value: Any) -> Any:
@@ -97,7 +106,7 @@ def add_query_routes(
     ) -> Response:
         """Conversation memory: one row per conversation (a request and its reply), newest
         first, with tags, sentiment, duration and token usage."""
-        _aware(since, until)
+        check_moments(since, until)
         rows = await store.call(
             "memory",
             who.tenant_id,
@@ -112,7 +121,7 @@ def add_query_routes(
     @api.get("/v1/memory/stats", tags=["query"])
     async def memory_stats(who: Who, since: Since = None, until: Until = None) -> Any:
         """{total, by_context, avg_duration_ms, sentiment_breakdown, tokens} of the memory."""
-        _aware(since, until)
+        check_moments(since, until)
         return _plain_tree(await store.call("memory_stats", who.tenant_id, since, until))
 
     @api.post("/v1/memory/prune", tags=["query"])
@@ -134,7 +143,7 @@ def add_query_routes(
     ) -> Response:
         """Rollups per bucket (a minute by default): requests, latency p50/p95/p99, tokens,
         errors by class, model usage, fallbacks, rate-limit denials, circuit openings."""
-        _aware(since, until)
+        check_moments(since, until)
         rows = await store.call("analytics", who.tenant_id, since, until, bucket_s)
         return rows_as(rows, format_)
 
@@ -142,7 +151,7 @@ def add_query_routes(
     async def conversation_analytics(who: Who, since: Since = None, until: Until = None) -> Any:
         """Average response time, satisfaction from feedback (0..1), topic distribution and
         the most frequent kinds of follow-up."""
-        _aware(since, until)
+        check_moments(since, until)
         return await store.call("conversation_analytics", who.tenant_id, since, until)
 
     @api.get("/v1/analytics/quality", response_model=None, tags=["query"])
@@ -154,7 +163,7 @@ def add_query_routes(
     ) -> Response:
         """Reply quality from feedback, per model and topic: count, thumbs, mean rating and
         the satisfied share (what learned routing optimises)."""
-        _aware(since, until)
+        check_moments(since, until)
         rows = await store.call("quality", who.tenant_id, since, until)
         return rows_as(rows, format_)
 
@@ -167,7 +176,7 @@ def add_query_routes(
         format_: Annotated[Format, Query(alias="format")] = "json",
     ) -> Response:
         """What the detectors found, newest first, with the threshold and observed value."""
-        _aware(since, until)
+        check_moments(since, until)
         rows = await store.call("anomalies", who.tenant_id, since, until, limit)
         return rows_as(rows, format_)
 

@@ -776,7 +776,9 @@ class ClickHouseStore:
             " WHERE tenant_id = {tenant:String} AND startsWith(context_id, 'workflow:')"
             f"{where} GROUP BY context_id"
             " HAVING countIf(type = 'WorkflowStarted') > 0"
-            " ORDER BY started_at DESC LIMIT {limit:UInt32}",
+            " ORDER BY started_at DESC LIMIT {limit:UInt32}"
+            # The `workflow` of WHERE is the column, not the any(workflow) alias.
+            " SETTINGS prefer_column_name_to_alias = 1",
             {"tenant": tenant_id, "workflow": workflow, "limit": limit},
         )
 

@@ -189,9 +189,10 @@ async def test_a_stale_second_writer_loses_and_writes_nothing(
     from infra.shard import ChatShard
 
     settings = make_settings(
-        broker=broker, topics=topics, ray__lease_ttl_s=1.5, limits__rate_per_s=0
+        broker=broker, topics=topics, ray__lease_ttl_s=3.0, limits__rate_per_s=0
     )
-    registry = ray_runtime.remote(LeaseRegistry).options(num_cpus=0).remote(1.5)
+    # A lease of 3 s: on a loaded machine 1.5 s ran out before the old shard's first write.
+    registry = ray_runtime.remote(LeaseRegistry).options(num_cpus=0).remote(3.0)
     context = f"ctx-{uuid.uuid4().hex[:6]}"
     # Step 1: the shard that owns tenant t1 writes a turn.
     old = ChatShard(settings, broker.bootstrap_servers, 0, 1, registry)
