@@ -124,19 +124,40 @@ def partition_for(key: str, partitions: Sequence[int]) -> int:
     return partition
 
 
+class _Rewound(Exception):
+    """The partition ends before where it was read up to before."""
+
+
 class KafkaStreamReader:
     """Reads the log back: one stream from its partition, or chosen events from every
-    partition (scans from the start: fine while the broker's retention is short)."""
+    partition.
+
+    Reading one stream keeps, per partition, where each stream starts and how far the
+    partition was read: the next read of a stream scans only from its first event (or, for
+    a stream the log has never seen, only what was appended since the last read), not the
+    whole partition again. Without it every new context's first turn scanned its whole
+    partition, and a load test of new conversations slowed to a crawl as the log grew."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> None:
         self._bootstrap = bootstrap_servers
         self._topic = topic
         self._timeout_s = timeout_s
+        self._indexed: dict[int, int] = {}
+        """Per partition: the offset up to which every stream's start is known."""
+        self._starts: dict[int, dict[bytes, int]] = {}
+        """Per partition: each stream's (record key's) first offset."""
+        self._partitions: list[int] | None = None
 
     async def _scan(
-        self, keep: Callable[[Any], bool], partition_of: str | None = None
+        self,
+        keep: Callable[[Any], bool],
+        partition_of: str | None = None,
+        start: int = 0,
+        seen: Callable[[Any], None] | None = None,
     ) -> list[Envelope[Any]]:
-        """Decoded events of the records `keep` accepts, up to each partition's end now."""
+        """Decoded events of the records `keep` accepts, from offset `start` (the one partition
+        of `partition_of`) or the beginning, up to each partition's end now; `seen` is told
+        of every record read."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
@@ -164,13 +185,19 @@ class KafkaStreamReader:
             )
             pending = {TopicPartition(self._topic, p) for p in chosen}
             consumer.assign(list(pending))
-            await consumer.seek_to_beginning(*pending)
+            if start and partition_of is not None:
+                for tp in pending:
+                    consumer.seek(tp, start)
+            else:
+                await consumer.seek_to_beginning(*pending)
             found: list[Envelope[Any]] = []
             deadline = asyncio.get_running_loop().time() + self._timeout_s
             while pending:
                 batches = await consumer.getmany(*pending, timeout_ms=20)
                 for records in batches.values():
                     for record in records:
+                        if seen is not None:
+                            seen(record)
                         if not record.value or not keep(record):
                             continue
                         try:
@@ -179,6 +206,8 @@ class KafkaStreamReader:
                             continue  # not an event; the archive processor dead-letters it
                 for tp in list(pending):
                     highwater = consumer.highwater(tp)
+                    if highwater is not None and highwater < start:
+                        raise _Rewound  # the partition is shorter than we read it before
                     if highwater is not None and await consumer.position(tp) >= highwater:
                         pending.discard(tp)
                 if pending and asyncio.get_running_loop().time() > deadline:
@@ -192,7 +221,27 @@ class KafkaStreamReader:
 
     async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
         key = stream_id.encode()
-        found = await self._scan(lambda record: record.key == key, partition_of=stream_id)
+        partition = await self._partition_of(stream_id)
+        starts = self._starts.setdefault(partition, {})
+        indexed = self._indexed.get(partition, 0)
+        start = min(starts.get(key, indexed), indexed)
+        reached = indexed
+
+        def index(record: Any) -> None:
+            nonlocal reached
+            if record.offset >= indexed and record.key is not None:
+                starts.setdefault(record.key, record.offset)
+            reached = max(reached, record.offset + 1)
+
+        try:
+            found = await self._scan(
+                lambda record: record.key == key, partition_of=stream_id, start=start, seen=index
+            )
+        except _Rewound:  # a broker that lost its log (tansu in memory): index it afresh
+            self._starts.pop(partition, None)
+            self._indexed.pop(partition, None)
+            return await self.read_stream(stream_id)
+        self._indexed[partition] = max(self._indexed.get(partition, 0), reached)
         # A producer retry can write an event twice: keep the first of each version.
         seen: set[int] = set()
         unique = []
@@ -201,6 +250,24 @@ class KafkaStreamReader:
                 seen.add(event.stream_version)
                 unique.append(event)
         return unique
+
+    async def _partition_of(self, stream_id: str) -> int:
+        if self._partitions is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                raise LogUnavailable(f"cannot read the event log: {exc!r}") from exc
+            try:
+                await consumer.topics()
+                self._partitions = sorted(consumer.partitions_for_topic(self._topic) or [])
+            finally:
+                await consumer.stop()
+        if not self._partitions:
+            return 0
+        return partition_for(stream_id, self._partitions)
 
     async def read_types(self, types: Collection[str]) -> list[Envelope[Any]]:
         """Every event of the given types, in log order per partition, deduplicated by id."""

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
@@ -43,6 +45,22 @@ class Metrics:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def processes(self, probe: Callable[[], dict[str, float]]) -> None:
+        """`chatllm_process_resident_mib{process}`: each process's memory, read at scrape."""
+
+        class Resident:
+            def collect(self) -> Any:
+                family = GaugeMetricFamily(
+                    "chatllm_process_resident_mib",
+                    "Resident memory of each process of the stack (MiB).",
+                    labels=["process"],
+                )
+                for process, mib in sorted(probe().items()):
+                    family.add_metric([process], mib)
+                yield family
+
+        self.registry.register(Resident())
 
     def observe_lag(self, processor: str, seconds: float) -> None:
         self.projection_lag.labels(processor=processor).observe(seconds)

@@ -335,8 +335,10 @@ class Stack:
             start_ray(settings.ray)
             hosts = start_shards(settings, bootstrap)
             metrics = Metrics()
+            probe = memory_probe(broker, hosts)
+            metrics.processes(probe)
             worker, appender = build_worker(
-                settings, bootstrap, astore, metrics=metrics, probe=memory_probe(broker, hosts)
+                settings, bootstrap, astore, metrics=metrics, probe=probe
             )
             metrics.gauge(
                 "chatllm_archived_events",

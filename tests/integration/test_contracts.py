@@ -80,6 +80,22 @@ async def test_log_reader_keeps_the_first_copy_of_a_version(log_adapter: LogAdap
     assert await log_adapter.reader.read_stream("ctx-r") == events
 
 
+async def test_reads_interleaved_with_appends_see_every_stream_whole(
+    log_adapter: LogAdapter,
+) -> None:
+    # The Kafka reader remembers where streams start: later reads scan less, see as much.
+    reader, sink = log_adapter.reader, log_adapter.sink
+    first = [make_event("ctx-x", v, n=200 + v) for v in range(1, 4)]
+    assert await reader.read_stream("ctx-x") == []
+    await sink.append(first[:1] + [make_event("ctx-y", 1, n=300)])
+    assert await reader.read_stream("ctx-x") == first[:1]
+    await sink.append(first[1:] + [make_event("ctx-z", 1, n=400)])
+    assert await reader.read_stream("ctx-y") == [make_event("ctx-y", 1, n=300)]
+    assert await reader.read_stream("ctx-x") == first
+    assert await reader.read_stream("ctx-z") == [make_event("ctx-z", 1, n=400)]
+    assert await reader.read_stream("ctx-never") == []
+
+
 async def test_log_append_is_durable_before_it_returns(log_adapter: LogAdapter) -> None:
     event = make_event("ctx-d", 1)
     await log_adapter.sink.append([event])
