@@ -87,9 +87,9 @@ async def test_reads_interleaved_with_appends_see_every_stream_whole(
     reader, sink = log_adapter.reader, log_adapter.sink
     first = [make_event("ctx-x", v, n=200 + v) for v in range(1, 4)]
     assert await reader.read_stream("ctx-x") == []
-    await sink.append(first[:1] + [make_event("ctx-y", 1, n=300)])
+    await sink.append([*first[:1], make_event("ctx-y", 1, n=300)])
     assert await reader.read_stream("ctx-x") == first[:1]
-    await sink.append(first[1:] + [make_event("ctx-z", 1, n=400)])
+    await sink.append([*first[1:], make_event("ctx-z", 1, n=400)])
     assert await reader.read_stream("ctx-y") == [make_event("ctx-y", 1, n=300)]
     assert await reader.read_stream("ctx-x") == first
     assert await reader.read_stream("ctx-z") == [make_event("ctx-z", 1, n=400)]
