@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test bench check schema clean browser
+.PHONY: install run demo test test-load bench check schema clean browser
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ endif
 
 test: $(STAMP) browser  ## the whole suite: unit, integration (real tansu, chDB, Ray) and e2e
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The load test runs 90 s within `make test`; this holds the rate for longer (LOAD_TEST_S).
+LOAD_TEST_S ?= 600
+test-load: $(STAMP)  ## the steady-rate load test for LOAD_TEST_S seconds (10 minutes)
+	LOAD_TEST_S=$(LOAD_TEST_S) $(BIN)/python -m pytest -s tests/faults/test_load.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

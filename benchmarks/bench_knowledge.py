@@ -102,7 +102,10 @@ def _kb_search(embedder: MiniLMEmbedder, passages: int, queries: int) -> list[Re
                 found = _search(store, "bench", probe, 10, [])
                 indexed.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                truth = _exact(store, probe)
+                truth = {
+                    (r.source, r.document)
+                    for r in _search(store, "bench", probe, 10, [], exact=True)
+                }
                 exact.append(time.perf_counter() - started)
                 recall.append(len({(r.source, r.document) for r in found} & truth) / 10)
         finally:
@@ -118,16 +121,6 @@ def _kb_search(embedder: MiniLMEmbedder, passages: int, queries: int) -> list[Re
             note=f"recall@10 {np.mean(recall):.2f}",
         )
     ]
-
-
-def _exact(store: ClickHouseStore, probe: list[float]) -> set[tuple[str, str]]:
-    rows = store.client.query(
-        f"SELECT source, document FROM {store.db}.{KB_TABLE} WHERE tenant_id = 'bench'"
-        " ORDER BY cosineDistance(embedding, {v:Array(Float32)}) LIMIT 10"
-        " SETTINGS use_skip_indexes = 0",
-        parameters={"v": probe},
-    ).result_rows
-    return {(s, d) for s, d in rows}
 
 
 def _cache_lookup(embedder: MiniLMEmbedder, entries: int = 10_000, scopes: int = 100) -> Result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -132,11 +133,12 @@ class KafkaStreamReader:
     """Reads the log back: one stream from its partition, or chosen events from every
     partition.
 
-    Reading one stream keeps, per partition, where each stream starts and how far the
-    partition was read: the next read of a stream scans only from its first event (or, for
-    a stream the log has never seen, only what was appended since the last read), not the
-    whole partition again. Without it every new context's first turn scanned its whole
-    partition, and a load test of new conversations slowed to a crawl as the log grew."""
+    For single streams it keeps, per partition, each stream's first offset and how far the
+    partition has been indexed. Bringing that index up to the partition's end is one scan
+    at a time per partition, shared by every read waiting on it; a stream the index does
+    not know has no events (no further read), a known one is read from its first event.
+    Without this every new context's first turn scanned its whole partition, and a load of
+    new conversations slowed to a crawl as the log grew."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> None:
         self._bootstrap = bootstrap_servers
@@ -146,18 +148,12 @@ class KafkaStreamReader:
         """Per partition: the offset up to which every stream's start is known."""
         self._starts: dict[int, dict[bytes, int]] = {}
         """Per partition: each stream's (record key's) first offset."""
+        self._caught_up_at: dict[int, float] = {}
+        """Per partition: when the last completed catch-up scan began."""
+        self._locks: dict[int, asyncio.Lock] = {}
         self._partitions: list[int] | None = None
 
-    async def _scan(
-        self,
-        keep: Callable[[Any], bool],
-        partition_of: str | None = None,
-        start: int = 0,
-        seen: Callable[[Any], None] | None = None,
-    ) -> list[Envelope[Any]]:
-        """Decoded events of the records `keep` accepts, from offset `start` (the one partition
-        of `partition_of`) or the beginning, up to each partition's end now; `seen` is told
-        of every record read."""
+    async def _consumer(self) -> Any:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
@@ -173,19 +169,29 @@ class KafkaStreamReader:
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise LogUnavailable(f"cannot read the event log: {exc!r}") from exc
+        return consumer
+
+    async def _scan(
+        self,
+        keep: Callable[[Any], bool],
+        partitions: Collection[int] | None = None,
+        start: int = 0,
+        seen: Callable[[Any], None] | None = None,
+    ) -> list[Envelope[Any]]:
+        """Decoded events of the records `keep` accepts, in `partitions` (all by default)
+        from offset `start`, up to each partition's end now; `seen` is told of every record."""
+        consumer = await self._consumer()
         try:
             await consumer.topics()  # refreshes the metadata
-            partitions = consumer.partitions_for_topic(self._topic)
-            if not partitions:
+            known = consumer.partitions_for_topic(self._topic)
+            if not known:
                 return []
-            chosen = (
-                [partition_for(partition_of, list(partitions))]
-                if partition_of is not None
-                else sorted(partitions)
-            )
+            chosen = sorted(known) if partitions is None else sorted(set(partitions) & known)
             pending = {TopicPartition(self._topic, p) for p in chosen}
+            if not pending:
+                return []
             consumer.assign(list(pending))
-            if start and partition_of is not None:
+            if start:
                 for tp in pending:
                     consumer.seek(tp, start)
             else:
@@ -219,29 +225,42 @@ class KafkaStreamReader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), self._timeout_s)
 
+    async def _catch_up(self, partition: int) -> None:
+        """Index `partition` up to its end as of this call: one scan at a time; a read that
+        arrives while one runs waits for it, then for one that began after it arrived."""
+        asked_at = time.monotonic()
+        lock = self._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            if self._caught_up_at.get(partition, float("-inf")) >= asked_at:
+                return  # a scan that began after this read arrived has indexed it all
+            began = time.monotonic()
+            starts = self._starts.setdefault(partition, {})
+            indexed = self._indexed.get(partition, 0)
+            reached = indexed
+
+            def index(record: Any) -> None:
+                nonlocal reached
+                if record.key is not None:
+                    starts.setdefault(record.key, record.offset)
+                reached = max(reached, record.offset + 1)
+
+            try:
+                await self._scan(lambda _: False, [partition], start=indexed, seen=index)
+            except _Rewound:  # a broker that lost its log (tansu in memory): index afresh
+                starts.clear()
+                reached = 0
+                await self._scan(lambda _: False, [partition], start=0, seen=index)
+            self._indexed[partition] = reached
+            self._caught_up_at[partition] = began
+
     async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
         key = stream_id.encode()
         partition = await self._partition_of(stream_id)
-        starts = self._starts.setdefault(partition, {})
-        indexed = self._indexed.get(partition, 0)
-        start = min(starts.get(key, indexed), indexed)
-        reached = indexed
-
-        def index(record: Any) -> None:
-            nonlocal reached
-            if record.offset >= indexed and record.key is not None:
-                starts.setdefault(record.key, record.offset)
-            reached = max(reached, record.offset + 1)
-
-        try:
-            found = await self._scan(
-                lambda record: record.key == key, partition_of=stream_id, start=start, seen=index
-            )
-        except _Rewound:  # a broker that lost its log (tansu in memory): index it afresh
-            self._starts.pop(partition, None)
-            self._indexed.pop(partition, None)
-            return await self.read_stream(stream_id)
-        self._indexed[partition] = max(self._indexed.get(partition, 0), reached)
+        await self._catch_up(partition)
+        first = self._starts.get(partition, {}).get(key)
+        if first is None:
+            return []  # the log has no event of this stream
+        found = await self._scan(lambda record: record.key == key, [partition], start=first)
         # A producer retry can write an event twice: keep the first of each version.
         seen: set[int] = set()
         unique = []
@@ -253,13 +272,7 @@ class KafkaStreamReader:
 
     async def _partition_of(self, stream_id: str) -> int:
         if self._partitions is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
-            try:
-                await consumer.start()
-            except KafkaError as exc:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                raise LogUnavailable(f"cannot read the event log: {exc!r}") from exc
+            consumer = await self._consumer()
             try:
                 await consumer.topics()
                 self._partitions = sorted(consumer.partitions_for_topic(self._topic) or [])

@@ -261,14 +261,22 @@ def _replace(
 
 
 def _search(
-    store: ClickHouseStore, tenant: str, vector: list[float], k: int, sources: list[str]
+    store: ClickHouseStore,
+    tenant: str,
+    vector: list[float],
+    k: int,
+    sources: list[str],
+    exact: bool = False,
 ) -> list[Retrieved]:
+    """The k nearest passages; `exact` scans every one instead of using the HNSW index."""
     where = " AND source IN {sources:Array(String)}" if sources else ""
+    settings = " SETTINGS use_skip_indexes = 0" if exact else ""
     rows = store.client.query(
         "SELECT source, document, chunk, title, text,"
         " 1 - cosineDistance(embedding, {vector:Array(Float32)}) AS score"
         f" FROM {store.db}.{KB_TABLE} WHERE tenant_id = {{tenant:String}}{where}"
-        " ORDER BY cosineDistance(embedding, {vector:Array(Float32)}) LIMIT {k:UInt32}",
+        " ORDER BY cosineDistance(embedding, {vector:Array(Float32)}) LIMIT {k:UInt32}"
+        f"{settings}",
         parameters={"tenant": tenant, "vector": vector, "k": k, "sources": sources},
     ).result_rows
     return [

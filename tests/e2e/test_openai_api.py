@@ -71,6 +71,16 @@ model = "flaky"
 down = true
 
 [[deployments]]
+name = "cut-stream-a"
+model = "cut-stream"
+faults = ["stream_cut"]
+
+[[deployments]]
+name = "cut-whole-a"
+model = "cut-whole"
+faults = ["stream_cut"]
+
+[[deployments]]
 name = "loop-a"
 model = "loop"
 provider = "openai"
@@ -189,6 +199,23 @@ def test_streaming_gives_the_same_answer_piece_by_piece(api: Service) -> None:
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len([p for p in pieces if p]) > 3  # really streamed, not one blob
     assert "".join(pieces) == whole.choices[0].message.content  # the demo model is deterministic
+
+
+def test_a_model_cut_off_mid_answer_is_never_a_short_200(api: Service) -> None:
+    # Streamed: text already went out, so the stream ends with an error, not [DONE].
+    with pytest.raises(openai.APIError, match=r"cut mid-answer"):
+        for _ in client(api).chat.completions.create(
+            model="cut-stream", stream=True, messages=[{"role": "user", "content": "a story"}]
+        ):
+            pass
+    # Not streamed: nothing went out yet, so the cut try is retried and the answer is whole.
+    whole = client(api).chat.completions.create(
+        model="cut-whole", messages=[{"role": "user", "content": "a story"}]
+    )
+    reference = client(api).chat.completions.create(
+        model="cut-whole", messages=[{"role": "user", "content": "a story"}]
+    )
+    assert whole.choices[0].message.content == reference.choices[0].message.content
 
 
 def test_models_are_listed(api: Service) -> None:

@@ -8,7 +8,6 @@ context exactly from the log, and the next turn continues its stream without a g
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,25 +18,18 @@ from infra.broker import EmbeddedBroker
 from infra.gateway import Gateway, shard_index
 from infra.http import OpenAIError, _as_http
 from infra.kafka import KafkaStreamReader
-from infra.runtime import start_shards
-from tests.conftest import Topics, make_settings
-from tests.integration.test_ray_shards import ask
+from tests.conftest import Topics
+from tests.integration.test_ray_shards import ask, restarted, shards_with
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def slow_shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
-    settings = make_settings(
-        broker=broker, topics=topics, ray__shards=2, ray__lease_ttl_s=1.5,
-        model__demo_latency_ms=2500, limits__rate_per_s=0,
-    )  # fmt: skip
-    started = start_shards(settings, broker.bootstrap_servers)
-    try:
+    with shards_with(
+        ray_runtime, broker, topics, model__demo_latency_ms=2500, limits__rate_per_s=0
+    ) as started:
         yield started
-    finally:
-        for shard in started:
-            ray_runtime.kill(shard)
 
 
 async def test_a_shard_killed_mid_turn(
@@ -69,15 +61,7 @@ async def test_a_shard_killed_mid_turn(
 
     # Step 3: the restarted actor rebuilds the context from the log; the next turn goes on
     # from the last version, and the conversation is the logged one plus this turn.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if await owner.ready.remote() == 0:
-                break
-        except Exception:  # unavailable while restarting
-            pass
-        assert time.monotonic() < deadline, "the shard was not restarted"
-        await asyncio.sleep(0.1)
+    await restarted(owner)
     third = await gateway.turn(ask(context, "third", tenant=tenant))
     assert third.status == "ok"
     assert third.events[0].stream_version == logged[-1].stream_version + 1

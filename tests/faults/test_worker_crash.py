@@ -28,6 +28,26 @@ from tests.integration.test_archive_worker import produce, traffic
 pytestmark = pytest.mark.integration
 
 
+def worker_env(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a `chatllm worker` on the test's broker, topics and chDB path, with
+    quick group joins, and `settings` (section__key=value) on top."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CHATLLM_BROKER__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "CHATLLM_TOPICS__EVENTS": topics.events,
+        "CHATLLM_TOPICS__DEADLETTER": topics.deadletter,
+        "CHATLLM_CLICKHOUSE__PATH": str(tmp_path / "chdb"),
+        "CHATLLM_STREAMS__DATADIR": str(tmp_path / "faust"),
+        "CHATLLM_STREAMS__SESSION_TIMEOUT_S": "3.0",
+        "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
+        "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",
+        **{f"CHATLLM_{key.upper()}": value for key, value in settings.items()},
+    }
+
+
 class WorkerProcess:
     """`chatllm worker` in its own process, with its progress lines collected."""
 
@@ -90,21 +110,14 @@ def read_back(env: dict[str, str]) -> dict[str, Any]:
 def test_sigkill_mid_stream_then_restart(
     broker: EmbeddedBroker, topics: Topics, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "CHATLLM_BROKER__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "CHATLLM_TOPICS__EVENTS": topics.events,
-        "CHATLLM_TOPICS__DEADLETTER": topics.deadletter,
-        "CHATLLM_CLICKHOUSE__PATH": str(tmp_path / "chdb"),
-        "CHATLLM_STREAMS__DATADIR": str(tmp_path / "faust"),
+    env = worker_env(
+        broker,
+        topics,
+        tmp_path,
         # Small batches and a slow commit: a kill is likely to land between write and commit.
-        "CHATLLM_STREAMS__BATCH_SIZE": "100",
-        "CHATLLM_STREAMS__COMMIT_INTERVAL_S": "2.0",
-        "CHATLLM_STREAMS__SESSION_TIMEOUT_S": "3.0",
-        "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
-        "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",
-    }
+        streams__batch_size="100",
+        streams__commit_interval_s="2.0",
+    )
     events = traffic(contexts=10, turns=40)
     asyncio.run(produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in events]))
 

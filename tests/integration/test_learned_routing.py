@@ -5,11 +5,10 @@ one model moves the band's traffic to it, and a restarted shard keeps what it le
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -17,9 +16,9 @@ from actors.context import ContextCommand
 from events import FeedbackGiven
 from infra.broker import EmbeddedBroker
 from infra.gateway import Gateway, shard_index
-from infra.runtime import start_shards
-from tests.conftest import Topics, make_settings
-from tests.integration.test_ray_shards import ask
+from tests.conftest import Topics
+from tests.integration.test_ray_shards import ask, shards_with
+from tests.integration.test_ray_shards import restarted as restarted_shard
 
 pytestmark = pytest.mark.integration
 
@@ -32,23 +31,12 @@ BANDS = [
 
 @pytest.fixture
 def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
-    settings = make_settings(
-        broker=broker,
-        topics=topics,
-        ray__shards=2,
-        ray__lease_ttl_s=1.5,
-        limits__rate_per_s=0,
-        limits__user="10000/minute",
-        routing__bands=BANDS,
-        routing__learning__enabled=True,
-        routing__learning__max_explore=0.2,
-    )
-    started = start_shards(settings, broker.bootstrap_servers)
-    try:
+    with shards_with(
+        ray_runtime, broker, topics,
+        limits__rate_per_s=0, limits__user="10000/minute", routing__bands=BANDS,
+        routing__learning__enabled=True, routing__learning__max_explore=0.2,
+    ) as started:  # fmt: skip
         yield started
-    finally:
-        for shard in started:
-            ray_runtime.kill(shard)
 
 
 async def requests(gateway: Gateway, tenant: str, n: int) -> list[Any]:
@@ -76,7 +64,7 @@ async def test_feedback_moves_traffic_and_a_restarted_shard_keeps_it(
 
     # Step 2: users dislike demo-fast's replies and like demo-1's.
     for outcome in before:
-        thumbs = "up" if outcome.model == "demo-1" else "down"
+        thumbs: Literal["up", "down"] = "up" if outcome.model == "demo-1" else "down"
         meta = ask(outcome.context_id, "-", tenant=tenant).meta
         feedback = FeedbackGiven(message_id=outcome.message_id, thumbs=thumbs)
         await gateway.command(ContextCommand(meta=meta, feedback=feedback))
@@ -89,14 +77,6 @@ async def test_feedback_moves_traffic_and_a_restarted_shard_keeps_it(
     # learned from the log, and keeps routing to demo-1.
     owner = shards[shard_index(tenant, len(shards))]
     ray_runtime.kill(owner, no_restart=False)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if await owner.ready.remote() == 0:  # the new incarnation holds no context yet
-                break
-        except Exception:  # unavailable while restarting
-            pass
-        assert time.monotonic() < deadline, "the shard was not restarted"
-        await asyncio.sleep(0.1)
+    await restarted_shard(owner)
     restarted = await requests(gateway, tenant, 60)
     assert share(restarted, "demo-1") >= 0.65, Counter(o.model for o in restarted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,15 +23,14 @@ from tests.conftest import Topics, make_settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
+@contextlib.contextmanager
+def shards_with(
+    ray_runtime: Any, broker: EmbeddedBroker, topics: Topics, **overrides: Any
+) -> Iterator[list[Any]]:
+    """Two shards on real Ray (a restarted one waits out its predecessor's 1.5 s lease),
+    with `overrides` of the test settings; killed afterwards."""
     settings = make_settings(
-        broker=broker,
-        topics=topics,
-        ray__shards=2,
-        ray__lease_ttl_s=1.5,  # a restarted shard waits out its predecessor's lease
-        limits__user="30/minute",
-        limits__rate_per_s=0,
+        broker=broker, topics=topics, ray__shards=2, ray__lease_ttl_s=1.5, **overrides
     )
     started = start_shards(settings, broker.bootstrap_servers)
     try:
@@ -38,6 +38,28 @@ def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator
     finally:
         for shard in started:
             ray_runtime.kill(shard)
+
+
+async def restarted(owner: Any, timeout_s: float = 60) -> None:
+    """Until Ray's new incarnation of a killed shard answers (ray.kill is asynchronous:
+    until then calls may still reach the old one; the new one holds no context yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if await owner.ready.remote() == 0:
+                return
+        except Exception:  # unavailable while restarting
+            pass
+        assert time.monotonic() < deadline, "the shard was not restarted"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
+    with shards_with(
+        ray_runtime, broker, topics, limits__user="30/minute", limits__rate_per_s=0
+    ) as started:
+        yield started
 
 
 def ask(context: str, text: str, tenant: str = "t1", user: str = "u1") -> ChatRequest:
@@ -97,15 +119,7 @@ async def test_a_killed_shard_is_restarted_and_rebuilds_its_contexts_from_the_lo
     ray_runtime.kill(owner, no_restart=False)
     # Step 2: wait until the restarted actor answers (ray.kill is asynchronous: until then
     # calls may still reach the old one). A fresh actor holds no context yet.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if await owner.ready.remote() == 0:
-                break
-        except Exception:  # unavailable while restarting
-            pass
-        assert time.monotonic() < deadline, "the shard was not restarted"
-        await asyncio.sleep(0.1)
+    await restarted(owner)
     # Step 3: the next turn makes the fresh actor rebuild the context from the log first.
     third = await gateway.turn(ask(context, "three"))
     assert third.events[0].stream_version == last_version + 1  # no reuse, no gap

@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +34,7 @@ from infra.workflows import (
     start_run,
 )
 from tests.conftest import Topics
+from tests.faults.test_worker_crash import WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -235,28 +233,6 @@ WORKFLOW = WorkflowSpec(
 """
 
 
-class Worker:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        self.lines.extend(self.proc.stdout)
-
-
-def wait_until(predicate: Any, timeout_s: float, worker: Worker) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if worker.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError("worker did not get there:\n" + "".join(worker.lines[-30:]))
-        time.sleep(0.05)
-
-
 def test_a_sigkilled_worker_run_is_finished_by_the_next_without_repeats(
     broker: EmbeddedBroker, topics: Topics, tmp_path: Path
 ) -> None:
@@ -264,21 +240,14 @@ def test_a_sigkilled_worker_run_is_finished_by_the_next_without_repeats(
     folder.mkdir()
     (folder / "slow.py").write_text(SLOW_WORKFLOW)
     steps_log = folder / "slow.log"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "CHATLLM_BROKER__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "CHATLLM_TOPICS__EVENTS": topics.events,
-        "CHATLLM_TOPICS__DEADLETTER": topics.deadletter,
-        "CHATLLM_CLICKHOUSE__PATH": str(tmp_path / "chdb"),
-        "CHATLLM_STREAMS__DATADIR": str(tmp_path / "faust"),
-        "CHATLLM_STREAMS__SESSION_TIMEOUT_S": "3.0",
-        "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
-        "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",
-        "CHATLLM_STREAMS__COMMIT_INTERVAL_S": "0.5",
-        "CHATLLM_WORKFLOWS__FOLDER": str(folder),
-        "CHATLLM_ANOMALIES__ENABLED": "false",
-    }
+    env = worker_env(
+        broker,
+        topics,
+        tmp_path,
+        streams__commit_interval_s="0.5",
+        workflows__folder=str(folder),
+        anomalies__enabled="false",
+    )
     spec = Catalog(folder=folder).get("slow")
 
     async def start() -> str:
@@ -292,13 +261,13 @@ def test_a_sigkilled_worker_run_is_finished_by_the_next_without_repeats(
 
     # Step 1: the first worker completes `first`, starts the slow `second`, and is
     # SIGKILLed in the middle of it.
-    first = Worker(env)
-    wait_until(lambda: steps_log.exists() and "second 1" in steps_log.read_text(), 90, first)
+    first = WorkerProcess(env)
+    first.wait_for(lambda: steps_log.exists() and "second 1" in steps_log.read_text(), 90)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
 
     # Step 2: a new worker reads the run back and finishes it.
-    second = Worker(env)
+    second = WorkerProcess(env)
     try:
         events = asyncio.run(finished_run(broker.bootstrap_servers, topics.events, run_id, 120))
     finally:
