@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import msgspec
@@ -146,14 +146,3 @@ def knowledge_prompt(passages: Sequence[Retrieved]) -> str:
     for n, p in enumerate(passages, start=1):
         lines.append(f"[{n}] {p.source}/{p.document}: {p.text}")
     return "\n\n".join(lines)
-
-
-def unique(items: Iterable[Retrieved]) -> list[Retrieved]:
-    seen: set[tuple[str, str, int]] = set()
-    kept = []
-    for item in items:
-        key = (item.source, item.document, item.chunk)
-        if key not in seen:
-            seen.add(key)
-            kept.append(item)
-    return kept

@@ -20,7 +20,7 @@ from actors.cache import ReplyCache
 from benchmarks.common import Result, best_rate, median_ms
 from infra.config import ClickHouseConfig
 from infra.embeddings import MiniLMEmbedder
-from infra.knowledge import _search
+from infra.knowledge import KB_COLUMNS, _search, insert_passages
 from infra.store import KB_TABLE, ClickHouseStore
 
 SENTENCES = [
@@ -70,8 +70,7 @@ def _kb_search(embedder: MiniLMEmbedder, passages: int, queries: int) -> list[Re
             # Random unit vectors generated inside ClickHouse (search cost does not depend
             # on what the passages say), then real sentences among them.
             store.client.command(
-                f"INSERT INTO {store.db}.{KB_TABLE}"
-                " (tenant_id, source, document, digest, chunk, title, text, embedding)"
+                f"INSERT INTO {store.db}.{KB_TABLE} ({', '.join(KB_COLUMNS)})"
                 " SELECT 'bench', 'synthetic', toString(number), '', 0, '', '',"
                 " CAST(L2Normalize(arrayMap(i -> (rand(number * 384 + i) / 4294967295.0) - 0.5,"
                 " range(384))) AS Array(Float32)) FROM numbers({n:UInt64})",
@@ -82,17 +81,7 @@ def _kb_search(embedder: MiniLMEmbedder, passages: int, queries: int) -> list[Re
                 ("bench", "real", f"s{i}", "", 0, "", text, [float(x) for x in vector])
                 for i, (text, vector) in enumerate(zip(SENTENCES, vectors, strict=True))
             ]
-            columns = [
-                "tenant_id",
-                "source",
-                "document",
-                "digest",
-                "chunk",
-                "title",
-                "text",
-                "embedding",
-            ]
-            store.client.insert(KB_TABLE, rows, column_names=columns, database=store.db)
+            insert_passages(store, rows)
             probes = [[float(x) for x in v] for v in embedder.embed(
                 [f"how can I {s.split('do I ')[1]}" for s in SENTENCES[:queries]]
             )]  # fmt: skip

@@ -282,9 +282,11 @@ def new_key(
     """Make a new API key: prints the key once, and the config entry that stores only its hash."""
     import secrets
 
-    unknown = sorted(set(scope) - {"chat", "query", "ingest", "admin"})
+    from infra.security import SCOPES
+
+    unknown = sorted(set(scope) - set(SCOPES))
     if unknown:
-        err.print(f"[red]unknown scope(s) {unknown}: chat, query, ingest, admin[/red]")
+        err.print(f"[red]unknown scope(s) {unknown}: {', '.join(SCOPES)}[/red]")
         raise typer.Exit(2)
 
     from infra.http import hash_key

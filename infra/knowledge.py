@@ -246,18 +246,16 @@ def _replace(
     store: ClickHouseStore, tenant: str, source: str, document: str, rows: list[tuple[Any, ...]]
 ) -> None:
     _delete(store, tenant, source, document)
+    insert_passages(store, rows)
+
+
+KB_COLUMNS = ("tenant_id", "source", "document", "digest", "chunk", "title", "text", "embedding")
+"""The columns a passage row gives, in order (ingested_at is the insert's time)."""
+
+
+def insert_passages(store: ClickHouseStore, rows: list[tuple[Any, ...]]) -> None:
     if rows:
-        columns = [
-            "tenant_id",
-            "source",
-            "document",
-            "digest",
-            "chunk",
-            "title",
-            "text",
-            "embedding",
-        ]
-        store.client.insert(KB_TABLE, rows, column_names=columns, database=store.db)
+        store.client.insert(KB_TABLE, rows, column_names=list(KB_COLUMNS), database=store.db)
 
 
 def _search(

@@ -20,7 +20,15 @@ from events.standalone import standalone
 from infra.broker import EmbeddedBroker
 from infra.bus import EventBus
 from infra.clock import SystemClock
-from infra.config import LoadedConfig, RayConfig, Settings, changes, is_live, load_config
+from infra.config import (
+    LoadedConfig,
+    RayConfig,
+    Settings,
+    StreamsConfig,
+    changes,
+    is_live,
+    load_config,
+)
 from infra.embeddings import MiniLMEmbedder
 from infra.gateway import Gateway
 from infra.ingest import Ingest
@@ -177,6 +185,11 @@ def workflow_catalog(settings: Settings) -> Catalog:
     return Catalog(folder=Path(folder) if folder else None)
 
 
+_RUNNER_STREAM_FIELDS = sorted(
+    {f.name for f in dataclasses.fields(RunnerSettings)} & set(StreamsConfig.__struct_fields__)
+)
+
+
 def workflow_runner(
     settings: Settings,
     bootstrap_servers: str,
@@ -204,12 +217,9 @@ def workflow_runner(
         RunnerSettings(
             bootstrap_servers=bootstrap_servers,
             topic=settings.topics.events,
-            session_timeout_s=s.session_timeout_s,
-            heartbeat_interval_s=s.heartbeat_interval_s,
-            rebalance_timeout_s=s.rebalance_timeout_s,
-            fetch_wait_s=s.fetch_wait_s,
-            commit_interval_s=s.commit_interval_s,
             max_output_bytes=w.max_output_bytes,
+            # Group timing as the projection worker has it: every field both have, by name.
+            **{n: getattr(s, n) for n in _RUNNER_STREAM_FIELDS},
         ),
         log_sink,
         actions,

@@ -17,9 +17,11 @@ Scope = Literal["chat", "ingest", "query", "admin"]
 SCOPES: tuple[Scope, ...] = ("chat", "ingest", "query", "admin")
 
 PUBLIC = frozenset(
-    {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-)
-"""Routes that need no key (liveness, Prometheus, the API's own description)."""
+    {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+     "/v1/models", "/dashboard"}
+)  # fmt: skip
+"""Routes that need no key: liveness, Prometheus, the API's own description, the model
+list, and the dashboard's page (it holds no data; what it shows comes from /v1/live)."""
 
 ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/chat/completions"): "chat",

@@ -33,7 +33,6 @@ import msgspec
 from actors.context import is_text
 from actors.workflow import (
     STREAM_PREFIX,
-    Decision,
     FailStep,
     FinishRun,
     RunState,
@@ -91,6 +90,8 @@ class Catalog:
     errors: dict[str, str] = field(default_factory=dict)
     """Files that could not be loaded, with why."""
     _files: dict[Path, tuple[str, list[WorkflowSpec]]] = field(default_factory=dict)
+    _stats: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    """(mtime_ns, size) of each file when it was last read."""
 
     def register(self, spec: WorkflowSpec) -> WorkflowSpec:
         """Add a workflow defined in Python (validated now)."""
@@ -124,11 +125,18 @@ class Catalog:
         self.errors = {}
         for path in present:
             try:
+                stat = path.stat()
+                if path in self._files and self._stats.get(path) == (
+                    stat.st_mtime_ns,
+                    stat.st_size,
+                ):
+                    continue  # unchanged since it loaded: not read again on every request
                 data = path.read_bytes()
             except OSError as exc:
                 self.errors[str(path)] = str(exc)
                 continue
             digest = hashlib.sha256(data).hexdigest()
+            self._stats[path] = (stat.st_mtime_ns, stat.st_size)
             if path in self._files and self._files[path][0] == digest:
                 continue
             try:
@@ -138,6 +146,7 @@ class Catalog:
                 self.errors[str(path)] = str(exc)
         for gone in set(self._files) - set(present):
             del self._files[gone]
+            self._stats.pop(gone, None)
         return self._files
 
 
@@ -557,7 +566,12 @@ async def read_run(store: Any, tenant_id: str, run_id: str) -> tuple[RunState | 
     return fold(events), events
 
 
-# ---- the runner ----------------------------------------------------------------------
+# ---- the runner ----
+
+
+def _about(state: RunState, step: str) -> dict[str, Any]:
+    """The fields every step event of a run carries."""
+    return {"run_id": state.run_id, "workflow": state.spec.name, "step": step}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -755,42 +769,26 @@ class WorkflowRunner:
             for task in in_flight:
                 task.cancel()
 
-    async def _act(self, state: RunState, decision: Decision) -> asyncio.Task[Any] | None:
-        name = state.spec.name
+    async def _act(
+        self, state: RunState, decision: StartStep | SkipStep | FailStep
+    ) -> asyncio.Task[Any] | None:
+        about = _about(state, decision.step)
         match decision:
             case SkipStep():
-                await self._append(
-                    state,
-                    WorkflowStepSkipped(
-                        run_id=state.run_id,
-                        workflow=name,
-                        step=decision.step,
-                        reason=decision.reason,
-                    ),
-                )
+                await self._append(state, WorkflowStepSkipped(**about, reason=decision.reason))
             case FailStep():
-                await self._append(
-                    state,
-                    WorkflowStepFailed(
-                        run_id=state.run_id,
-                        workflow=name,
-                        step=decision.step,
-                        error_class=decision.error_class,
-                        message=decision.message,
-                        iteration=decision.iteration,
-                    ),
+                failed = WorkflowStepFailed(
+                    **about,
+                    error_class=decision.error_class,
+                    message=decision.message,
+                    iteration=decision.iteration,
                 )
+                await self._append(state, failed)
             case StartStep():
-                await self._append(
-                    state,
-                    WorkflowStepStarted(
-                        run_id=state.run_id,
-                        workflow=name,
-                        step=decision.step,
-                        iteration=decision.iteration,
-                        attempt=decision.attempt,
-                    ),
+                started = WorkflowStepStarted(
+                    **about, iteration=decision.iteration, attempt=decision.attempt
                 )
+                await self._append(state, started)
                 return asyncio.create_task(self._run_step(state, decision))
         return None
 
@@ -819,36 +817,26 @@ class WorkflowRunner:
         return (time.perf_counter() - began) * 1000, output
 
     def _outcome(self, state: RunState, start: StartStep, task: asyncio.Task[Any]) -> Event:
-        common: dict[str, Any] = dict(
-            run_id=state.run_id,
-            workflow=state.spec.name,
-            step=start.step,
-            iteration=start.iteration,
-            attempt=start.attempt,
-        )
+        common: dict[str, Any] = {
+            **_about(state, start.step), "iteration": start.iteration, "attempt": start.attempt
+        }  # fmt: skip
         exc = task.exception()
-        if exc is None:
-            duration_ms, output = task.result()
-            try:
-                output = msgspec.to_builtins(output)
-                size = len(msgspec.json.encode(output))
-            except (TypeError, msgspec.EncodeError) as err:
-                return WorkflowStepFailed(
-                    **common,
-                    error_class="OutputNotSerializable",
-                    message=str(err),
-                    duration_ms=duration_ms,
-                )
-            if size > self.settings.max_output_bytes:
-                return WorkflowStepFailed(
-                    **common,
-                    error_class="OutputTooLarge",
-                    message=f"{size} bytes (limit {self.settings.max_output_bytes})",
-                    duration_ms=duration_ms,
-                )
-            return WorkflowStepCompleted(**common, duration_ms=duration_ms, output=output)
-        error_class = exc.error_class if isinstance(exc, StepFailure) else type(exc).__name__
-        return WorkflowStepFailed(**common, error_class=error_class, message=str(exc)[:2000])
+        if exc is not None:
+            error_class = exc.error_class if isinstance(exc, StepFailure) else type(exc).__name__
+            return WorkflowStepFailed(**common, error_class=error_class, message=str(exc)[:2000])
+        duration_ms, output = task.result()
+        try:
+            output = msgspec.to_builtins(output)
+            size = len(msgspec.json.encode(output))
+        except (TypeError, msgspec.EncodeError) as err:
+            problem = ("OutputNotSerializable", str(err))
+        else:
+            if size <= self.settings.max_output_bytes:
+                return WorkflowStepCompleted(**common, duration_ms=duration_ms, output=output)
+            problem = ("OutputTooLarge", f"{size} bytes (limit {self.settings.max_output_bytes})")
+        return WorkflowStepFailed(
+            **common, error_class=problem[0], message=problem[1], duration_ms=duration_ms
+        )
 
     async def _finish(self, state: RunState, finish: FinishRun) -> None:
         duration_ms = (self._clock.now() - state.started_at).total_seconds() * 1000
