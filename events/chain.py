@@ -9,7 +9,7 @@ Altering, removing or reordering an event breaks the chain at that event.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +53,60 @@ class Break:
     problem: str
 
 
+def on_chain(
+    events: Sequence[tuple[Envelope[Any], str | None]],
+) -> tuple[list[tuple[Envelope[Any], str | None]], list[Envelope[Any]]]:
+    """Split one stream's events (in log order, with their erased digests) into the chain
+    its writer wrote and the foreign events beside it: a second event that claims a
+    version already taken (a writer that is not the stream's owner) is foreign unless it
+    is the one the chain goes on from. At each version the kept event is the one linked to
+    the kept event before it, and, among several so linked, the one the next version links
+    to (else the first logged). A repeat of the same event_id (a producer retry) is neither."""
+    by_version: dict[int, list[tuple[Envelope[Any], str | None]]] = {}
+    for event, digest in events:
+        same = by_version.setdefault(event.stream_version, [])
+        if all(e.event_id != event.event_id for e, _ in same):
+            same.append((event, digest))
+    chosen: dict[int, str] = {}  # version -> the kept event's id
+    foreign: list[Envelope[Any]] = []
+    prev: str | None = None
+    for version in sorted(by_version):
+        candidates = by_version[version]
+        choice = candidates[0]
+        if len(candidates) > 1:
+            linked = [c for c in candidates if prev is None or c[0].prev_hash == prev] or candidates
+            following = {e.prev_hash for e, _ in by_version.get(version + 1, [])}
+            choice = next((c for c in linked if event_hash(*c) in following), linked[0])
+            foreign += [e for e, _ in candidates if e.event_id != choice[0].event_id]
+        chosen[version] = choice[0].event_id
+        prev = event_hash(*choice)
+    # The kept events in the order given (a reordering stays visible to verify_stream).
+    kept, seen = [], set()
+    for event, digest in events:
+        if chosen.get(event.stream_version) == event.event_id and event.event_id not in seen:
+            seen.add(event.event_id)
+            kept.append((event, digest))
+    return kept, foreign
+
+
 def verify_stream(
     stream_id: str, events: Iterable[tuple[Envelope[Any], str | None]]
 ) -> list[Break]:
     """Check one stream's events (in version order, each with the digest kept for an erased
-    payload, or None): versions gapless from 1, each prev_hash the hash of the previous."""
-    breaks: list[Break] = []
+    payload, or None): versions gapless from 1, each prev_hash the hash of the previous.
+    A foreign event at a version the owner wrote (see on_chain) is named as such."""
+    kept, foreign = on_chain(list(events))
+    breaks: list[Break] = [
+        Break(
+            stream_id,
+            e.stream_version,
+            e.event_id,
+            f"foreign: a second event claims version {e.stream_version}, off the stream's"
+            " chain (written by someone other than the stream's owner)",
+        )
+        for e in foreign
+    ]
+    events = kept
     expected_version, prev = 1, ""
     previous: Envelope[Any] | None = None
     for event, digest in events:

@@ -14,3 +14,19 @@ DLQ_REASON = "chatllm.dlq.reason"
 DLQ_SOURCE = "chatllm.dlq.source"  # "topic/partition/offset" of the original record
 DLQ_PROCESSOR = "chatllm.dlq.processor"
 DLQ_FAILED_AT = "chatllm.dlq.failed_at"
+DLQ_TRUNCATED = "chatllm.dlq.truncated"  # the original size, when the broker refused it whole
+DLQ_SHA256 = "chatllm.dlq.sha256"  # the original bytes' digest, when truncated
+
+SYSTEM_STREAM_PREFIXES = (
+    "workflow:",
+    "admin:",
+    "anomaly:",
+    "bus:",
+    "config:",
+    "kb:",
+    "memory-prune:",
+    "plugin:",
+    "plugin-emit:",
+)
+"""Streams chat-llm writes for itself (workflow runs, operator actions, findings): a chat
+context id may not start with one of these, nor with an ingest prefix."""

@@ -85,6 +85,10 @@ class EmbeddedBroker:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                # Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
+                # must not take the log away before the processes that still write to it
+                # stop. We stop it last, in stop(); PDEATHSIG covers a SIGKILL of ours.
+                process_group=0,
             )
         finally:
             if output is not subprocess.DEVNULL:

@@ -32,7 +32,7 @@ from infra.config import BrokerConfig
 from infra.kafka import KafkaEventSink
 from infra.rebuild import BrokerSource
 from streams.bus import Dispatcher, Filter, Handler, HandlerFailure, Subscription
-from streams.loop import BatchLoop, LoopSettings
+from streams.loop import BatchLoop, LoopHealth, LoopSettings
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class EventBus:
     @property
     def is_running(self) -> bool:
         return self._task is not None
+
+    @property
+    def health(self) -> LoopHealth:
+        """The subscriber's consume loop: lag, and whether it is stuck (for /healthz)."""
+        return self._loop.health
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EventBus]:

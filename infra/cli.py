@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,8 @@ async def _serve(
         workflows=stack.workflows,
         use_profile=stack.use_profile,
         knowledge=stack.knowledge,
+        health_report=stack.health,
+        settled=stack.worker.settled,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -168,6 +171,12 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
     loaded = _load(config, profile)
     settings = loaded.settings
     _setup_logging(settings)
+    if not settings.auth.required and settings.http.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("chatllm").warning(
+            "auth.required is off and http.host is %s: anyone who reaches this address acts"
+            " for any tenant, admin routes included; set auth.required = true",
+            settings.http.host,
+        )
     stack = _start_stack(settings, loaded)
     try:
         _run(_serve(stack))
@@ -303,14 +312,15 @@ def new_key(
 
 
 def _fetch_audit(
-    settings: Settings, context: str, tenant: str, url: str | None
+    settings: Settings, context: str, tenant: str, url: str | None, api_key: str | None = None
 ) -> list[dict[str, Any]]:
     """From the running service if it answers, else straight from the store (embedded path)."""
     base = _base_url(settings, url)
+    headers = {"X-Tenant-Id": tenant}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     try:
-        response = httpx.get(
-            f"{base}/v1/contexts/{context}/events", headers={"X-Tenant-Id": tenant}, timeout=30
-        )
+        response = httpx.get(f"{base}/v1/contexts/{context}/events", headers=headers, timeout=30)
     except httpx.TransportError:
         if url:
             err.print(f"[red]cannot reach chat-llm at {base}[/red]")
@@ -324,15 +334,7 @@ def _fetch_audit(
         result: list[dict[str, Any]] = response.json()
         return result
 
-    from infra.store import ClickHouseStore, StoreError
-
-    try:
-        store = ClickHouseStore(settings.clickhouse).open()
-    except StoreError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    try:
-        store.migrate()
+    with _local_store(settings) as store:
         return [
             {
                 "stream_version": r.stream_version,
@@ -346,8 +348,6 @@ def _fetch_audit(
             }
             for r in store.stream_events(tenant, context)
         ]
-    finally:
-        store.close()
 
 
 def _summary(event: dict[str, Any]) -> str:
@@ -420,6 +420,7 @@ def audit(
     context: str | None = typer.Option(None, "--context", help="context id"),
     fmt: str = typer.Option("table", "--format", help="table, or json (one event per line)"),
     tenant: str | None = TenantOpt,
+    api_key: str | None = KeyOpt,
     url: str | None = UrlOpt,
     config: Path | None = ConfigOpt,
     profile: str | None = ProfileOpt,
@@ -435,7 +436,7 @@ def audit(
         err.print(f"[red]unknown format {fmt!r}: use table or json[/red]")
         raise typer.Exit(2)
     settings = _load(config, profile).settings
-    rows = _fetch_audit(settings, context, tenant or settings.tenant, url)
+    rows = _fetch_audit(settings, context, tenant or settings.tenant, url, api_key)
     if not rows:
         err.print(
             f"no events archived for context {context!r} (tenant {tenant or settings.tenant})"
@@ -492,15 +493,23 @@ def audit_verify(
 ) -> None:
     """Check the tenant's archived streams against their hash chains; exit 1 on any break,
     naming the altered, missing or misplaced event."""
-    result: dict[str, Any] = _get_json(
-        "/v1/audit/verify",
-        {"context": context},
-        tenant=tenant,
-        api_key=api_key,
-        url=url,
-        config=config,
-        profile=profile,
-    )
+    try:
+        result: dict[str, Any] = _get_json(
+            "/v1/audit/verify",
+            {"context": context},
+            tenant=tenant,
+            api_key=api_key,
+            url=url,
+            config=config,
+            profile=profile,
+            offline=True,
+        )
+    except _Unreachable:
+        from infra.audit import verify
+
+        settings = _load(config, profile).settings
+        with _local_store(settings) as store:
+            result = verify(store, tenant or settings.tenant, context)
     if fmt == "json":
         sys.stdout.write(json.dumps(result) + "\n")
     else:
@@ -770,6 +779,29 @@ def query_log(
     out.print(table)
 
 
+class _Unreachable(Exception):
+    """The running service did not answer (the command may read the store itself)."""
+
+
+@contextlib.contextmanager
+def _local_store(settings: Settings) -> Iterator[Any]:
+    """The configured ClickHouse opened by this process, for commands that work without a
+    running service. chDB allows one process per data path: while `chatllm up` runs on it,
+    this says so in one line."""
+    from infra.store import ClickHouseStore, StoreError
+
+    try:
+        store = ClickHouseStore(settings.clickhouse).open()
+        store.migrate()
+    except StoreError as exc:
+        err.print(f"[red]no service answers, and the store cannot be opened:[/red] {exc}")
+        raise typer.Exit(1) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def _get_json(
     path: str,
     params: dict[str, Any],
@@ -784,8 +816,11 @@ def _get_json(
     content: bytes | None = None,
     content_type: str = "application/json",
     ok: tuple[int, ...] = (200,),
+    offline: bool = False,
 ) -> Any:
-    """Call an endpoint of the running service as the caller's tenant; exits on errors."""
+    """Call an endpoint of the running service as the caller's tenant; exits on errors.
+    With `offline`, a service that does not answer (and no --url was given) raises
+    _Unreachable instead, for commands that can read the embedded store themselves."""
     settings = _load(config, profile).settings
     headers = {"X-Tenant-Id": tenant or settings.tenant}
     if api_key:
@@ -803,6 +838,8 @@ def _get_json(
             timeout=120,
         )
     except httpx.TransportError as exc:
+        if offline and not url:
+            raise _Unreachable(base) from None
         err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
         raise typer.Exit(1) from None
     if response.status_code not in ok:
@@ -1030,7 +1067,11 @@ def produce(
     profile: str | None = ProfileOpt,
 ) -> None:
     """Ingest upstream events (JSON lines, the envelope of docs/events.schema.json)."""
-    stream = sys.stdin.buffer if source == "-" else Path(source).open("rb")  # noqa: SIM115
+    try:
+        stream = sys.stdin.buffer if source == "-" else Path(source).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        err.print(f"[red]cannot read {escape(source)}:[/red] {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(2) from None
     where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
     accepted, rejected, line_no = 0, 0, 0
     with stream, Progress(console=err, transient=True) as progress:
@@ -1409,12 +1450,30 @@ def workflow_list(
 ) -> None:
     """The workflows the service knows, their step metrics, and its newest runs."""
     where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
-    found: dict[str, Any] = _get_json("/v1/workflows", {}, **where)  # type: ignore[arg-type]
-    runs: list[dict[str, Any]] = _get_json(
-        "/v1/workflows/runs",
-        {"limit": 20},
-        **where,  # type: ignore[arg-type]
-    )
+    try:
+        found: dict[str, Any] = _get_json(
+            "/v1/workflows",
+            {},
+            offline=True,
+            **where,  # type: ignore[arg-type]
+        )
+        runs: list[dict[str, Any]] = _get_json(
+            "/v1/workflows/runs",
+            {"limit": 20},
+            **where,  # type: ignore[arg-type]
+        )
+    except _Unreachable:
+        from infra.runtime import workflow_catalog
+        from infra.workflow_api import listing
+
+        settings = _load(config, profile).settings
+        who = tenant or settings.tenant
+        with _local_store(settings) as store:
+            found = listing(workflow_catalog(settings), store.workflow_metrics(who))
+            runs = [
+                {**r, "started_at": r["started_at"].isoformat()}
+                for r in store.workflow_runs(who, "", 20)
+            ]
     if fmt == "json":
         sys.stdout.write(json.dumps({**found, "runs": runs}, ensure_ascii=False) + "\n")
         return

@@ -16,7 +16,8 @@ class ChatError(RuntimeError):
     """The service refused or failed the request; the message says why."""
 
     def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(f"{status}: {message}")
+        """`status` is the HTTP status, or 0 when the service could not be reached at all."""
+        super().__init__(f"{status}: {message}" if status else message)
         self.status = status
         self.retry_after_s = retry_after_s
 
@@ -59,7 +60,10 @@ class ChatClient:
         try:
             response = self._http.post("/v1/chat/completions", json=body, headers=headers)
         except httpx.TransportError as exc:
-            raise ChatError(0, f"cannot reach chat-llm at {self._http.base_url}: {exc}") from None
+            raise ChatError(
+                0,
+                f"cannot reach chat-llm at {self._http.base_url}: {exc} (is `chatllm up` running?)",
+            ) from None
         data = (
             response.json()
             if response.headers.get("content-type", "").startswith("application/json")

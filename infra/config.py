@@ -21,7 +21,8 @@ import msgspec
 from actors.limiter import LimitPolicy
 from actors.router import Deployment, RoutingPolicy, default_deployments
 from actors.sanitizer import SanitizerPolicy
-from events import topics
+from events import registered_types, topics
+from streams.ingest import DEFAULT_TYPES
 
 ENV_PREFIX = "CHATLLM_"
 DEFAULT_FILE = "chatllm.toml"
@@ -50,6 +51,9 @@ class BrokerConfig(_Section):
     request_timeout_ms: Positive = 15000
     delivery_timeout_ms: Positive = 30000
     """Upper bound for one append to be acknowledged; a send never waits forever."""
+    max_record_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1_000_000
+    """The largest event record the log takes (keep it under the topic's max.message.bytes):
+    larger upstream events are refused at the door (413) or dead-lettered, never retried."""
 
 
 class TopicsConfig(_Section):
@@ -160,6 +164,12 @@ class IngestConfig(_Section):
     """Upstream events must use stream ids starting with one of these (never a context's)."""
     max_batch: Positive = 5000
     """Most events in one POST /v1/events."""
+    allowed_types: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TYPES))
+    """The event types upstream systems may produce; the rest are refused with the reason
+    (events that act on chat-llm itself, such as UserForgotten, are written by it only)."""
+    max_append_attempts: Positive = 20
+    """Tries (backing off up to 5 s) to append a valid upstream batch to the log before its
+    events are dead-lettered with the error (`chatllm dlq retry` re-drives them)."""
 
 
 class PluginsConfig(_Section):
@@ -367,10 +377,7 @@ def load_config(
         _merge(values, sources, profiles[profile], f"profile {profile}")
 
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name in (
-            f"{ENV_PREFIX}CONFIG",
-            f"{ENV_PREFIX}PROFILE",
-        ):
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if key not in _DEFAULTS:
@@ -399,6 +406,7 @@ def load_config(
         raise ConfigError(_explain(str(exc), sources)) from None
     _check_models(settings, sources)
     _check_keys(settings, sources)
+    _check_ingest(settings, sources)
     return LoadedConfig(
         settings=settings,
         sources=sources,
@@ -451,6 +459,16 @@ def _check_keys(settings: Settings, sources: Mapping[str, str]) -> None:
                     f"invalid config key 'auth.keys' (from {sources['auth.keys']}): key of "
                     f"{key.tenant}/{key.user} has limit {key.limit!r}: {exc}"
                 ) from None
+
+
+def _check_ingest(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Upstream types must be event types; chat contexts may not look like upstream streams."""
+    unknown = sorted(set(settings.ingest.allowed_types) - set(registered_types()))
+    if unknown:
+        raise ConfigError(
+            f"invalid config key 'ingest.allowed_types' (from"
+            f" {sources['ingest.allowed_types']}): {unknown} are not event types"
+        )
 
 
 def _check_models(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -19,10 +19,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import (
@@ -214,10 +216,22 @@ class AuditEvent(BaseModel):
     event: dict[str, Any] = Field(description="the event exactly as it is on the log")
 
 
+class ConsumerHealth(BaseModel):
+    status: str
+    """ok, starting, or stuck."""
+    lag: int | None
+    busy_s: float
+    last_error: str
+    reason: str
+
+
 class Health(BaseModel):
     status: str
+    """ok, or degraded when a consumer is stuck (named in `stuck`, with its reason)."""
     archived: int
     dead_lettered: int
+    stuck: list[str] = []
+    consumers: dict[str, ConsumerHealth] = {}
 
 
 def _refs(outcome: TurnOutcome) -> list[EventRef]:
@@ -290,6 +304,8 @@ def build_api(
     workflows: Catalog | None = None,
     use_profile: Callable[[str, str, str], Awaitable[dict[str, Any]]] | None = None,
     knowledge: KnowledgeBase | None = None,
+    health_report: Callable[[], dict[str, Any]] | None = None,
+    settled: Callable[[float], Awaitable[bool]] | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -329,6 +345,36 @@ def build_api(
             {"error": error, "detail": exc.message}, exc.status, headers=exc.headers
         )
 
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Every route answers a bad request in OpenAI's shape (400), never FastAPI's
+        # 422 with a list: the first problem names where it is.
+        problems = exc.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = (
+            f"invalid request: {where}: {first.get('msg', '')}"
+            if where
+            else (f"invalid request: {first.get('msg', '')}")
+        )
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more)"
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        error = {"message": message, "type": "invalid_request_error", "param": param,
+                 "code": "invalid_request"}  # fmt: skip
+        return JSONResponse({"error": error, "detail": message}, 400)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(exc.status_code)  # fmt: skip
+        kind = kind or ("invalid_request_error" if exc.status_code < 500 else "api_error")
+        error = {"message": message, "type": kind, "param": None, "code": None}
+        return JSONResponse(
+            {"error": error, "detail": message}, exc.status_code, headers=exc.headers
+        )
+
     @api.exception_handler(QueryError)
     async def _bad_query(_: Request, exc: QueryError) -> JSONResponse:
         error = {"message": str(exc), "type": "invalid_request_error", "param": None}
@@ -355,18 +401,24 @@ def build_api(
         authorization: Annotated[str | None, Header()] = None,
         x_tenant_id: Annotated[str | None, Header(pattern=IDENT)] = None,
     ) -> Caller:
-        """Who calls: the API key's tenant and user (the key must hold the route's scope,
-        and be within its limit); without keys, the X-Tenant-Id header."""
+        """Who calls. With auth.required: the API key's tenant and user (the key must hold
+        the route's scope and be within its limit). With auth off (the local default) the
+        service is open: a known key still names its tenant, user and limit, while an
+        unknown key counts as none (the OpenAI SDK always sends one), and then the tenant
+        is X-Tenant-Id or the configured one. Off, no caller is held to a scope: a key must
+        never give less than no key at all."""
+        key = None
         if authorization:
             scheme, _, token = authorization.partition(" ")
             key = keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" else None
-            if key is None:
+            if key is None and settings.auth.required:
                 raise OpenAIError(
                     401, "invalid API key", "invalid_request_error", "invalid_api_key"
                 )
+        if key is not None:
             route = request.scope.get("route")
             needed = needed_scope(request.method, getattr(route, "path", request.url.path))
-            if needed not in key.scopes:
+            if settings.auth.required and needed not in key.scopes:
                 raise OpenAIError(
                     403,
                     f"this API key lacks the {needed!r} scope (it has: {', '.join(key.scopes)})",
@@ -426,10 +478,14 @@ def build_api(
             assert plugins is not None
             reply = await plugins.after_reply(asked, outcome.reply)
             outcome = msgspec.structs.replace(outcome, reply=reply)
+        observe_turn(started, outcome.status, outcome.model)
+        return outcome
+
+    def observe_turn(started: float, status: str, model: str) -> None:
+        """A finished turn, streamed or not, in chatllm_turns_total and chatllm_turn_seconds."""
         if metrics is not None:
             metrics.turn_seconds.observe(time.perf_counter() - started)
-            metrics.turns.labels(status=outcome.status, model=outcome.model or "-").inc()
-        return outcome
+            metrics.turns.labels(status=status, model=model or "-").inc()
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -459,6 +515,9 @@ def build_api(
 
     @api.get("/healthz", response_model=Health)
     async def health() -> Health:
+        """Liveness, and every consumer of the log with its lag: `degraded` names the stuck."""
+        if health_report is not None:
+            return Health.model_validate(health_report())
         written, dead = archive_stats()
         return Health(status="ok", archived=written, dead_lettered=dead)
 
@@ -522,18 +581,28 @@ def build_api(
         if body.stream:
             # Wait for the first item: a denial or rejection comes before any text, and must
             # be a proper HTTP error (429, 400), not an error inside a 200 stream.
+            started = time.perf_counter()
             items = gateway.stream(request).__aiter__()
             try:
                 first = await items.__anext__()
             except Exception as exc:
+                observe_turn(started, "error", "")
                 raise _as_http(exc) from None
             if isinstance(first, TurnOutcome):
                 error = outcome_error(first)
                 if error is not None:
+                    observe_turn(started, first.status, first.model)
                     error.headers.update(headers)
                     raise error
             return StreamingResponse(
-                _sse(first, items, completion_id, created, body.model),
+                _sse(
+                    first,
+                    items,
+                    completion_id,
+                    created,
+                    body.model,
+                    lambda status, model: observe_turn(started, status, model),
+                ),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
@@ -714,6 +783,12 @@ def build_api(
     if knowledge is not None:
         add_knowledge_routes(api, caller, knowledge)
 
+    async def archived_so_far() -> None:
+        """Read-your-writes on the archive: wait (briefly) until every event acknowledged
+        before this request is archived, so a turn just answered shows up in its audit."""
+        if settled is not None:
+            await settled(time.monotonic())
+
     @api.get("/v1/audit/verify", tags=["audit"])
     async def audit_verify(
         who: Annotated[Caller, Depends(caller)],
@@ -721,6 +796,7 @@ def build_api(
     ) -> Any:
         """Check the caller's tenant's archived streams against their hash chains: every
         altered, removed or reordered event is named (`ok` is false then)."""
+        await archived_so_far()
         return await store.call_with(lambda s: verify(s, who.tenant_id, context))
 
     async def record_admin(who: Caller, payload: Any) -> None:
@@ -864,6 +940,17 @@ def build_api(
             raise QueryError(
                 f"{len(items)} events in one batch; the limit is {settings.ingest.max_batch}"
             )
+        limit = settings.broker.max_record_bytes
+        oversized = [i for i, item in enumerate(items) if len(item) > limit]
+        if oversized:
+            # Never a 503: retrying cannot make it fit. Nothing of the batch was taken.
+            raise OpenAIError(
+                413,
+                f"event {oversized[0]} is {len(items[oversized[0]])} bytes; the log accepts at"
+                f" most {limit} bytes per event (broker.max_record_bytes); nothing was accepted",
+                "invalid_request_error",
+                "event_too_large",
+            )
         result = await ingesting().submit(items, who.tenant_id)
         status = 422 if items and not result.accepted else 200
         return JSONResponse(msgspec.to_builtins(result), status)
@@ -918,6 +1005,7 @@ def build_api(
             model=model,
             text=q,
         )
+        await archived_so_far()
         if format_ == "json":
             found = [
                 {**_logged(e), "event": msgspec.json.decode(e.body)}
@@ -937,6 +1025,7 @@ def build_api(
         """Time travel: the context (messages, documents, tags, config) and the limiter and
         router state that applied to it, exactly as they were at `at`, from events alone."""
         check_moments(at)
+        await archived_so_far()
         try:
             moment = await state_at(store, who.tenant_id, context_id, at)
         except UnknownContext as exc:
@@ -948,6 +1037,7 @@ def build_api(
         context_id: ContextId, who: Annotated[Caller, Depends(caller)]
     ) -> list[AuditEvent]:
         """The context's archived events in stream order (the audit trail)."""
+        await archived_so_far()
         records = await store.stream_events(who.tenant_id, context_id)
         return [
             AuditEvent(
@@ -1071,10 +1161,12 @@ async def _sse(
     completion_id: str,
     created: int,
     model: str,
+    finished: Callable[[str, str], None],
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a failure ends the stream with an error
     event instead of [DONE], so a cut answer is never mistaken for a whole one. Fan-out
-    members stream as choices side by side (their `index`)."""
+    members stream as choices side by side (their `index`). `finished(status, model)` is
+    told how the turn ended."""
     shown_model = model or "chat-llm"
     yield _chunk(completion_id, created, shown_model, {"role": "assistant", "content": ""}, None)
 
@@ -1086,6 +1178,7 @@ async def _sse(
     try:
         async for item in everything():
             if isinstance(item, TurnOutcome):
+                finished(item.status, item.model)
                 error = outcome_error(item)
                 if error is not None:
                     yield _error_event(error.message, error.type, error.code)
@@ -1100,8 +1193,10 @@ async def _sse(
                 )
             else:
                 yield _chunk(completion_id, created, shown_model, {"content": item}, None)
+        finished("error", "")
         yield _error_event("the stream ended without an outcome", "api_error", "stream_failed")
     except Exception as exc:
+        finished("error", "")
         failure = _as_http(exc)
         yield _error_event(getattr(failure, "message", str(failure)), "api_error", "stream_failed")
 

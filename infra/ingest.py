@@ -72,7 +72,13 @@ class Ingest:
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
             if self._producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers,
+                    acks="all",
+                    max_request_size=max(
+                        1024 * 1024, self.settings.broker.max_record_bytes + 64 * 1024
+                    ),
+                )
                 await producer.start()
                 self._producer = producer
             return self._producer
@@ -88,11 +94,13 @@ class Ingest:
         """Check each record as an event of `tenant_id`; queue the valid ones for the log,
         dead-letter the others with why. Returns once the broker acknowledged all of it."""
         prefixes = self.settings.ingest.stream_prefixes
+        types = self.settings.ingest.allowed_types
+        max_bytes = self.settings.broker.max_record_bytes
         valid: list[tuple[bytes, str]] = []
         rejected: list[Rejected] = []
         for index, value in enumerate(records):
             try:
-                event = validate(value, prefixes)
+                event = validate(value, prefixes, types, max_bytes)
                 if event.tenant_id != tenant_id:
                     raise DecodeError(
                         f"tenant_id {event.tenant_id!r} is not the caller's tenant {tenant_id!r}"

@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from events import DecodeError, Envelope, decode, encode
+from events.chain import on_chain
 from infra.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class KafkaEventSink:
             enable_idempotence=config.enable_idempotence,
             linger_ms=config.linger_ms,
             request_timeout_ms=config.request_timeout_ms,
+            # Room for one record of broker.max_record_bytes and its batch framing.
+            max_request_size=max(1024 * 1024, config.max_record_bytes + 64 * 1024),
             client_id="chatllm-events",
         )
         self._producer: Any = None
@@ -261,14 +264,17 @@ class KafkaStreamReader:
         if first is None:
             return []  # the log has no event of this stream
         found = await self._scan(lambda record: record.key == key, [partition], start=first)
-        # A producer retry can write an event twice: keep the first of each version.
-        seen: set[int] = set()
-        unique = []
-        for event in found:
-            if event.stream_version not in seen:
-                seen.add(event.stream_version)
-                unique.append(event)
-        return unique
+        # A producer retry can write an event twice, and a foreign writer can claim a
+        # version the owner wrote: the stream is the chain its owner wrote (on_chain).
+        kept, foreign = on_chain([(event, None) for event in found])
+        for event in foreign:
+            log.warning(
+                "stream %s: foreign event %s at version %d ignored (off the chain)",
+                stream_id,
+                event.event_id,
+                event.stream_version,
+            )
+        return [event for event, _ in kept]
 
     async def _partition_of(self, stream_id: str) -> int:
         if self._partitions is None:

@@ -51,6 +51,7 @@ from infra.workflows import (
 )
 from streams.app import ProjectionWorker, WorkerSettings
 from streams.detectors import DetectorConfig, Detectors
+from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         fetch_wait_s=s.fetch_wait_s,
         ingest_topic=settings.topics.ingest,
         ingest_prefixes=tuple(settings.ingest.stream_prefixes),
+        ingest_types=tuple(settings.ingest.allowed_types),
+        max_record_bytes=settings.broker.max_record_bytes,
+        max_append_attempts=settings.ingest.max_append_attempts,
         system_tenant=settings.tenant,
         memory_sample_s=settings.anomalies.memory_sample_s if settings.anomalies.enabled else 0,
         memory_max_age_days=settings.memory.max_age_days,
@@ -288,7 +292,10 @@ def start_broker(
     """The configured Kafka, or the embedded tansu broker when none is configured."""
     if settings.broker.bootstrap_servers:
         return None, settings.broker.bootstrap_servers
-    log_path = log_dir / "tansu.log" if log_dir else None
+    log_path = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)  # a fresh clone has no .chatllm/ yet
+        log_path = log_dir / "tansu.log"
     broker = EmbeddedBroker(port=settings.broker.embedded_port, log_path=log_path).start()
     return broker, broker.bootstrap_servers
 
@@ -328,6 +335,22 @@ class Stack:
     loaded: LoadedConfig | None = None
     """The configuration in effect (its file and profile), for `chatllm config use`."""
     _stopped: bool = field(default=False, repr=False)
+    _loops: dict[str, LoopHealth] = field(default_factory=dict, repr=False)
+    """The consume loops running besides the worker's (workflows, the plugins' bus)."""
+
+    def health(self) -> dict[str, Any]:
+        """Every consumer of this process with its lag, and `stuck` with the reason when one
+        is (a batch in hand too long, a loop that stopped): what /healthz shows."""
+        loops = {**self.worker.health(), **self._loops}
+        consumers = {name: h.report() for name, h in loops.items()}
+        stuck = sorted(n for n, c in consumers.items() if c["status"] == "stuck")
+        return {
+            "status": "degraded" if stuck else "ok",
+            "stuck": stuck,
+            "archived": self.worker.written,
+            "dead_lettered": self.worker.dead_lettered,
+            "consumers": consumers,
+        }
 
     @classmethod
     def start(cls, settings: Settings, loaded: LoadedConfig | None = None) -> Stack:
@@ -443,6 +466,7 @@ class Stack:
             plugins=self.plugins,
             knowledge=self.knowledge,
         )
+        self._loops["workflows"] = runner.health
         async with runner.running():
             yield
 
@@ -461,6 +485,7 @@ class Stack:
             start_at_end=True,  # plugins hear what happens from now on
         )
         bus.on("*", self.plugins.on_event)
+        self._loops["plugins"] = bus.health
         feeding = contextlib.AsyncExitStack()
 
         async def supervise() -> None:

@@ -25,6 +25,7 @@ from actors.chat import ChatRequest, ChatService, Piece, TurnOutcome
 from actors.context import (
     ContextActor,
     ContextCommand,
+    ContextRejected,
     ContextState,
     ContextView,
     RequestMeta,
@@ -35,7 +36,7 @@ from actors.limiter import RateLimiter
 from actors.ports import ChatMessage
 from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
-from events import FeedbackGiven
+from events import FeedbackGiven, topics
 from infra.clock import SystemClock
 from infra.config import Settings
 from infra.embeddings import MiniLMEmbedder
@@ -157,6 +158,7 @@ class ChatShard:
         self._capacity = settings.ray.contexts_per_shard
         self._max_document_bytes = settings.contexts.max_document_bytes
         self._loading: dict[str, asyncio.Lock] = {}
+        self._reserved = (*settings.ingest.stream_prefixes, *topics.SYSTEM_STREAM_PREFIXES)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply the live part of a new configuration (`chatllm config use`): limits keep
@@ -339,6 +341,14 @@ class ChatShard:
         if context is not None:
             self._contexts.move_to_end(context_id)
             return context
+        reserved = next((p for p in self._reserved if context_id.startswith(p)), None)
+        if reserved is not None:
+            # One writer per stream: upstream (ingest) and chat-llm's own streams are not
+            # chat contexts, and a chat turn must never write into them.
+            raise ContextRejected(
+                f"context id {context_id!r} starts with {reserved!r}, which is reserved for"
+                " upstream and system streams; choose another id"
+            )
         if new:  # a fresh id minted by the gateway: nothing to read back from the log
             context = ContextActor(context_id, sink=self._sink, clock=self._clock)
             self._keep(context)

@@ -899,7 +899,9 @@ class ClickHouseStore:
         rows = self.client.query(
             f"SELECT stream_id, stream_version, body, erased_digest"
             f" FROM {self.db}.{ARCHIVE_TABLE} FINAL WHERE {' AND '.join(clauses)}"
-            " ORDER BY stream_id, stream_version LIMIT {limit:UInt32}",
+            # Log order within a version: where two events claim it, the first logged
+            # is the one kept unless the chain says otherwise (events/chain.py on_chain).
+            " ORDER BY stream_id, stream_version, partition, offset LIMIT {limit:UInt32}",
             parameters=params,
         ).result_rows
         return [(str(s), int(v), str(b), str(d)) for s, v, b, d in rows]

@@ -21,6 +21,26 @@ class RunIn(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict, description="checked against `inputs`")
 
 
+def listing(catalog: Catalog, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The catalog's workflows with their step metrics (what `GET /v1/workflows` answers,
+    and `chatllm workflow list` shows without a running service)."""
+    return {
+        "workflows": [
+            {
+                "name": name,
+                "description": d.spec.description,
+                "version": d.spec.version,
+                "source": d.source,
+                "steps": order(d.spec),
+                "inputs": msgspec.to_builtins(d.spec.inputs),
+                "metrics": [m for m in metrics if m["workflow"] == name],
+            }
+            for name, d in catalog.definitions().items()
+        ],
+        "errors": catalog.errors,
+    }
+
+
 def add_workflow_routes(
     api: FastAPI,
     caller: Callable[..., Awaitable[Any]],
@@ -34,23 +54,7 @@ def add_workflow_routes(
     async def workflows(who: Who) -> dict[str, Any]:
         """The workflows this service knows (and files that failed to load, with why), with
         each one's run counts and per-step metrics."""
-        definitions = catalog.definitions()
-        metrics = await store.call("workflow_metrics", who.tenant_id)
-        return {
-            "workflows": [
-                {
-                    "name": name,
-                    "description": d.spec.description,
-                    "version": d.spec.version,
-                    "source": d.source,
-                    "steps": order(d.spec),
-                    "inputs": msgspec.to_builtins(d.spec.inputs),
-                    "metrics": [m for m in metrics if m["workflow"] == name],
-                }
-                for name, d in definitions.items()
-            ],
-            "errors": catalog.errors,
-        }
+        return listing(catalog, await store.call("workflow_metrics", who.tenant_id))
 
     @api.post("/v1/workflows/{name}/runs", status_code=202, tags=["workflows"])
     async def run(name: WorkflowName, body: RunIn, who: Who) -> dict[str, Any]:

@@ -63,6 +63,7 @@ from events import (
     decode,
 )
 from infra.clock import SystemClock, new_trace_id
+from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
 
@@ -595,6 +596,17 @@ class _Tracked:
     driver: asyncio.Task[None] | None = None
 
 
+async def _lag(consumer: Any) -> int | None:
+    """Records on the consumer's partitions past its position (None until known)."""
+    total = 0
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            return None
+        total += max(0, high - await consumer.position(tp))
+    return total
+
+
 class WorkflowRunner:
     """Drives the runs of the partitions it owns; several runners share them as a group."""
 
@@ -611,6 +623,8 @@ class WorkflowRunner:
         self._consumer: Any = None
         self._ready: set[Any] = set()
         self._appending: set[asyncio.Task[None]] = set()
+        self.health = LoopHealth(settings.group)
+        """Its consumer: running, lag, why it stopped (for /healthz)."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[WorkflowRunner]:
@@ -657,9 +671,11 @@ class WorkflowRunner:
             rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
         )
         consumer.subscribe([s.topic], listener=Listener())
-        await consumer.start()
         committed_at = time.monotonic()
+        health = self.health
         try:
+            await consumer.start()  # inside the try: a stop during start still closes it
+            health.running, health.stopped = True, ""
             while True:
                 fetched = await consumer.getmany(timeout_ms=int(s.fetch_wait_s * 1000) + 100)
                 for tp, records in fetched.items():
@@ -672,13 +688,18 @@ class WorkflowRunner:
                         if high is not None and await consumer.position(tp) >= high:
                             self._ready.add(tp)
                 self._drive_ready()
+                health.lag = await _lag(consumer)
                 if time.monotonic() - committed_at >= s.commit_interval_s:
                     committed_at = time.monotonic()
                     try:
                         await self._commit()
                     except (CommitFailedError, IllegalStateError) as exc:
                         log.info("workflow offsets not committed (%s)", exc)
+        except Exception as exc:
+            health.stopped = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
+            health.running = False
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._drop_all(commit=True), 30)
             self._consumer = None

@@ -27,14 +27,35 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    before_sleep_log,
+    retry_if_exception_type,
+    wait_exponential,
+)
 
 from events import AnomalyDetected, DecodeError, Envelope, MemoryPruned, decode, topics
 from events.standalone import standalone
 from streams.archive import archive_row
 from streams.detectors import Detectors, Finding
-from streams.ingest import DEFAULT_PREFIXES, TENANT_HEADER, tenant_hint, validate
-from streams.loop import BatchLoop, DeadLetters, LoopSettings, crashed, every, running_tasks
+from streams.ingest import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_PREFIXES,
+    DEFAULT_TYPES,
+    TENANT_HEADER,
+    tenant_hint,
+    validate,
+)
+from streams.loop import (
+    BatchLoop,
+    DeadLetters,
+    LoopHealth,
+    LoopSettings,
+    crashed,
+    every,
+    running_tasks,
+)
 from streams.ports import EventAppender, ProjectionBatch, ProjectionSink
 from streams.projections import PruneRow, project, table_of
 
@@ -58,6 +79,12 @@ class WorkerSettings:
     ingest_topic: str = topics.INGEST
     """Where upstream systems produce; validated, then appended to the log ('' = off)."""
     ingest_prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    ingest_types: tuple[str, ...] = DEFAULT_TYPES
+    """The event types upstream systems may produce."""
+    max_record_bytes: int = DEFAULT_MAX_BYTES
+    """Larger upstream records are dead letters: the log would refuse them forever."""
+    max_append_attempts: int = 20
+    """Tries to append a valid upstream batch before its events are dead-lettered."""
     app_id: str = ARCHIVER_ID
     """The consumer group."""
     batch_size: int = 1000
@@ -71,6 +98,10 @@ class WorkerSettings:
     """Written offsets are committed at most this often (a crash re-reads at most that)."""
     fetch_wait_s: float = 0.1
     """How long the broker may hold a fetch for more data (bounds the lag when idle)."""
+    finish_timeout_s: float = 10.0
+    """On a stop, how long a batch in hand may take to finish before it is abandoned."""
+    stuck_after_s: float = 30.0
+    """A batch in hand for longer than this makes health say the loop is stuck."""
     system_tenant: str = "default"
     """The tenant that findings about processes (not about a tenant's traffic) belong to."""
     memory_sample_s: float = 0.0
@@ -165,7 +196,19 @@ class ProjectionWorker:
 
     @property
     def dead_lettered(self) -> int:
-        return self.dead_letters.count
+        return self.dead_letters.count + self.ingest_dead_letters.count
+
+    async def settled(self, since: float, timeout_s: float = 3.0) -> bool:
+        """Whether every event acknowledged before `since` (time.monotonic()) is in the
+        projections, waiting up to `timeout_s` for it (read-your-writes for the read side)."""
+        return await self._loop.settled(since, timeout_s)
+
+    def health(self) -> dict[str, LoopHealth]:
+        """The consume loops of this worker, by name (for /healthz)."""
+        loops = {"archive": self._loop.health}
+        if self.settings.ingest_topic and self.appender is not None:
+            loops["ingest"] = self._ingest.health
+        return loops
 
     def assignment(self) -> set[tuple[str, int]]:
         """The (topic, partition)s this worker holds now."""
@@ -290,29 +333,59 @@ class ProjectionWorker:
     async def _ingest_batch(self, records: Sequence[Any]) -> None:
         """Validate upstream records; append the events to the log, dead-letter the rest.
         An event_id sent twice is appended twice and stored once (the sinks dedup by it)."""
-        assert self.appender is not None
-        valid = []
+        s = self.settings
+        valid: list[tuple[Any, Envelope[Any]]] = []
         for record in records:
             try:
-                valid.append(validate(record.value, self.settings.ingest_prefixes))
-            except DecodeError as exc:
-                await self.ingest_dead_letters.send(
-                    key=record.key,
-                    value=record.value,
-                    reason=exc.reason,
-                    source=f"{record.topic}/{record.partition}/{record.offset}",
-                    extra=[(TENANT_HEADER, tenant_hint(record.value).encode())],
+                event = validate(
+                    record.value, s.ingest_prefixes, s.ingest_types, s.max_record_bytes
                 )
-        if valid:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(Exception),
-                wait=wait_exponential(multiplier=0.1, max=5.0),
-                before_sleep=before_sleep_log(log, logging.WARNING),
-                reraise=True,
-            ):
-                with attempt:  # the log is down: wait (the batch stays uncommitted)
-                    await self.appender.append(valid)
-            self.ingested += len(valid)
+            except DecodeError as exc:
+                await self._ingest_dead_letter(record, exc.reason)
+                continue
+            valid.append((record, event))
+        if not valid:
+            return
+        try:
+            await self._append_retrying([e for _, e in valid], self._ingest.health)
+        except _Refused:
+            # Something in the batch can never be appended: one by one, so that only what
+            # the log refuses becomes a dead letter and the rest goes on.
+            for record, event in valid:
+                try:
+                    await self._append_retrying([event], self._ingest.health)
+                except _Refused as exc:
+                    await self._ingest_dead_letter(record, f"the log refused it: {exc}")
+                    continue
+                self.ingested += 1
+            return
+        self.ingested += len(valid)
+
+    async def _ingest_dead_letter(self, record: Any, reason: str) -> None:
+        await self.ingest_dead_letters.send(
+            key=record.key,
+            value=record.value,
+            reason=reason,
+            source=f"{record.topic}/{record.partition}/{record.offset}",
+            extra=[(TENANT_HEADER, tenant_hint(record.value).encode())],
+        )
+
+    async def _append_retrying(self, events: Sequence[Envelope[Any]], health: LoopHealth) -> None:
+        """Append, retrying what may pass later (the log is down: the batch stays uncommitted
+        and health shows the error) up to max_append_attempts; _Refused for what never will
+        (too large, refused by the broker) or what still failed after the last attempt."""
+        assert self.appender is not None
+        attempts = self.settings.max_append_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.appender.append(events)
+                return
+            except Exception as exc:
+                if not _retriable(exc) or attempt == attempts:
+                    raise _Refused(_reason(exc, attempt)) from exc
+                health.last_error = _reason(exc, attempt)
+                log.warning("append of %d upstream events failed: %s", len(events), exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** (attempt - 1)))
 
     # ---- the projection loop ------------------------------------------------------------
 
@@ -357,10 +430,17 @@ class ProjectionWorker:
         # A sink outage blocks the loop (lag grows) rather than losing rows; the batch's
         # offsets are committed only after this returns. Stopping mid-write is safe too:
         # nothing was committed, so the batch is read again on restart.
+        health = self._loop.health
+
+        def noted(state: RetryCallState) -> None:
+            health.last_error = f"writing the projections: {state.outcome.exception()!r}"  # type: ignore[union-attr]
+            warn(state)
+
+        warn = before_sleep_log(log, logging.WARNING)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(Exception),
             wait=wait_exponential(multiplier=0.1, max=5.0),
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=noted,
             reraise=True,
         ):
             with attempt:
@@ -372,3 +452,36 @@ class ProjectionWorker:
                 for name in PROJECTIONS:
                     self.observe_lag(name, lag)
         self.written += len(rows)
+
+
+class _Refused(Exception):
+    """An append that will not pass by trying again."""
+
+
+_NEVER_PASS = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordListTooLargeError",
+        "InvalidTopicError",
+        "TopicAuthorizationFailedError",
+        "ClusterAuthorizationFailedError",
+        "CorruptRecordException",
+    }
+)
+
+
+def _retriable(exc: BaseException) -> bool:
+    """Whether an append error may pass later: a broker that is down or slow may come back;
+    a record over the size limit, or one the broker refuses outright, never will. Anything
+    not known to be final is taken as transient (the attempts bound it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ in _NEVER_PASS:
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+def _reason(exc: BaseException, attempt: int) -> str:
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause} (attempt {attempt})"

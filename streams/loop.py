@@ -37,7 +37,50 @@ class LoopSettings:
     """How long the broker may hold a fetch for more data (bounds the lag when idle)."""
     start_at_end: bool = False
     """A new group starts at the end of the topic instead of its beginning."""
+    finish_timeout_s: float = 10.0
+    """On a stop, how long a batch already being handled may take to finish (and be
+    committed); past that it is abandoned uncommitted, and re-read by the next owner."""
+    stuck_after_s: float = 30.0
+    """A batch handled for longer than this makes the loop's health say it is stuck."""
 
+
+@dataclass
+class LoopHealth:
+    """What a consume loop is doing, for /healthz: its lag, and whether it is stuck."""
+
+    name: str
+    running: bool = False
+    lag: int | None = None
+    """Records on its partitions not handled yet (None until the broker has said)."""
+    handling_since: float | None = None
+    """time.monotonic() when the batch in hand was fetched; None between batches."""
+    last_error: str = ""
+    """The last error a handler reported while retrying; cleared when a batch is done."""
+    stopped: str = ""
+    """Why the loop stopped on its own (it crashed), if it did."""
+    stuck_after_s: float = 30.0
+
+    def report(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        busy = 0.0 if self.handling_since is None else now - self.handling_since
+        stuck = bool(self.stopped) or busy > self.stuck_after_s
+        why = self.stopped
+        if stuck and not why:
+            why = f"one batch in hand for {busy:.0f} s"
+            if self.last_error:
+                why += f": {self.last_error}"
+        return {
+            "status": "stuck" if stuck else ("ok" if self.running else "starting"),
+            "lag": self.lag,
+            "busy_s": round(busy, 1),
+            "last_error": self.last_error,
+            "reason": why,
+        }
+
+
+MAX_DEAD_LETTER_BYTES = 16 * 1024 * 1024
+TRUNCATED_BYTES = 64 * 1024
+"""What is kept of a dead letter the broker refuses whole."""
 
 Handler = Callable[[Sequence[Any]], Awaitable[None]]
 """Handles one fetched batch of records; returns once its effects are durable."""
@@ -57,7 +100,13 @@ class DeadLetters:
         from aiokafka import AIOKafkaProducer
 
         if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                acks="all",
+                # A dead letter may be larger than what the log takes (that can be why it is
+                # one); the broker's own limit decides, and send() copes with a refusal.
+                max_request_size=MAX_DEAD_LETTER_BYTES,
+            )
             try:
                 await self._producer.start()
             except BaseException:
@@ -89,7 +138,21 @@ class DeadLetters:
             (topics.DLQ_FAILED_AT, datetime.now(UTC).isoformat().encode()),
             *extra,
         ]
-        await self._producer.send_and_wait(self.topic, key=key, value=value, headers=headers)
+        try:
+            await self._producer.send_and_wait(self.topic, key=key, value=value, headers=headers)
+        except Exception as exc:
+            if type(exc).__name__ != "MessageSizeTooLargeError" or not value:
+                raise
+            # The broker will not keep the record whole: keep its head, its size and its
+            # digest, so it is still seen, counted and identifiable (never silently gone).
+            import hashlib
+
+            headers += [
+                (topics.DLQ_TRUNCATED, str(len(value)).encode()),
+                (topics.DLQ_SHA256, hashlib.sha256(value).hexdigest().encode()),
+            ]
+            value = value[:TRUNCATED_BYTES]
+            await self._producer.send_and_wait(self.topic, key=key, value=value, headers=headers)
         self.count += 1
         log.warning("dead-lettered %s: %s", source, reason)
 
@@ -111,6 +174,20 @@ class BatchLoop:
         self.settings = settings
         self.handle = handle
         self._consumer: Any = None
+        self.health = LoopHealth(settings.group, stuck_after_s=settings.stuck_after_s)
+        self.caught_up_at = 0.0
+        """time.monotonic() when the last fetch that left nothing behind began: every record
+        the broker acknowledged before then has been handled."""
+
+    async def settled(self, since: float, timeout_s: float) -> bool:
+        """Wait until everything acknowledged before `since` (time.monotonic()) is handled;
+        False if that took longer than `timeout_s` (read-your-writes for the projections)."""
+        deadline = time.monotonic() + timeout_s
+        while self.caught_up_at < since:
+            if time.monotonic() >= deadline or self.health.stopped:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def assignment(self) -> set[tuple[str, int]]:
         """The (topic, partition)s this loop holds now."""
@@ -144,7 +221,10 @@ class BatchLoop:
                 await consumer.stop()
             raise
         self._consumer = consumer
+        health = self.health
+        health.running, health.stopped = True, ""
         handled: dict[Any, int] = {}  # partition -> next offset; handled, not committed
+        positions: dict[Any, int] = {}  # partition -> next offset to handle
         committed_at = time.monotonic()
 
         async def commit() -> None:
@@ -163,11 +243,13 @@ class BatchLoop:
 
         try:
             while True:
+                began = time.monotonic()
                 fetched = await consumer.getmany(
                     timeout_ms=int(s.batch_within_s * 1000), max_records=s.batch_size
                 )
                 if fetched:
                     ends = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
+                    health.handling_since = time.monotonic()
                     work = asyncio.ensure_future(
                         self.handle([r for batch in fetched.values() for r in batch])
                     )
@@ -176,13 +258,20 @@ class BatchLoop:
                     except asyncio.CancelledError:
                         # A stop in the middle of a batch lets it finish and commits it:
                         # handlers that already ran must not see its events a second time.
-                        with contextlib.suppress(Exception):
-                            await work
-                        if not work.cancelled() and work.exception() is None:
+                        # A batch that cannot finish (its sink is down) is abandoned
+                        # uncommitted after a bound: the stop must not hang on it.
+                        with contextlib.suppress(Exception, asyncio.CancelledError):
+                            await asyncio.wait_for(work, s.finish_timeout_s)
+                        if work.done() and not work.cancelled() and work.exception() is None:
                             handled.update(ends)
                         raise
                     # Only now, with the batch handled, may its offsets move on.
                     handled.update(ends)
+                    positions.update(ends)
+                    health.handling_since, health.last_error = None, ""
+                health.lag = _lag(consumer, positions)
+                if health.lag == 0:
+                    self.caught_up_at = began
                 if time.monotonic() - committed_at >= s.commit_interval_s:
                     await commit()
         except asyncio.CancelledError:
@@ -190,10 +279,29 @@ class BatchLoop:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(commit(), 10)
             raise
+        except BaseException as exc:
+            health.stopped = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             self._consumer = None
+            health.running, health.handling_since = False, None
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+
+def _lag(consumer: Any, positions: dict[Any, int]) -> int | None:
+    """Records on the consumer's partitions past what was handled (from the high
+    watermarks of the last fetches); None until every partition has been heard of."""
+    total = 0
+    assigned = consumer.assignment()
+    if not assigned:
+        return None  # not in the group yet (or between rebalances): nothing is known
+    for tp in assigned:
+        high = consumer.highwater(tp)
+        if high is None:
+            return None
+        total += max(0, high - positions.get(tp, high))
+    return total
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from events import MessageReceived
-from events.chain import chain, payload_digest, verify_stream
+from events.chain import chain, event_hash, on_chain, payload_digest, verify_stream
 from tests.factories import make_event
 
 
@@ -43,6 +43,38 @@ def test_reordered_events_are_named() -> None:
     events = stream()
     found = check([events[0], events[2], events[1], *events[3:]])
     assert found and found[0].stream_version == 3
+    assert "version 3 is missing" not in found[0].problem
+    assert [b.problem for b in found if b.stream_version == 2] == [
+        "version 2 appears again or out of order"
+    ]
+
+
+def forged_at(events: list, version: int) -> object:  # type: ignore[type-arg]
+    """What a foreign producer writes at `version`: a well-formed event, chained to the
+    owner's previous event (anyone who reads the log can compute that hash)."""
+    text = MessageReceived(message_id="mx", content="forged")
+    (forged,) = chain(
+        [make_event("ctx-1", version, text, n=100)], prev_hash=event_hash(events[version - 2])
+    )
+    return forged
+
+
+def test_a_foreign_event_at_the_owners_version_is_named_not_the_owners() -> None:
+    events = stream()
+    forged = forged_at(events, 4)
+    # The forger's event is logged first; the owner wrote its own version 4 after it and
+    # went on from its own (version 5 links to the owner's 4).
+    logged = [*events[:3], forged, *events[3:]]
+    (found,) = check(logged)
+    assert (found.stream_version, found.event_id) == (4, forged.event_id)  # type: ignore[attr-defined]
+    assert found.problem.startswith("foreign: a second event claims version 4")
+    kept, foreign = on_chain([(e, None) for e in logged])
+    assert [e for e, _ in kept] == events and foreign == [forged]
+
+
+def test_a_producer_retry_is_not_a_foreign_event() -> None:
+    events = stream()
+    assert check([*events[:3], events[3], events[3], *events[4:]]) == []
 
 
 def test_erased_content_still_verifies_with_its_kept_digest() -> None:
