@@ -47,7 +47,7 @@ query_app = typer.Typer(help="Query the projections of the running service.", no
 app.add_typer(query_app, name="query")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message is one line, whatever its length
 
 ConfigOpt = typer.Option(
     None, "--config", "-c", help="TOML config file (default: ./chatllm.toml or $CHATLLM_CONFIG)"

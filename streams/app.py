@@ -348,7 +348,11 @@ class ProjectionWorker:
             return
         try:
             await self._append_retrying([e for _, e in valid], self._ingest.health)
-        except _Refused:
+        except _Refused as exc:
+            if not exc.final:  # the log kept failing: the batch waits in the dead letters
+                for record, _ in valid:
+                    await self._ingest_dead_letter(record, f"not appended: {exc}")
+                return
             # Something in the batch can never be appended: one by one, so that only what
             # the log refuses becomes a dead letter and the rest goes on.
             for record, event in valid:
@@ -382,7 +386,7 @@ class ProjectionWorker:
                 return
             except Exception as exc:
                 if not _retriable(exc) or attempt == attempts:
-                    raise _Refused(_reason(exc, attempt)) from exc
+                    raise _Refused(_reason(exc, attempt), final=not _retriable(exc)) from exc
                 health.last_error = _reason(exc, attempt)
                 log.warning("append of %d upstream events failed: %s", len(events), exc)
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** (attempt - 1)))
@@ -455,7 +459,12 @@ class ProjectionWorker:
 
 
 class _Refused(Exception):
-    """An append that will not pass by trying again."""
+    """An append that did not pass: `final` when it never will (the log refuses it), else
+    the attempts ran out while the log kept failing."""
+
+    def __init__(self, reason: str, *, final: bool) -> None:
+        super().__init__(reason)
+        self.final = final
 
 
 _NEVER_PASS = frozenset(

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import CHATLLM, Service, cli
+from tests.e2e.conftest import CHATLLM, Service, cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -77,15 +77,15 @@ def test_chat_turns_reach_the_audit_trail_exactly_once_in_order(service: Service
 def test_bad_requests_get_a_4xx_with_a_message(service: Service) -> None:
     base = service.base
     empty = httpx.post(f"{base}/v1/contexts/c1/messages", json={"content": ""})
-    assert empty.status_code == 422 and "content" in empty.text
+    assert empty.status_code == 400 and "content" in empty.json()["error"]["message"]
     bad_id = httpx.post(f"{base}/v1/contexts/bad%20id/messages", json={"content": "x"})
-    assert bad_id.status_code == 422 and "context_id" in bad_id.text
+    assert bad_id.status_code == 400 and "context_id" in bad_id.json()["error"]["message"]
     not_json = httpx.post(
         f"{base}/v1/contexts/c1/messages",
         content=b"{",
         headers={"content-type": "application/json"},
     )
-    assert not_json.status_code == 422
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
     httpx.post(
         f"{base}/v1/contexts/owned/messages", json={"content": "x"}, headers={"X-Tenant-Id": "a"}
     )
@@ -413,6 +413,114 @@ model = "demo-large"
     bad.write_text('[[routing.bands]]\nname = "x"\nmax_complexity = 1.0\nmodel = "nope"\n')
     refused = cli(service, "whatif", "--policy", str(bad), "--tenant", "wi")
     assert refused.returncode == 1 and "without deployments" in refused.stderr
+
+
+def openai_shaped(response: httpx.Response, status: int) -> str:
+    """The error's message, after checking it is OpenAI's shape with the given status."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "invalid_request_error" and error["message"], error
+    return str(error["message"])
+
+
+def test_validation_errors_are_400_in_openai_shape_on_every_route(service: Service) -> None:
+    base, tenant = service.base, {"X-Tenant-Id": "shape"}
+    httpx.post(f"{base}/v1/contexts/shape-1/messages", json={"content": "hi"}, headers=tenant)
+    rating = httpx.post(
+        f"{base}/v1/contexts/shape-1/feedback",
+        json={"message_id": "m", "rating": 9},
+        headers=tenant,
+    )
+    assert "rating" in openai_shaped(rating, 400)
+    assert "content" in openai_shaped(
+        httpx.post(f"{base}/v1/contexts/shape-1/messages", json={}, headers=tenant), 400
+    )
+    assert "tags" in openai_shaped(
+        httpx.put(f"{base}/v1/contexts/shape-1/tags", json={"tags": "x"}, headers=tenant), 400
+    )
+    assert "format" in openai_shaped(
+        httpx.get(f"{base}/v1/events", params={"format": "xml"}, headers=tenant), 400
+    )
+    assert "limit" in openai_shaped(
+        httpx.get(f"{base}/v1/memory", params={"limit": 0}, headers=tenant), 400
+    )
+
+
+def test_health_names_every_consumer_and_its_lag(service: Service) -> None:
+    httpx.post(f"{service.base}/v1/contexts/health-1/messages", json={"content": "hi"})
+    health = wait_for(
+        lambda: (
+            (h := httpx.get(f"{service.base}/healthz").json())["consumers"]["archive"]["lag"]
+            is not None
+            and h
+        ),
+        "the archive's lag",
+    )
+    assert health["status"] == "ok" and health["stuck"] == []
+    assert {"archive", "ingest", "workflows"} <= set(health["consumers"])
+    for name, consumer in health["consumers"].items():
+        assert consumer["status"] in ("ok", "starting"), (name, consumer)
+    assert health["consumers"]["archive"]["lag"] >= 0
+
+
+def test_streamed_turns_are_counted_in_the_turn_metrics(service: Service) -> None:
+    def counted() -> tuple[float, float]:
+        text = httpx.get(f"{service.base}/metrics").text
+        turns = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("chatllm_turns_total{")
+        )
+        seconds = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("chatllm_turn_seconds_count")
+        )
+        return turns, seconds
+
+    before = counted()
+    with httpx.stream(
+        "POST",
+        f"{service.base}/v1/chat/completions",
+        json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    ) as response:
+        body = "".join(response.iter_text())
+    assert "[DONE]" in body
+    after = counted()
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1
+
+
+def test_the_cli_says_what_is_wrong_in_one_line(service: Service, tmp_path: Path) -> None:
+    # CHATLLM_API_KEY, as --help advertises, is the CLI's key and not a config key.
+    with_key = {**service.env, "CHATLLM_API_KEY": "sk-anything"}
+    done = subprocess.run(
+        [*CHATLLM, "query", "stats", "--url", service.base],
+        env=with_key,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    audit = cli(service, "audit", "--context", "no-such", "--api-key", "sk-anything")
+    assert audit.returncode == 1 and "no events archived" in audit.stderr
+    missing = cli(service, "produce", str(tmp_path / "missing.jsonl"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().startswith("cannot read") and "No such file" in missing.stderr
+    from infra.broker import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for args in (["chat", "hi"], ["query", "stats"], ["audit", "verify"]):
+        gone = subprocess.run(
+            [*CHATLLM, *args, "--url", nowhere],
+            env=service.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert gone.returncode == 1, (args, gone.stderr)
+        assert gone.stderr.startswith(f"cannot reach chat-llm at {nowhere}"), (args, gone.stderr)
+        assert "Traceback" not in gone.stderr
 
 
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
