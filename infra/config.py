@@ -112,6 +112,11 @@ class StreamsConfig(_Section):
     """How often written offsets are committed (a crash re-reads at most this much)."""
     fetch_wait_s: PositiveFloat = 0.1
     """How long the broker may hold a fetch for more events (bounds the lag when idle)."""
+    finish_timeout_s: PositiveFloat = 10.0
+    """On a stop, how long a batch in hand may take to finish (else it is left uncommitted
+    and read again by the next owner)."""
+    stuck_after_s: PositiveFloat = 30.0
+    """A consumer holding one batch for longer than this is reported stuck by /healthz."""
 
 
 class LogConfig(_Section):

@@ -119,6 +119,8 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         rebalance_timeout_s=s.rebalance_timeout_s,
         commit_interval_s=s.commit_interval_s,
         fetch_wait_s=s.fetch_wait_s,
+        finish_timeout_s=s.finish_timeout_s,
+        stuck_after_s=s.stuck_after_s,
         ingest_topic=settings.topics.ingest,
         ingest_prefixes=tuple(settings.ingest.stream_prefixes),
         ingest_types=tuple(settings.ingest.allowed_types),
