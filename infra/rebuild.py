@@ -132,6 +132,16 @@ def rebuild(
             report.events += projected.events
             if progress is not None:
                 progress(report.events, max(total, report.events))
+    if source == "broker" and report.events < total:
+        # The log starts after the archive (retention, or a broker that lost it): swapping
+        # these tables in would silently drop the older rows.
+        for table in tables:
+            c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
+        raise RebuildError(
+            f"the broker's log holds {report.events} events in this range, the archive"
+            f" {total}: a rebuild from the broker would drop the older rows. Rebuild from"
+            " the archive (--source archive), which keeps all history."
+        )
     if FACTS_TABLE in tables:
         for tenant, cutoff in cutoffs.items():
             store.redact_memory(tenant, cutoff, table=shadow[FACTS_TABLE])

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from infra.knowledge import KnowledgeBase
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
 from infra.plugins import PluginHost
+from infra.restore import check_external_log, restore_embedded_log
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
 from infra.workflows import (
@@ -49,7 +51,7 @@ from infra.workflows import (
     WorkflowRunner,
     builtin_actions,
 )
-from streams.app import ProjectionWorker, WorkerSettings
+from streams.app import ARCHIVER_ID, ProjectionWorker, WorkerSettings
 from streams.detectors import DetectorConfig, Detectors
 from streams.loop import LoopHealth
 
@@ -307,6 +309,24 @@ def prepare_topics(settings: Settings, bootstrap_servers: str) -> None:
     asyncio.run(ensure_topics(bootstrap_servers, [t.events, t.ingest, t.deadletter], t.partitions))
 
 
+def recover_log(
+    settings: Settings, store: ClickHouseStore, bootstrap_servers: str, *, embedded: bool
+) -> None:
+    """Before any shard reads the log: the embedded broker's log comes back from the archive
+    (infra/restore.py); an external one that lost its log is reported."""
+    topic = settings.topics.events
+    if embedded:
+        restore_embedded_log(
+            store,
+            bootstrap_servers,
+            topic,
+            ARCHIVER_ID,
+            max_request_size=max(1024 * 1024, settings.broker.max_record_bytes + 64 * 1024),
+        )
+    else:
+        check_external_log(store, bootstrap_servers, topic)
+
+
 def open_store(settings: Settings) -> ClickHouseStore:
     if not settings.clickhouse.url:
         Path(settings.clickhouse.path).parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +383,7 @@ class Stack:
         try:
             prepare_topics(settings, bootstrap)
             store = open_store(settings)
+            recover_log(settings, store, bootstrap, embedded=broker is not None)
             astore = AsyncStore(store)
             import ray
 
@@ -423,6 +444,13 @@ class Stack:
                 self._knowledge_refreshed(),
             ):
                 yield
+                # A graceful stop: the embedded broker's log goes with this process, so
+                # what it acknowledged is archived first (the archive is the durable copy).
+                drained = await self.worker.settled(
+                    time.monotonic(), self.settings.streams.finish_timeout_s
+                )
+                if not drained:
+                    log.warning("stopping before the archive caught up with the log")
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()

@@ -147,3 +147,22 @@ async def test_a_rebuild_from_the_brokers_log(
     inside = [e for e in events if since <= e.occurred_at < until]
     want = fold(inside)[FACTS_TABLE]
     assert store.projected_rows(FACTS_TABLE) == [want[k] for k in sorted(want)]
+
+
+async def test_a_rebuild_from_a_log_that_starts_after_the_archive_is_refused(
+    store: ClickHouseStore, broker: EmbeddedBroker, topics: Topics
+) -> None:
+    """A log that lost its older events (retention, a broker that restarted empty) must not
+    replace projections built from them: the rebuild refuses, and the tables are as before."""
+    from infra.rebuild import BrokerSource
+    from tests.integration.test_archive_worker import produce
+
+    events = traffic()
+    project_live(store, events)  # the archive and projections hold all of it
+    before = snapshot(store)
+    newer = events[len(events) // 2 :]
+    await produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in newer])
+    source = BrokerSource(broker.bootstrap_servers, topics.events)
+    with pytest.raises(RebuildError, match="would drop the older rows"):
+        await asyncio.to_thread(rebuild, store, ["facts"], source="broker", broker=source)
+    assert snapshot(store) == before
