@@ -122,6 +122,11 @@ class ReplyCache:
     def __len__(self) -> int:
         return self._size
 
+    def clear(self) -> None:
+        """Forget every entry (a user's content was erased: no reply may come back)."""
+        self._scopes.clear()
+        self._size = 0
+
     def vector(self, text: str) -> np.ndarray:
         row: np.ndarray = self.embedder.embed([text])[0]
         return row

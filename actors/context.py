@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from events import (
     FeedbackGiven,
     MessageReceived,
     ReplyCompleted,
+    ReplyRewritten,
     RouteDecided,
     TagsChanged,
 )
@@ -105,8 +106,10 @@ class Clock(Protocol):
     def new_span_id(self) -> str: ...
 
 
-def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
-    """The state after `event`; VersionConflict unless it is the stream's next version."""
+def evolve(state: ContextState, event: Envelope[Any], digest: str | None = None) -> ContextState:
+    """The state after `event`; VersionConflict unless it is the stream's next version.
+    `digest` is the original payload's digest of an event whose content was erased (its
+    hash in the audit chain is made of it)."""
     if event.stream_id != state.context_id:
         raise VersionConflict(
             f"event of stream {event.stream_id!r} applied to {state.context_id!r}"
@@ -135,6 +138,13 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             )
         case RouteDecided(band=band):
             state = msgspec.structs.replace(state, last_band=band)
+        case ReplyRewritten(message_id=message_id, content=content):
+            # The conversation goes on from what the user received.
+            messages = tuple(
+                msgspec.structs.replace(m, content=content) if m.message_id == message_id else m
+                for m in state.messages
+            )
+            state = msgspec.structs.replace(state, messages=messages)
         case DocumentAttached() as document:
             state = msgspec.structs.replace(state, documents=(*state.documents, document))
         case DocumentRemoved(document_id=document_id):
@@ -147,7 +157,9 @@ def evolve(state: ContextState, event: Envelope[Any]) -> ContextState:
             config = {**state.config, **overrides}
             config = {k: v for k, v in config.items() if v}
             state = msgspec.structs.replace(state, config=config)
-    return msgspec.structs.replace(state, version=event.stream_version, last_hash=event_hash(event))
+    return msgspec.structs.replace(
+        state, version=event.stream_version, last_hash=event_hash(event, digest)
+    )
 
 
 class DocumentInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,6 +216,8 @@ class ContextCommand(msgspec.Struct, frozen=True, kw_only=True):
     configure: dict[str, str] | None = None
     feedback: FeedbackGiven | None = None
     """A verdict on one of the context's replies."""
+    rewrite: ReplyRewritten | None = None
+    """A reply as plugins changed it before it was sent (what the user received)."""
 
 
 class CommandRejected(ValueError):
@@ -259,13 +273,24 @@ def decide_command(
             raise CommandRejected("feedback needs thumbs (up/down) or a rating (1-5)")
         model, band = state.replies.get(feedback.message_id, ("", ""))
         decided.append(msgspec.structs.replace(feedback, model=model, band=band))
+    elif command.rewrite is not None:
+        if not any(
+            m.message_id == command.rewrite.message_id and m.role == "assistant"
+            for m in state.messages
+        ):
+            raise CommandRejected(f"no reply {command.rewrite.message_id!r} in this context")
+        decided.append(command.rewrite)
     return decided
 
 
-def fold(state: ContextState, events: Iterable[Envelope[Any]]) -> ContextState:
-    """Apply events in order."""
+def fold(
+    state: ContextState,
+    events: Iterable[Envelope[Any]],
+    digests: Mapping[str, str] | None = None,
+) -> ContextState:
+    """Apply events in order; `digests` by event id for erased ones (see evolve)."""
     for event in events:
-        state = evolve(state, event)
+        state = evolve(state, event, digests.get(event.event_id) if digests else None)
     return state
 
 
@@ -320,8 +345,9 @@ class ContextActor:
         sink: EventSink,
         clock: Clock,
         history: Iterable[Envelope[Any]] = (),
+        digests: Mapping[str, str] | None = None,
     ) -> None:
-        self._state = fold(ContextState(context_id=context_id), history)
+        self._state = fold(ContextState(context_id=context_id), history, digests)
         self._sink = sink
         self._clock = clock
         self.lock = asyncio.Lock()

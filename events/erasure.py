@@ -17,6 +17,7 @@ from events.types import (
     MessageReceived,
     ReplyCompleted,
     ReplyFailed,
+    ReplyRewritten,
 )
 
 ERASED = "[erased]"
@@ -25,6 +26,7 @@ ERASED = "[erased]"
 CONTENT_FIELDS: dict[type, dict[str, Any]] = {
     MessageReceived: {"content": ""},
     ReplyCompleted: {"content": ""},
+    ReplyRewritten: {"content": ""},
     ReplyFailed: {"message": ""},
     DocumentAttached: {"content": b"", "name": ERASED},
     FeedbackGiven: {"reason": ""},

@@ -14,6 +14,9 @@ DLQ_REASON = "chatllm.dlq.reason"
 DLQ_SOURCE = "chatllm.dlq.source"  # "topic/partition/offset" of the original record
 DLQ_PROCESSOR = "chatllm.dlq.processor"
 DLQ_FAILED_AT = "chatllm.dlq.failed_at"
+ERASED_DIGEST = "chatllm.erased_digest"
+"""Header of an event re-published from the archive after its content was erased: the
+original payload's digest, which its hash in the audit chain is made of."""
 DLQ_TRUNCATED = "chatllm.dlq.truncated"  # the original size, when the broker refused it whole
 DLQ_SHA256 = "chatllm.dlq.sha256"  # the original bytes' digest, when truncated
 

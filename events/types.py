@@ -347,6 +347,16 @@ class KnowledgeUsed(msgspec.Struct, frozen=True, kw_only=True):
     passages: tuple[PassageRef, ...]
 
 
+class ReplyRewritten(msgspec.Struct, frozen=True, kw_only=True):
+    """A plugin's after_reply changed a reply before it was sent: the text the user received."""
+
+    message_id: NonEmpty
+    """The ReplyCompleted whose content the user did not receive as such."""
+    content: str
+    plugins: tuple[str, ...] = ()
+    """The plugins whose after_reply changed it, in the order they ran."""
+
+
 class CacheHit(msgspec.Struct, frozen=True, kw_only=True):
     """A message was answered from the reply cache instead of a model; `similarity` lets a
     replay find false hits."""
@@ -392,6 +402,7 @@ Event = (
     | KnowledgeIngested
     | KnowledgeUsed
     | CacheHit
+    | ReplyRewritten
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -428,4 +439,5 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     KnowledgeIngested: 1,
     KnowledgeUsed: 1,
     CacheHit: 1,
+    ReplyRewritten: 1,
 }

@@ -43,6 +43,13 @@ class Gateway:
         result: ContextView = await self._owner(meta).view.remote(meta)
         return result
 
+    async def forget(self, tenant_id: str, user_id: str) -> int:
+        """Erase a user's content from what the tenant's shard holds in memory."""
+        dropped: int = await self._shards[shard_index(tenant_id, len(self._shards))].forget.remote(
+            tenant_id, user_id
+        )
+        return dropped
+
     async def turn(self, request: ChatRequest) -> TurnOutcome:
         outcome: TurnOutcome = await self._shard(request).turn.remote(request)
         return outcome

@@ -36,7 +36,7 @@ from actors.context import (
 )
 from actors.ports import ChatMessage, EventSink
 from actors.whatif import WHATIF_TYPES, WhatIfPolicy, whatif
-from events import FeedbackGiven, ProjectionsRebuilt, UserForgotten, decode
+from events import FeedbackGiven, ProjectionsRebuilt, ReplyRewritten, UserForgotten, decode
 from events.standalone import standalone
 from infra.audit import verify
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
@@ -476,8 +476,18 @@ def build_api(
             raise _as_http(exc) from None
         if hooked and outcome.status == "ok":
             assert plugins is not None
-            reply = await plugins.after_reply(asked, outcome.reply)
-            outcome = msgspec.structs.replace(outcome, reply=reply)
+            reply, changed_by = await plugins.after_reply(asked, outcome.reply)
+            if changed_by:
+                # What the user receives is what the log says: the change is an event of
+                # the context, written by its shard, before the answer goes out.
+                rewrite = ReplyRewritten(
+                    message_id=outcome.message_id, content=reply, plugins=tuple(changed_by)
+                )
+                try:
+                    await gateway.command(ContextCommand(meta=request.meta, rewrite=rewrite))
+                except Exception as exc:
+                    raise _as_http(exc) from None
+                outcome = msgspec.structs.replace(outcome, reply=reply)
         observe_turn(started, outcome.status, outcome.model)
         return outcome
 
@@ -831,6 +841,11 @@ def build_api(
         tenant (a data-protection request). The audit chain still verifies; the erasure is
         itself recorded as a UserForgotten event."""
         erased = await store.call("forget_user", who.tenant_id, body.user_id)
+        # The live state too: the shard's contexts (transcripts, titles) and its cache.
+        try:
+            await gateway.forget(who.tenant_id, body.user_id)
+        except Exception as exc:
+            raise _as_http(exc) from None
         await record_admin(
             who,
             UserForgotten(

@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from events import DecodeError, Envelope, decode, encode
+from events import DecodeError, Envelope, decode, encode, topics
 from events.chain import on_chain
 from infra.config import BrokerConfig
 
@@ -128,6 +128,13 @@ def partition_for(key: str, partitions: Sequence[int]) -> int:
     return partition
 
 
+def _erased_digest(record: Any) -> str | None:
+    for name, value in record.headers or ():
+        if name == topics.ERASED_DIGEST:
+            return bytes(value).decode()
+    return None
+
+
 class _Rewound(Exception):
     """The partition ends before where it was read up to before."""
 
@@ -180,9 +187,10 @@ class KafkaStreamReader:
         partitions: Collection[int] | None = None,
         start: int = 0,
         seen: Callable[[Any], None] | None = None,
-    ) -> list[Envelope[Any]]:
+    ) -> list[tuple[Envelope[Any], str | None]]:
         """Decoded events of the records `keep` accepts, in `partitions` (all by default)
-        from offset `start`, up to each partition's end now; `seen` is told of every record."""
+        from offset `start`, up to each partition's end now; `seen` is told of every record.
+        Each event comes with its erased payload's digest, when it was re-published erased."""
         consumer = await self._consumer()
         try:
             await consumer.topics()  # refreshes the metadata
@@ -199,7 +207,7 @@ class KafkaStreamReader:
                     consumer.seek(tp, start)
             else:
                 await consumer.seek_to_beginning(*pending)
-            found: list[Envelope[Any]] = []
+            found: list[tuple[Envelope[Any], str | None]] = []
             deadline = asyncio.get_running_loop().time() + self._timeout_s
             while pending:
                 batches = await consumer.getmany(*pending, timeout_ms=20)
@@ -210,7 +218,7 @@ class KafkaStreamReader:
                         if not record.value or not keep(record):
                             continue
                         try:
-                            found.append(decode(record.value))
+                            found.append((decode(record.value), _erased_digest(record)))
                         except DecodeError:
                             continue  # not an event; the archive processor dead-letters it
                 for tp in list(pending):
@@ -256,7 +264,9 @@ class KafkaStreamReader:
             self._indexed[partition] = reached
             self._caught_up_at[partition] = began
 
-    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+    async def read_stream(self, stream_id: str) -> list[tuple[Envelope[Any], str | None]]:
+        """A stream's events in version order (the chain its owner wrote), each with the
+        digest of its original payload when its content was erased."""
         key = stream_id.encode()
         partition = await self._partition_of(stream_id)
         await self._catch_up(partition)
@@ -266,7 +276,7 @@ class KafkaStreamReader:
         found = await self._scan(lambda record: record.key == key, [partition], start=first)
         # A producer retry can write an event twice, and a foreign writer can claim a
         # version the owner wrote: the stream is the chain its owner wrote (on_chain).
-        kept, foreign = on_chain([(event, None) for event in found])
+        kept, foreign = on_chain(found)
         for event in foreign:
             log.warning(
                 "stream %s: foreign event %s at version %d ignored (off the chain)",
@@ -274,7 +284,7 @@ class KafkaStreamReader:
                 event.event_id,
                 event.stream_version,
             )
-        return [event for event, _ in kept]
+        return kept
 
     async def _partition_of(self, stream_id: str) -> int:
         if self._partitions is None:
@@ -295,7 +305,7 @@ class KafkaStreamReader:
         found = await self._scan(lambda record: any(n in record.value for n in needles))
         seen: set[str] = set()
         unique = []
-        for event in found:
+        for event, _ in found:
             if event.type in types and event.event_id not in seen:
                 seen.add(event.event_id)
                 unique.append(event)

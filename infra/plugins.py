@@ -109,7 +109,9 @@ class Plugin:
     source: str
     """`file:<path>` or `entry point:<name>`."""
     digest: str = ""
-    failures_in_a_row: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failures in a row, per hook: a hook that always fails is not saved by another hook
+    of the same plugin that succeeds."""
     disabled: bool = False
 
 
@@ -242,6 +244,7 @@ class PluginHost:
             result = await self._call(
                 plugin,
                 fn,
+                "before_reply",
                 request=PluginRequest(
                     request.tenant_id, request.user_id, request.context_id, message
                 ),
@@ -250,18 +253,21 @@ class PluginHost:
                 message = result
         return message
 
-    async def after_reply(self, request: PluginRequest, reply: str) -> str:
+    async def after_reply(self, request: PluginRequest, reply: str) -> tuple[str, list[str]]:
+        """The reply after every plugin's after_reply, and which plugins changed it."""
+        changed_by = []
         for plugin, fn in self._impls("after_reply"):
-            result = await self._call(plugin, fn, request=request, reply=reply)
-            if isinstance(result, str):
+            result = await self._call(plugin, fn, "after_reply", request=request, reply=reply)
+            if isinstance(result, str) and result != reply:
                 reply = result
-        return reply
+                changed_by.append(plugin.name)
+        return reply, changed_by
 
     async def on_event(self, event: Envelope[Any]) -> None:
         if isinstance(event.payload, PluginChanged):
             return  # a plugin never hears about plugins (no feedback loops)
         for plugin, fn in self._impls("on_event"):
-            await self._call(plugin, fn, event=event)
+            await self._call(plugin, fn, "on_event", event=event)
 
     async def run_step(self, plugin: str, params: dict[str, Any], step: Any) -> Any:
         """A workflow step run by one plugin; its failure fails the step (and counts
@@ -273,7 +279,7 @@ class PluginHost:
         if found.disabled:
             raise RuntimeError(f"plugin {plugin!r} is disabled (its breaker opened)")
         return await self._call(
-            found, found.module.run_step, reraise=True, params=params, step=step
+            found, found.module.run_step, "run_step", reraise=True, params=params, step=step
         )
 
     def _impls(self, hook: str) -> list[tuple[Plugin, Callable[..., Any]]]:
@@ -285,29 +291,36 @@ class PluginHost:
         return found
 
     async def _call(
-        self, plugin: Plugin, fn: Callable[..., Any], reraise: bool = False, **kwargs: Any
+        self,
+        plugin: Plugin,
+        fn: Callable[..., Any],
+        hook: str,
+        reraise: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """One plugin's hook, isolated: its failure is an event, and after `failure_limit`
-        failures in a row its breaker opens and the plugin is disabled."""
+        failures in a row of one hook its breaker opens and the plugin is disabled."""
         try:
             result = fn(**kwargs)
             if asyncio.iscoroutine(result):
                 result = await result
         except Exception as exc:
-            plugin.failures_in_a_row += 1
-            await self._event(plugin.name, plugin.version, "failed", f"{type(exc).__name__}: {exc}")
-            if plugin.failures_in_a_row >= self.failure_limit:
+            failures = plugin.failures[hook] = plugin.failures.get(hook, 0) + 1
+            await self._event(
+                plugin.name, plugin.version, "failed", f"{hook}: {type(exc).__name__}: {exc}"
+            )
+            if failures >= self.failure_limit:
                 plugin.disabled = True
                 await self._event(
                     plugin.name,
                     plugin.version,
                     "disabled",
-                    f"{plugin.failures_in_a_row} failures in a row (its breaker opened)",
+                    f"{hook} failed {failures} times in a row (its breaker opened)",
                 )
             if reraise:
                 raise
             return None
-        plugin.failures_in_a_row = 0
+        plugin.failures[hook] = 0
         return result
 
     async def _emit(self, payload: Any) -> Envelope[Any]:

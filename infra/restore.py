@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from events import topics
 from infra.kafka import partition_for
 from infra.store import ARCHIVE_TABLE, ClickHouseStore
 
@@ -47,9 +48,11 @@ def archived_count(store: ClickHouseStore) -> int:
     return int(rows[0][0])
 
 
-def archived_records(store: ClickHouseStore, page: int = PAGE) -> Iterator[list[tuple[str, str]]]:
-    """(stream_id, body) of every archived event once, each stream in version order, page by
-    page (keyset paging along the archive's sort key)."""
+def archived_records(
+    store: ClickHouseStore, page: int = PAGE
+) -> Iterator[list[tuple[str, str, str]]]:
+    """(stream_id, body, erased digest) of every archived event once, each stream in version
+    order, page by page (keyset paging along the archive's sort key)."""
     after: tuple[str, str, int, str] | None = None
     while True:
         where, params = "1", dict[str, Any](limit=page)
@@ -60,14 +63,14 @@ def archived_records(store: ClickHouseStore, page: int = PAGE) -> Iterator[list[
             )
             params |= dict(zip(("t", "s", "v", "e"), after, strict=True))
         rows = store.client.query(
-            f"SELECT tenant_id, stream_id, stream_version, event_id, body"
+            f"SELECT tenant_id, stream_id, stream_version, event_id, body, erased_digest"
             f" FROM {store.db}.{ARCHIVE_TABLE} FINAL WHERE {where}"
             " ORDER BY tenant_id, stream_id, stream_version, event_id LIMIT {limit:UInt32}",
             parameters=params,
         ).result_rows
         if not rows:
             return
-        yield [(str(r[1]), str(r[4])) for r in rows]
+        yield [(str(r[1]), str(r[4]), str(r[5])) for r in rows]
         last = rows[-1]
         after = (str(last[0]), str(last[1]), int(last[2]), str(last[3]))
 
@@ -124,8 +127,10 @@ async def republish(
                     key=stream.encode(),
                     value=body.encode(),
                     partition=partition_for(stream, partitions),
+                    # An erased event keeps what its chain hash is made of.
+                    headers=[(topics.ERASED_DIGEST, digest.encode())] if digest else None,
                 )
-                for stream, body in page
+                for stream, body, digest in page
             ]
             for sent in await asyncio.gather(*pending):
                 done.ends[sent.partition] = max(done.ends.get(sent.partition, 0), sent.offset + 1)

@@ -16,6 +16,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -36,7 +37,9 @@ from actors.limiter import RateLimiter
 from actors.ports import ChatMessage
 from actors.router import ModelRouter
 from actors.sanitizer import Sanitizer
-from events import FeedbackGiven, topics
+from events import Envelope, FeedbackGiven, UserForgotten, topics
+from events.chain import payload_digest
+from events.erasure import erase
 from infra.clock import SystemClock
 from infra.config import Settings
 from infra.embeddings import MiniLMEmbedder
@@ -159,6 +162,9 @@ class ChatShard:
         self._max_document_bytes = settings.contexts.max_document_bytes
         self._loading: dict[str, asyncio.Lock] = {}
         self._reserved = (*settings.ingest.stream_prefixes, *topics.SYSTEM_STREAM_PREFIXES)
+        self._forgotten: dict[str, dict[str, datetime]] = {}
+        """Per tenant, the users whose content was erased (UserForgotten), and when: what
+        they wrote before then is erased, what they write afterwards is not."""
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply the live part of a new configuration (`chatllm config use`): limits keep
@@ -207,14 +213,18 @@ class ChatShard:
                 return
             since = time.time() - LIMITER_MEMORY_S
             events = await self._reader.read_types(
-                {"RateLimitChecked", "RateAdjusted", "FeedbackGiven"}
+                {"RateLimitChecked", "RateAdjusted", "FeedbackGiven", "UserForgotten"}
             )
+            for event in events:  # whom to erase, whatever its age
+                if isinstance(event.payload, UserForgotten):
+                    self._forget_before(event.tenant_id, event.payload.user_id, event.occurred_at)
             mine = sorted(
                 (
                     e
                     for e in events
                     if shard_index(e.tenant_id, self._count) == self._index
                     and e.occurred_at.timestamp() >= since
+                    and not isinstance(e.payload, UserForgotten)
                 ),
                 key=lambda e: e.occurred_at,
             )
@@ -357,15 +367,58 @@ class ChatShard:
         async with lock:
             context = self._contexts.get(context_id)
             if context is None:
-                history = await self._reader.read_stream(context_id)
+                read = await self._reader.read_stream(context_id)
+                history, digests = self._erased(read)
                 context = ContextActor(
-                    context_id, sink=self._sink, clock=self._clock, history=history
-                )
+                    context_id, sink=self._sink, clock=self._clock, history=history,
+                    digests=digests,
+                )  # fmt: skip
                 self._keep(context)
                 if history:
                     log.info("rebuilt context %s from %d events", context_id, len(history))
         self._loading.pop(context_id, None)
         return context
+
+    def _erased(
+        self, read: list[tuple[Envelope[Any], str | None]]
+    ) -> tuple[list[Envelope[Any]], dict[str, str]]:
+        """The stream as the archive holds it: the content of users who were forgotten is
+        erased (the log still has it until its retention), each erased event with its
+        original payload's digest, which its place in the audit chain is made of."""
+        history, digests = [], {}
+        for event, digest in read:
+            forgotten_at = self._forgotten.get(event.tenant_id, {}).get(event.user_id)
+            if digest is None and forgotten_at is not None and event.occurred_at <= forgotten_at:
+                erased = erase(event.payload)
+                if erased != event.payload:
+                    digest = payload_digest(event)
+                    event = msgspec.structs.replace(event, payload=erased)
+            if digest is not None:
+                digests[event.event_id] = digest
+            history.append(event)
+        return history, digests
+
+    def _forget_before(self, tenant_id: str, user_id: str, at: datetime) -> None:
+        users = self._forgotten.setdefault(tenant_id, {})
+        users[user_id] = max(at, users.get(user_id, at))
+
+    def forget(self, tenant_id: str, user_id: str) -> int:
+        """Erase a user's content from what this shard holds: the contexts it has in memory
+        are read again (erased) on their next use, and the reply cache starts empty.
+        Returns how many contexts were let go."""
+        self._forget_before(tenant_id, user_id, datetime.now(UTC))
+        dropped = 0
+        for context_id, context in list(self._contexts.items()):
+            if context.state.tenant_id != tenant_id:
+                continue
+            dropped += 1
+            if context.lock.locked():
+                context.broken = True  # mid-turn: dropped (and read again) when it ends
+            else:
+                del self._contexts[context_id]
+        if self.service.cache is not None:
+            self.service.cache.clear()
+        return dropped
 
     async def shutdown(self) -> None:
         if self._lease is not None:

@@ -74,6 +74,12 @@ def test_a_folder_plugin_changes_replies_and_is_hot_reloaded(plugged: Service) -
             "reply.upper() + settings.suffix", '"[" + reply + "]"'
         )
     )
+    # What the user received is what the log says: the change is an event of the context.
+    logged = httpx.get(f"{plugged.base}/v1/contexts/plug-1/events").json()
+    rewrites = [e["event"]["payload"] for e in logged if e["type"] == "ReplyRewritten"]
+    assert rewrites[-1]["content"] == reply and rewrites[-1]["plugins"] == ["shout"]
+    replied = [e["event"]["payload"] for e in logged if e["type"] == "ReplyCompleted"]
+    assert replied[-1]["message_id"] == rewrites[-1]["message_id"]
     wait_for(lambda: ask(plugged, "again").startswith("["), "the edited plugin")
     events = wait_for(
         lambda: ("shout", "reloaded") in plugin_events(plugged) and plugin_events(plugged),

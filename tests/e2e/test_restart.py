@@ -76,6 +76,10 @@ def test_a_restart_loses_nothing(tmp_path: Path, stop: str) -> None:
         time.sleep(0.05)
         assert say(first, "trip-1", "And what should I eat there?", "alpha").status_code == 200
         assert say(first, "ctx-b", "Hello from beta", "beta").status_code == 200
+        # Bob's words are erased before the restart; his context must go on after it.
+        assert say(first, "ctx-bob", "bob's pin is 4321", "beta", user="bob").status_code == 200
+        forgot = cli(first, "forget", "--user", "bob", "--yes", "--tenant", "beta")
+        assert forgot.returncode == 0, forgot.stderr
         for i in range(6):
             assert say(first, f"spend-{i}", "hi", "alpha", user="spender").status_code == 200
         assert say(first, "spend-x", "hi", "alpha", user="spender").status_code == 429
@@ -114,6 +118,13 @@ def test_a_restart_loses_nothing(tmp_path: Path, stop: str) -> None:
         assert [e["stream_version"] for e in after] == list(range(1, len(after) + 1))
         assert [e["type"] for e in after].count("ContextCreated") == 1
         assert say(second, "ctx-b", "Still here?", "beta").json()["ok"] is True
+        # The erased context continues its chain (its erased events keep their digests),
+        # and what was erased stays erased.
+        assert say(second, "ctx-bob", "new words", "beta", user="bob").status_code == 200
+        transcript = httpx.get(
+            f"{second.base}/v1/contexts/ctx-bob/transcript", headers={"X-Tenant-Id": "beta"}
+        ).text
+        assert "new words" in transcript and "4321" not in transcript
         # The audit chain holds across the restart, for every tenant.
         for tenant in ("alpha", "beta", "gamma"):
             verified = cli(second, "audit", "verify", "--tenant", tenant, "--format", "json")

@@ -369,6 +369,53 @@ def test_forgetting_a_user_is_recorded_and_keeps_the_chain(service: Service) -> 
     ]
 
 
+def test_forgetting_reaches_what_the_shard_holds_live(service: Service) -> None:
+    """After `forget`, the erased text appears in no answer: not the live transcript, not the
+    context view, the audit trail, the request log, memory or a cached reply, and the
+    conversation goes on (its audit chain intact)."""
+    base, tenant = service.base, {"X-Tenant-Id": "gdpr-live"}
+    secret = "my passport number is X1234567"
+    first = httpx.post(
+        f"{base}/v1/contexts/live-1/messages",
+        json={"content": secret, "user_id": "erin", "title": f"about {secret}"},
+        headers=tenant,
+    )
+    assert first.status_code == 200, first.text
+
+    def reads() -> dict[str, str]:
+        """Every read route that can show the context's text, as the caller sees it."""
+        return {
+            f"{path}?{params}": httpx.get(f"{base}{path}", params=params, headers=tenant).text
+            for path, params in [
+                ("/v1/contexts/live-1/transcript", {}),
+                ("/v1/contexts/live-1", {}),
+                ("/v1/contexts/live-1/events", {}),
+                ("/v1/events", {"format": "jsonl"}),
+                ("/v1/events", {"format": "csv"}),
+                ("/v1/memory", {}),
+                ("/v1/memory/stats", {}),
+            ]
+        }
+
+    # The secret is there before (so a read that could show it is known to show it).
+    shown = reads()
+    seen = [k for k, text in shown.items() if secret in text]
+    assert "/v1/contexts/live-1/transcript?{}" in seen and "/v1/events?{'format': 'jsonl'}" in seen
+    forgot = cli(service, "forget", "--user", "erin", "--yes", "--tenant", "gdpr-live")
+    assert forgot.returncode == 0, forgot.stderr
+    leaked = {path: "passport" in text for path, text in reads().items()}
+    assert not any(leaked.values()), leaked
+    # The same question again is not answered from a cached reply about it.
+    again = httpx.post(
+        f"{base}/v1/contexts/live-1/messages",
+        json={"content": "and what was it again?", "user_id": "frank"},
+        headers=tenant,
+    )
+    assert again.status_code == 200 and "passport" not in again.text
+    verified = cli(service, "audit", "verify", "--tenant", "gdpr-live", "--format", "json")
+    assert json.loads(verified.stdout)["ok"], verified.stdout
+
+
 def test_whatif_replays_recorded_requests_under_another_policy(
     service: Service, tmp_path: Path
 ) -> None:

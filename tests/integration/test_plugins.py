@@ -62,7 +62,7 @@ async def test_a_folder_plugin_is_loaded_configured_and_reloaded(tmp_path: Path)
     await plugins.load_all()
     assert changes(events) == [("shout", "loaded")]
     assert await plugins.before_reply(REQUEST) == "hi"
-    assert await plugins.after_reply(REQUEST, "lisbon") == "LISBON?!"
+    assert (await plugins.after_reply(REQUEST, "lisbon"))[0] == "LISBON?!"
 
     # Edited while loaded: picked up at the next scan, recorded as a reload.
     (tmp_path / "shout.py").write_text(
@@ -71,11 +71,11 @@ async def test_a_folder_plugin_is_loaded_configured_and_reloaded(tmp_path: Path)
     await plugins.scan()
     assert changes(events)[-1] == ("shout", "reloaded")
     assert plugins.plugins["shout"].version == "1.1"
-    assert await plugins.after_reply(REQUEST, "lisbon") == "Lisbon?!"
+    assert (await plugins.after_reply(REQUEST, "lisbon"))[0] == "Lisbon?!"
     (tmp_path / "shout.py").unlink()
     await plugins.scan()
     assert changes(events)[-1] == ("shout", "unloaded")
-    assert await plugins.after_reply(REQUEST, "lisbon") == "lisbon"
+    assert (await plugins.after_reply(REQUEST, "lisbon"))[0] == "lisbon"
 
 
 async def test_new_config_is_validated_by_the_plugin_and_applied_without_a_restart(
@@ -89,11 +89,11 @@ async def test_new_config_is_validated_by_the_plugin_and_applied_without_a_resta
     await plugins.reconfigure({"shout": {"suffix": 3}}, failure_limit=3)
     assert changes(events)[-1] == ("shout", "failed")
     assert "new config" in events[-1].detail
-    assert await plugins.after_reply(REQUEST, "ok") == "OK!"
+    assert (await plugins.after_reply(REQUEST, "ok"))[0] == "OK!"
     # A valid one: the plugin is initialised again with it.
     await plugins.reconfigure({"shout": {"suffix": "?"}}, failure_limit=3)
     assert changes(events)[-1] == ("shout", "reloaded")
-    assert await plugins.after_reply(REQUEST, "ok") == "OK?"
+    assert (await plugins.after_reply(REQUEST, "ok"))[0] == "OK?"
 
 
 async def test_a_plugin_runs_a_workflow_step_and_its_failure_fails_the_step(
@@ -124,10 +124,34 @@ async def test_a_failing_plugin_is_isolated_then_disabled(tmp_path: Path) -> Non
     plugins = host(tmp_path, events, failure_limit=2)
     await plugins.load_all()
     for _ in range(3):  # the reply still goes out, shouted by the healthy plugin
-        assert await plugins.after_reply(REQUEST, "ok") == "OK!"
+        assert (await plugins.after_reply(REQUEST, "ok"))[0] == "OK!"
     assert changes(events).count(("broken", "failed")) == 2
     assert ("broken", "disabled") in changes(events)
     assert plugins.plugins["broken"].disabled
+
+
+async def test_a_hook_that_always_fails_disables_the_plugin_though_another_succeeds(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "half.py").write_text(
+        "from infra.plugins import hookimpl\n"
+        'PLUGIN = {"name": "half", "version": "1", "hooks": ["before_reply", "after_reply"]}\n'
+        "@hookimpl\n"
+        "def before_reply(request):\n"
+        "    return request.message\n"
+        "@hookimpl\n"
+        "def after_reply(request, reply):\n"
+        "    raise RuntimeError('always')\n"
+    )
+    events: list[Any] = []
+    plugins = host(tmp_path, events, failure_limit=2)
+    await plugins.load_all()
+    for _ in range(2):  # before_reply succeeds each time; after_reply fails each time
+        assert await plugins.before_reply(REQUEST) == REQUEST.message
+        assert (await plugins.after_reply(REQUEST, "ok"))[0] == "ok"
+    assert plugins.plugins["half"].disabled
+    disabled = [e.detail for e in events if e.change == "disabled"]
+    assert disabled == ["after_reply failed 2 times in a row (its breaker opened)"]
 
 
 async def test_bad_plugins_are_refused_with_a_reason(tmp_path: Path) -> None:
@@ -160,5 +184,5 @@ async def test_an_installed_plugin_is_found_by_its_entry_point(
     await plugins.load_all()
     assert ("shout", "loaded") in changes(events)
     assert plugins.plugins["shout"].source == "entry point:shout"
-    assert await plugins.after_reply(REQUEST, "x") == "X!"
+    assert (await plugins.after_reply(REQUEST, "x"))[0] == "X!"
     sys.modules.pop("acme_shout", None)
