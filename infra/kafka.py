@@ -264,7 +264,11 @@ class KafkaStreamReader:
             self._indexed[partition] = reached
             self._caught_up_at[partition] = began
 
-    async def read_stream(self, stream_id: str) -> list[tuple[Envelope[Any], str | None]]:
+    async def read_stream(self, stream_id: str) -> list[Envelope[Any]]:
+        """A stream's events in version order: the chain its owner wrote."""
+        return [event for event, _ in await self.read_chain(stream_id)]
+
+    async def read_chain(self, stream_id: str) -> list[tuple[Envelope[Any], str | None]]:
         """A stream's events in version order (the chain its owner wrote), each with the
         digest of its original payload when its content was erased."""
         key = stream_id.encode()

@@ -367,7 +367,7 @@ class ChatShard:
         async with lock:
             context = self._contexts.get(context_id)
             if context is None:
-                read = await self._reader.read_stream(context_id)
+                read = await self._reader.read_chain(context_id)
                 history, digests = self._erased(read)
                 context = ContextActor(
                     context_id, sink=self._sink, clock=self._clock, history=history,

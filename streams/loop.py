@@ -189,6 +189,10 @@ class BatchLoop:
             await asyncio.sleep(0.01)
         return True
 
+    async def _gather(self, consumer: Any) -> tuple[dict[Any, list[Any]], float]:
+        s = self.settings
+        return await _gather_batch(consumer, s.batch_size, s.batch_within_s)
+
     def assignment(self) -> set[tuple[str, int]]:
         """The (topic, partition)s this loop holds now."""
         consumer = self._consumer
@@ -243,10 +247,7 @@ class BatchLoop:
 
         try:
             while True:
-                began = time.monotonic()
-                fetched = await consumer.getmany(
-                    timeout_ms=int(s.batch_within_s * 1000), max_records=s.batch_size
-                )
+                fetched, began = await self._gather(consumer)
                 if fetched:
                     ends = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
                     health.handling_since = time.monotonic()
@@ -287,6 +288,31 @@ class BatchLoop:
             health.running, health.handling_since = False, None
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+
+async def _gather_batch(
+    consumer: Any, size: int, window_s: float
+) -> tuple[dict[Any, list[Any]], float]:
+    """One batch: what arrives from the first record on, for `window_s` or until `size`
+    records, whichever comes first (never just what one fetch returned: every batch costs
+    its sinks a fixed price). Also when the last fetch began: everything acknowledged before
+    then is in the batch, unless the batch is full."""
+    gathered: dict[Any, list[Any]] = {}
+    count = 0
+    closes: float | None = None
+    while True:
+        began = time.monotonic()
+        wait = window_s if closes is None else closes - began
+        if closes is not None and wait <= 0:
+            return gathered, began
+        got = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)), max_records=size - count)
+        for tp, records in got.items():
+            gathered.setdefault(tp, []).extend(records)
+            count += len(records)
+        if not gathered or count >= size:
+            return gathered, began
+        if closes is None:
+            closes = time.monotonic() + window_s
 
 
 def _lag(consumer: Any, positions: dict[Any, int]) -> int | None:
