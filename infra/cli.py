@@ -102,15 +102,13 @@ async def _serve(
         gateway=stack.gateway,
         store=stack.astore,
         settings=settings,
-        archive_stats=lambda: (stack.worker.written, stack.worker.dead_lettered),
+        archive_stats=lambda: (0, 0),  # health_report answers with the store host's counts
         metrics=stack.metrics,
         lifespan=stack.processors,
-        live_counts=lambda: {
-            "archived": stack.worker.written,
-            "dead_lettered": stack.worker.dead_lettered,
-            "findings": stack.worker.findings,
-            "ingested": stack.worker.ingested,
-        },
+        live_counts=stack.counts,
+        lag_summary=stack.lag_summary,
+        more_metrics=stack.host_metrics,
+        rebuilds=stack.host,
         prune=stack.prune,
         ingest=stack.ingest,
         admin_log=stack.appender,
@@ -120,7 +118,7 @@ async def _serve(
         use_profile=stack.use_profile,
         knowledge=stack.knowledge,
         health_report=stack.health,
-        settled=stack.worker.settled,
+        settled=stack.settled,
     )
     server = uvicorn.Server(
         uvicorn.Config(

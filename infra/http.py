@@ -295,7 +295,7 @@ def build_api(
     archive_stats: Callable[[], tuple[int, int]],
     metrics: Metrics | None = None,
     lifespan: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
-    live_counts: Callable[[], dict[str, int]] | None = None,
+    live_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
     prune: TenantPruner | None = None,
     ingest: Ingest | None = None,
     admin_log: EventSink | None = None,
@@ -304,8 +304,11 @@ def build_api(
     workflows: Catalog | None = None,
     use_profile: Callable[[str, str, str], Awaitable[dict[str, Any]]] | None = None,
     knowledge: KnowledgeBase | None = None,
-    health_report: Callable[[], dict[str, Any]] | None = None,
+    health_report: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     settled: Callable[[float], Awaitable[bool]] | None = None,
+    lag_summary: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    more_metrics: Callable[[], Awaitable[bytes]] | None = None,
+    rebuilds: Any = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -502,7 +505,10 @@ def build_api(
         """Prometheus text exposition: turns, turn latency, projection lag, archive counts."""
         if metrics is None:
             raise HTTPException(404, "metrics are not enabled")
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        text = metrics.exposition()
+        if more_metrics is not None:  # the projections' own, from the process that runs them
+            text += await more_metrics()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     def meta_for(
         who: Caller, context_id: str, user: str | None, traceparent: str | None = None
@@ -527,7 +533,7 @@ def build_api(
     async def health() -> Health:
         """Liveness, and every consumer of the log with its lag: `degraded` names the stuck."""
         if health_report is not None:
-            return Health.model_validate(health_report())
+            return Health.model_validate(await health_report())
         written, dead = archive_stats()
         return Health(status="ok", archived=written, dead_lettered=dead)
 
@@ -784,7 +790,8 @@ def build_api(
         caller,
         store,
         metrics=metrics,
-        live_counts=live_counts or (lambda: {}),
+        live_counts=live_counts,
+        lag_summary=lag_summary,
         prune=prune,
     )
 
@@ -797,7 +804,7 @@ def build_api(
         """Read-your-writes on the archive: wait (briefly) until every event acknowledged
         before this request is archived, so a turn just answered shows up in its audit."""
         if settled is not None:
-            await settled(time.monotonic())
+            await settled(time.time())
 
     @api.get("/v1/audit/verify", tags=["audit"])
     async def audit_verify(
@@ -876,56 +883,81 @@ def build_api(
         empty = {"requests": 0}
         return report.get(who.tenant_id, {"recorded": empty, "whatif": empty, "changed": {}})
 
-    rebuilds: dict[str, RebuildJob] = {}
     background: set[asyncio.Task[None]] = set()
+    local_rebuilds: dict[str, RebuildJob] = {}
+
+    async def rebuild_call(method: str, *args: Any) -> Any:
+        """Rebuilds run where the store is: in the store host (an actor) when there is one,
+        else in this process."""
+        if rebuilds is not None:
+            try:
+                return await getattr(rebuilds, method).remote(*args)
+            except Exception as exc:
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, Exception) else exc) from None
+        if method == "rebuild_status":
+            job = local_rebuilds.get(args[0])
+            return None if job is None else job.status()
+        if any(job.state == "running" for job in local_rebuilds.values()):
+            raise RuntimeError("a rebuild is already running")
+        projections, since, until, source = args
+        job = RebuildJob(
+            lambda: ClickHouseStore(settings.clickhouse).open(),
+            projections,
+            since,
+            until,
+            source=source,
+            broker=BrokerSource(bootstrap_servers, settings.topics.events)
+            if bootstrap_servers
+            else None,
+        ).start()
+        local_rebuilds[job.job_id] = job
+        return job.status()
 
     @api.post("/v1/admin/rebuild", tags=["admin"])
     async def start_rebuild(body: RebuildIn, who: Annotated[Caller, Depends(caller)]) -> Any:
         """Rebuild projections from the archive into shadow tables and swap them in
         atomically; the service keeps serving. Returns a job to poll (one at a time)."""
-        if any(job.state == "running" for job in rebuilds.values()):
-            raise HTTPException(409, "a rebuild is already running")
         check_moments(body.since, body.until)
         try:
-            job = RebuildJob(
-                lambda: ClickHouseStore(settings.clickhouse).open(),
-                body.projections,
-                body.since,
-                body.until,
-                source=body.source,
-                broker=BrokerSource(bootstrap_servers, settings.topics.events)
-                if bootstrap_servers
-                else None,
-            ).start()
+            status = await rebuild_call(
+                "rebuild_start", list(body.projections), body.since, body.until, body.source
+            )
         except RebuildError as exc:
             raise QueryError(str(exc)) from None
-        rebuilds[job.job_id] = job
+        except RuntimeError as exc:
+            raise HTTPException(409, str(exc)) from None
+        job_id = status["job_id"]
 
         async def record_when_done() -> None:
-            await asyncio.to_thread(job.thread.join)
-            if job.report is not None:
+            while True:
+                found = await rebuild_call("rebuild_status", job_id)
+                if found is None or found["state"] != "running":
+                    break
+                await asyncio.sleep(0.5)
+            if found is not None and found["report"] is not None:
                 await record_admin(
                     who,
                     ProjectionsRebuilt(
-                        projections=tuple(job.projections),
-                        events=job.report.events,
-                        since=job.since,
-                        until=job.until,
+                        projections=tuple(body.projections),
+                        events=found["report"]["events"],
+                        since=body.since,
+                        until=body.until,
                         requested_by=who.user_id or "operator",
                     ),
                 )
 
         background.add(task := asyncio.create_task(record_when_done()))
         task.add_done_callback(background.discard)
-        return JSONResponse(job.status(), 202)
+        return JSONResponse(status, 202)
 
     @api.get("/v1/admin/rebuild/{job_id}", tags=["admin"])
     async def rebuild_status(job_id: str, who: Annotated[Caller, Depends(caller)]) -> Any:
         """A rebuild's progress: done/total events, rate, ETA, and its report when done."""
-        job = rebuilds.get(job_id)
-        if job is None:
+        found = await rebuild_call("rebuild_status", job_id)
+        if found is None:
             raise HTTPException(404, f"no rebuild {job_id!r}")
-        return job.status()
+        return found
 
     def ingesting() -> Ingest:
         if ingest is None:

@@ -16,28 +16,33 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 
 class Metrics:
-    """What the API process exports at /metrics."""
+    """What a process exports at /metrics: the API process its turns, the process that runs
+    the projections their lag (the API's /metrics shows both)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, turns: bool = True, projections: bool = True) -> None:
         self.registry = CollectorRegistry()
+        # Families a process does not own are not registered at all: two expositions
+        # shown together must not both describe one family.
+        registry = self.registry if turns else CollectorRegistry()
         self.turns = Counter(
             "chatllm_turns",
             "Chat turns by outcome and model.",
             ["status", "model"],
-            registry=self.registry,
+            registry=registry,
         )
         self.turn_seconds = Histogram(
             "chatllm_turn_seconds",
             "Chat turn latency seen by the API (until the log acked).",
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
+        registry = self.registry if projections else CollectorRegistry()
         self.projection_lag = Histogram(
             "chatllm_projection_lag_seconds",
             "From an event's occurred_at to its row being written, per processor.",
             ["processor"],
             buckets=LAG_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
 
         self.recent_lag: deque[tuple[float, str, float]] = deque(maxlen=20_000)

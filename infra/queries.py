@@ -89,8 +89,9 @@ def add_query_routes(
     store: AsyncStore,
     *,
     metrics: Metrics | None,
-    live_counts: Callable[[], dict[str, int]],
+    live_counts: Callable[[], Awaitable[dict[str, int]]] | None,
     prune: TenantPruner | None,
+    lag_summary: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> None:
     Who = Annotated[Any, Depends(caller)]
 
@@ -184,10 +185,11 @@ def add_query_routes(
     async def live(who: Who) -> Any:
         """This process's live numbers for the dashboard: projection lag per processor over
         the last minute, and the projection worker's counters."""
-        return {
-            "lag": metrics.lag_summary() if metrics is not None else {},
-            **live_counts(),
-        }
+        if lag_summary is not None:
+            lag = await lag_summary()
+        else:
+            lag = metrics.lag_summary() if metrics is not None else {}
+        return {"lag": lag, **(await live_counts() if live_counts is not None else {})}
 
     @api.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> HTMLResponse:

@@ -162,7 +162,7 @@ async def commit_at(bootstrap_servers: str, group: str, topic: str, ends: dict[i
         await consumer.stop()
 
 
-def restore_embedded_log(
+async def restore_embedded_log(
     store: ClickHouseStore,
     bootstrap_servers: str,
     topic: str,
@@ -171,19 +171,14 @@ def restore_embedded_log(
     max_request_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> Restored:
-    """Bring the embedded broker's empty log back from the archive (blocking)."""
-
-    async def run() -> Restored:
-        if not await log_is_empty(bootstrap_servers, topic):
-            return Restored()
-        restored = await republish(
-            store, bootstrap_servers, topic, max_request_size=max_request_size, progress=progress
-        )
-        # The projections already hold all of it: the worker starts after it.
-        await commit_at(bootstrap_servers, projector_group, topic, restored.ends)
-        return restored
-
-    restored = asyncio.run(run())
+    """Bring the embedded broker's empty log back from the archive."""
+    if not await log_is_empty(bootstrap_servers, topic):
+        return Restored()
+    restored = await republish(
+        store, bootstrap_servers, topic, max_request_size=max_request_size, progress=progress
+    )
+    # The projections already hold all of it: the worker starts after it.
+    await commit_at(bootstrap_servers, projector_group, topic, restored.ends)
     if restored.events:
         log.info(
             "restored the log from the archive: %d events in %.1f s (%.0f events/s)",
@@ -194,12 +189,12 @@ def restore_embedded_log(
     return restored
 
 
-def check_external_log(store: ClickHouseStore, bootstrap_servers: str, topic: str) -> bool:
+async def check_external_log(store: ClickHouseStore, bootstrap_servers: str, topic: str) -> bool:
     """With an external broker: False (and an error in the log) when the archive holds
     events but the log holds none: the topics were recreated on an empty cluster."""
     if archived_count(store) == 0:
         return True
-    if asyncio.run(log_is_empty(bootstrap_servers, topic)):
+    if await log_is_empty(bootstrap_servers, topic):
         log.error(
             "the broker's %s topic is empty but the archive holds events: the log was lost"
             " (topics recreated?). Contexts older than the log cannot be continued from it;"

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from events import ConfigChange, ConfigChanged
 from events.standalone import standalone
@@ -41,6 +42,7 @@ from infra.plugins import PluginHost
 from infra.restore import check_external_log, restore_embedded_log
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
+from infra.storehost import RemoteStore
 from infra.workflows import (
     ArchivedDocuments,
     Catalog,
@@ -246,14 +248,12 @@ def rss_mb(pid: int) -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_probe(broker: EmbeddedBroker | None, hosts: list[Any]) -> Callable[[], dict[str, float]]:
-    """{process: RSS MiB} of this process, the embedded broker and the shard actors."""
-    import os
+def memory_probe(pids_of: dict[str, int], hosts: list[Any]) -> Callable[[], dict[str, float]]:
+    """{process: RSS MiB} of the named processes and the shard actors (`hosts` is read at
+    each sample: it may be filled in later)."""
 
     def probe() -> dict[str, float]:
-        pids = {"api": os.getpid()}
-        if broker is not None and broker.pid is not None:
-            pids["broker"] = broker.pid
+        pids = dict(pids_of)
         if hosts:
             import ray
 
@@ -309,22 +309,24 @@ def prepare_topics(settings: Settings, bootstrap_servers: str) -> None:
     asyncio.run(ensure_topics(bootstrap_servers, [t.events, t.ingest, t.deadletter], t.partitions))
 
 
-def recover_log(
+async def recover_log(
     settings: Settings, store: ClickHouseStore, bootstrap_servers: str, *, embedded: bool
-) -> None:
+) -> int:
     """Before any shard reads the log: the embedded broker's log comes back from the archive
-    (infra/restore.py); an external one that lost its log is reported."""
+    (infra/restore.py); an external one that lost its log is reported. Returns how many
+    events were restored."""
     topic = settings.topics.events
     if embedded:
-        restore_embedded_log(
+        restored = await restore_embedded_log(
             store,
             bootstrap_servers,
             topic,
             ARCHIVER_ID,
             max_request_size=max(1024 * 1024, settings.broker.max_record_bytes + 64 * 1024),
         )
-    else:
-        check_external_log(store, bootstrap_servers, topic)
+        return restored.events
+    await check_external_log(store, bootstrap_servers, topic)
+    return 0
 
 
 def open_store(settings: Settings) -> ClickHouseStore:
@@ -335,16 +337,46 @@ def open_store(settings: Settings) -> ClickHouseStore:
     return store
 
 
+def start_store_host(
+    settings: Settings, bootstrap_servers: str, pids: dict[str, int], *, embedded: bool
+) -> Any:
+    """The actor that owns the embedded ClickHouse and the projection worker (the API process
+    holds no store): opened, migrated, and the log restored from it before anything reads."""
+    import ray
+
+    from infra.storehost import STORE_HOST, StoreHost
+
+    remote: Any = ray.remote(StoreHost)
+    host = remote.options(
+        name=f"{STORE_HOST}:{settings.topics.events}",
+        num_cpus=0,
+        max_restarts=0,  # its worker and its store open once; a crash is a stop
+        max_concurrency=1000,
+    ).remote(absolute_paths(settings), bootstrap_servers, pids)
+    ray.get(host.restore.remote(embedded))
+    return host
+
+
+def absolute_paths(settings: Settings) -> Settings:
+    """The same settings with the data path made absolute (actors run elsewhere)."""
+    clickhouse = msgspec.structs.replace(
+        settings.clickhouse, path=str(Path(settings.clickhouse.path).resolve())
+    )
+    return msgspec.structs.replace(settings, clickhouse=clickhouse)
+
+
 @dataclass
 class Stack:
-    """Everything `chatllm up` runs in one process, started in dependency order."""
+    """Everything `chatllm up` runs, started in dependency order: the broker (a child), Ray,
+    the store host (an actor: ClickHouse and the projection worker), the shards (actors);
+    this process keeps HTTP and the hop to the shard."""
 
     settings: Settings
     bootstrap_servers: str
-    store: ClickHouseStore
     astore: AsyncStore
+    host: Any
+    """The StoreHost actor."""
     gateway: Gateway
-    worker: ProjectionWorker
     appender: KafkaEventSink
     ingest: Ingest
     plugins: PluginHost
@@ -358,68 +390,75 @@ class Stack:
     """The configuration in effect (its file and profile), for `chatllm config use`."""
     _stopped: bool = field(default=False, repr=False)
     _loops: dict[str, LoopHealth] = field(default_factory=dict, repr=False)
-    """The consume loops running besides the worker's (workflows, the plugins' bus)."""
+    """The consume loops running in this process (workflows, the plugins' bus)."""
 
-    def health(self) -> dict[str, Any]:
-        """Every consumer of this process with its lag, and `stuck` with the reason when one
+    async def health(self) -> dict[str, Any]:
+        """Every consumer of the stack with its lag, and `stuck` with the reason when one
         is (a batch in hand too long, a loop that stopped): what /healthz shows."""
-        loops = {**self.worker.health(), **self._loops}
-        consumers = {name: h.report() for name, h in loops.items()}
+        consumers = dict(await self.host.health.remote())
+        consumers |= {name: h.report() for name, h in self._loops.items()}
+        counts = await self.host.counts.remote()
         stuck = sorted(n for n, c in consumers.items() if c["status"] == "stuck")
         return {
             "status": "degraded" if stuck else "ok",
             "stuck": stuck,
-            "archived": self.worker.written,
-            "dead_lettered": self.worker.dead_lettered,
+            "archived": counts["archived"],
+            "dead_lettered": counts["dead_lettered"],
             "consumers": consumers,
         }
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = await self.host.counts.remote()
+        return counts
+
+    async def settled(self, since: float) -> bool:
+        done: bool = await self.host.settled.remote(since, 3.0)
+        return done
+
+    async def lag_summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = await self.host.lag_summary.remote()
+        return summary
+
+    async def host_metrics(self) -> bytes:
+        text: bytes = await self.host.metrics_text.remote()
+        return text
 
     @classmethod
     def start(cls, settings: Settings, loaded: LoadedConfig | None = None) -> Stack:
         """Start the stack (blocking); call stop() to take it down in reverse order."""
+        import os
+
+        import ray
+
         broker, bootstrap = start_broker(settings, Path(settings.streams.datadir).parent)
-        store: ClickHouseStore | None = None
         owns_ray = False
         try:
             prepare_topics(settings, bootstrap)
-            store = open_store(settings)
-            recover_log(settings, store, bootstrap, embedded=broker is not None)
-            astore = AsyncStore(store)
-            import ray
-
             owns_ray = not ray.is_initialized()
             start_ray(settings.ray)
+            pids = {"api": os.getpid()}
+            if broker is not None and broker.pid is not None:
+                pids["broker"] = broker.pid
+            host = start_store_host(settings, bootstrap, pids, embedded=broker is not None)
             hosts = start_shards(settings, bootstrap)
-            metrics = Metrics()
-            probe = memory_probe(broker, hosts)
-            metrics.processes(probe)
-            worker, appender = build_worker(
-                settings, bootstrap, astore, metrics=metrics, probe=probe
-            )
-            metrics.gauge(
-                "chatllm_archived_events",
-                "Events the archive worker wrote.",
-                lambda: worker.written,
-            )
-            metrics.gauge(
-                "chatllm_dead_lettered_events",
-                "Records the archive worker sent to the dead-letter topic.",
-                lambda: worker.dead_lettered,
-            )
+            ray.get(host.watch.remote(hosts))
+            ray.get(host.start.remote())
+            astore = RemoteStore(host)
+            metrics = Metrics(projections=False)
+            appender = KafkaEventSink(bootstrap, settings.topics.events, settings.broker)
             gateway = Gateway(hosts, sorted({d.model for d in settings.deployments}))
         except BaseException:
-            if store is not None:
-                store.close()
+            if owns_ray and ray.is_initialized():
+                ray.shutdown()
             if broker is not None:
                 broker.stop()
             raise
         return cls(
             settings=settings,
             bootstrap_servers=bootstrap,
-            store=store,
             astore=astore,
+            host=host,
             gateway=gateway,
-            worker=worker,
             appender=appender,
             ingest=Ingest(settings, bootstrap),
             plugins=plugin_host(settings, appender, astore),
@@ -434,23 +473,16 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def processors(self) -> AsyncIterator[None]:
-        """Run the projection worker, and the plugins (their folder watched, their on_event
-        fed by a bus subscriber), on the running loop for the duration of the block."""
+        """Run the plugins (their folder watched, their on_event fed by a bus subscriber),
+        the workflow runner and the knowledge refresh on the running loop for the duration
+        of the block (the projection worker runs in the store host)."""
         try:
             async with (
-                self.worker.running(),
                 self._plugins_running(),
                 self._workflows_running(),
                 self._knowledge_refreshed(),
             ):
                 yield
-                # A graceful stop: the embedded broker's log goes with this process, so
-                # what it acknowledged is archived first (the archive is the durable copy).
-                drained = await self.worker.settled(
-                    time.monotonic(), self.settings.streams.finish_timeout_s
-                )
-                if not drained:
-                    log.warning("stopping before the archive caught up with the log")
         finally:
             with contextlib.suppress(Exception):
                 await self.appender.stop()
@@ -587,9 +619,8 @@ class Stack:
         self, tenant: str, max_age_days: float | None, requested_by: str
     ) -> dict[str, int]:
         """Prune one tenant's conversation memory now (recorded as a MemoryPruned event)."""
-        return await self.worker.prune(
-            max_age_days=max_age_days, requested_by=requested_by, tenant=tenant
-        )
+        pruned: dict[str, int] = await self.host.prune.remote(tenant, max_age_days, requested_by)
+        return pruned
 
     def stop(self) -> None:
         if self._stopped:
@@ -599,12 +630,18 @@ class Stack:
 
         with contextlib.suppress(Exception):
             ray.get([h.shutdown.remote() for h in self.hosts], timeout=10)
-        for host in self.hosts:
+        # The embedded broker's log goes with it: what it acknowledged is archived first
+        # (the archive is the durable copy), then the store closes.
+        drain_s = self.settings.streams.finish_timeout_s
+        try:
+            if not ray.get(self.host.stop.remote(drain_s), timeout=drain_s + 20):
+                log.warning("stopped before the archive caught up with the log")
+        except Exception as exc:
+            log.warning("the store host did not stop cleanly: %r", exc)
+        for actor in [*self.hosts, self.host]:
             with contextlib.suppress(Exception):
-                ray.kill(host)
+                ray.kill(actor)
         if self.owns_ray:
             ray.shutdown()
-        self.astore.close()
-        self.store.close()
         if self.broker is not None:
             self.broker.stop()

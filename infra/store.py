@@ -1020,7 +1020,8 @@ class AsyncStore:
         await self._run(self.store.write, batch)
 
     async def prune_counts(self, before: datetime) -> dict[str, int]:
-        return await self._run(self.store.prune_counts, before)
+        counts: dict[str, int] = await self.call("prune_counts", before)
+        return counts
 
     async def call_with(self, fn: Callable[[ClickHouseStore], T]) -> T:
         """Run `fn(store)` on the store's thread."""
@@ -1032,7 +1033,8 @@ class AsyncStore:
         return await self._run(lambda: fn(*args, **kwargs))
 
     async def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
-        return await self._run(self.store.stream_events, tenant_id, stream_id)
+        found: list[ArchivedEvent] = await self.call("stream_events", tenant_id, stream_id)
+        return found
 
     async def search(
         self, where: EventFilter, limit: int | None = None, page_size: int = 2000
@@ -1042,7 +1044,7 @@ class AsyncStore:
         remaining = limit
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
-            page = await self._run(self.store.search_page, where, after, size)
+            page = await self.call("search_page", where, after, size)
             if not page:
                 return
             yield page

@@ -199,7 +199,7 @@ class ProjectionWorker:
         return self.dead_letters.count + self.ingest_dead_letters.count
 
     async def settled(self, since: float, timeout_s: float = 3.0) -> bool:
-        """Whether every event acknowledged before `since` (time.monotonic()) is in the
+        """Whether every event acknowledged before `since` (time.time()) is in the
         projections, waiting up to `timeout_s` for it (read-your-writes for the read side)."""
         return await self._loop.settled(since, timeout_s)
 

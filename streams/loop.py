@@ -176,12 +176,12 @@ class BatchLoop:
         self._consumer: Any = None
         self.health = LoopHealth(settings.group, stuck_after_s=settings.stuck_after_s)
         self.caught_up_at = 0.0
-        """time.monotonic() when the last fetch that left nothing behind began: every record
-        the broker acknowledged before then has been handled."""
+        """time.time() when the last fetch that left nothing behind began: every record the
+        broker acknowledged before then has been handled (wall time: other processes ask)."""
 
     async def settled(self, since: float, timeout_s: float) -> bool:
-        """Wait until everything acknowledged before `since` (time.monotonic()) is handled;
-        False if that took longer than `timeout_s` (read-your-writes for the projections)."""
+        """Wait until everything acknowledged before `since` (time.time()) is handled; False
+        if that took longer than `timeout_s` (read-your-writes for the projections)."""
         deadline = time.monotonic() + timeout_s
         while self.caught_up_at < since:
             if time.monotonic() >= deadline or self.health.stopped:
@@ -301,8 +301,8 @@ async def _gather_batch(
     count = 0
     closes: float | None = None
     while True:
-        began = time.monotonic()
-        wait = window_s if closes is None else closes - began
+        began, now = time.time(), time.monotonic()
+        wait = window_s if closes is None else closes - now
         if closes is not None and wait <= 0:
             return gathered, began
         got = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)), max_records=size - count)

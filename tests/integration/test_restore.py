@@ -48,13 +48,15 @@ def test_an_empty_log_beside_a_full_archive_is_noticed_then_restored(
 
     # Step 1: an external broker in this state is reported, not silently used.
     with caplog.at_level(logging.ERROR, logger="infra.restore"):
-        assert check_external_log(store, broker.bootstrap_servers, topics.events) is False
+        assert asyncio.run(check_external_log(store, broker.bootstrap_servers, topics.events)) is False
     assert "the log was lost" in caplog.text
 
     # Step 2: the embedded broker's log is re-published from the archive.
     group = f"projector-{uuid.uuid4().hex[:6]}"
-    restored = restore_embedded_log(
-        store, broker.bootstrap_servers, topics.events, group, max_request_size=2**20
+    restored = asyncio.run(
+        restore_embedded_log(
+            store, broker.bootstrap_servers, topics.events, group, max_request_size=2**20
+        )
     )
     assert restored.events == len(events)
     records = asyncio.run(read_all(broker, topics.events, expected=len(events)))
@@ -74,8 +76,10 @@ def test_an_empty_log_beside_a_full_archive_is_noticed_then_restored(
     assert sum(restored.ends.values()) == len(events)
 
     # Step 3: a log that holds events is not restored again, and is not reported.
-    again = restore_embedded_log(
-        store, broker.bootstrap_servers, topics.events, group, max_request_size=2**20
+    again = asyncio.run(
+        restore_embedded_log(
+            store, broker.bootstrap_servers, topics.events, group, max_request_size=2**20
+        )
     )
     assert again.events == 0
-    assert check_external_log(store, broker.bootstrap_servers, topics.events) is True
+    assert asyncio.run(check_external_log(store, broker.bootstrap_servers, topics.events))
