@@ -16,6 +16,7 @@ from benchmarks import (
     bench_knowledge,
     bench_log,
     bench_replay,
+    bench_upstream,
 )
 from benchmarks.common import Result
 
@@ -24,6 +25,7 @@ SUITES = {
     "log": bench_log.run,
     "archive": bench_archive.run,
     "gateway": bench_gateway.run,
+    "upstream": bench_upstream.run,
     "replay": bench_replay.run,
     "knowledge": bench_knowledge.run,
 }

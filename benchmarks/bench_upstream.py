@@ -1,0 +1,270 @@
+"""chat-llm between a client and an OpenAI-compatible upstream that answers at once
+(benchmarks/mock_upstream.py, its own process), against the same client calling the upstream
+directly, in the same run: what chat-llm adds to a turn, streamed and not, what it sustains
+with 64 clients, and what it costs in CPU and memory across every process of `chatllm up`
+(the API, the shards, the store host, Ray's own processes and the broker).
+
+Targets (issue 14, 2 cores): added p50 <= 2 ms; added time to first token <= 2 ms; added gap
+between tokens <= 0.1 ms; >= 700 turns/s at 64 clients with p99 <= 250 ms; <= 2 ms of CPU
+per turn. Each is printed beside its same-run baseline; the targets are notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bench_gateway import _launch, _stop, pct
+from benchmarks.common import Result
+from infra.broker import free_port
+
+CONFIG = """
+[limits]
+user = ""
+tenant = ""
+rate_per_s = 0
+
+[log]
+level = "WARNING"
+
+[[deployments]]
+name = "mock-a"
+model = "mock"
+provider = "openai"
+base_url = "http://127.0.0.1:{upstream}/v1"
+
+[routing]
+bands = [{{name = "all", max_complexity = 1.0, model = "mock"}}]
+fallbacks = {{}}
+"""
+
+BODY = {"model": "mock", "messages": [{"role": "user", "content": "What is Lisbon like?"}]}
+
+
+def _cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of `root` and every process below it, now."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo, seen = 0.0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if pid in stats:
+            total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
+        todo += children.get(pid, [])
+    return total
+
+
+def _rss_mib(root: int) -> float:
+    total, todo, seen = 0.0, [root], set()
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            total += pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            pass
+        todo += children.get(pid, [])
+    return total
+
+
+async def _sequential(base: str, n: int, stream: bool) -> tuple[list[float], list[float]]:
+    """n turns one after another: (latency or time to first token, gaps between tokens)."""
+    import aiohttp
+
+    body = json.dumps({**BODY, "stream": stream})
+    firsts: list[float] = []
+    gaps: list[float] = []
+    async with aiohttp.ClientSession(base) as session:
+        for _ in range(n):
+            started = time.perf_counter()
+            async with session.post(
+                "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            ) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"{response.status}: {await response.text()}")
+                if not stream:
+                    await response.read()
+                    firsts.append(time.perf_counter() - started)
+                    continue
+                last = None
+                async for line in response.content:
+                    if not line.startswith(b"data: {") or b'"content":"' not in line:
+                        continue
+                    if b'"content":""' in line:
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        firsts.append(now - started)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+    return firsts, gaps
+
+
+async def _concurrent(base: str, n: int, clients: int) -> tuple[list[float], float]:
+    import aiohttp
+
+    body = json.dumps(BODY)
+    samples: list[float] = []
+    per_client = n // clients
+
+    async def worker() -> None:
+        # Each client task has its own connection (a session of its own).
+        async with aiohttp.ClientSession(base) as session:
+            for _ in range(per_client):
+                started = time.perf_counter()
+                async with session.post(
+                    "/v1/chat/completions",
+                    data=body,
+                    headers={"content-type": "application/json"},
+                ) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"turn failed: {response.status}")
+                samples.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return samples, per_client * clients / (time.perf_counter() - started)
+
+
+def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) -> list[Result]:
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        upstream_port = free_port()
+        upstream, upstream_base = _launch(
+            [sys.executable, "-m", "benchmarks.mock_upstream", str(upstream_port)],
+            upstream_port,
+            {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            workdir,
+        )
+        try:
+            port = free_port()
+            (workdir / "chatllm.toml").write_text(CONFIG.format(upstream=upstream_port))
+            env = {
+                **os.environ,
+                "CHATLLM_HTTP__PORT": str(port),
+                "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
+                "CHATLLM_STREAMS__DATADIR": str(workdir / "work"),
+            }
+            stack, base = _launch([sys.executable, "-m", "infra.cli", "up"], port, env, workdir)
+            try:
+                idle_rss = _rss_mib(stack.pid)
+                # Warm up both paths (connections, code paths, shard caches).
+                asyncio.run(_sequential(upstream_base, 100, False))
+                asyncio.run(_sequential(base, 200, False))
+                asyncio.run(_sequential(base, 50, True))
+                direct, _ = asyncio.run(_sequential(upstream_base, sequential, False))
+                through, _ = asyncio.run(_sequential(base, sequential, False))
+                direct_first, direct_gaps = asyncio.run(_sequential(upstream_base, 200, True))
+                first, gaps = asyncio.run(_sequential(base, 200, True))
+                asyncio.run(_concurrent(base, 640, clients))
+                cpu_before = _cpu_seconds(stack.pid)
+                client_before = time.process_time()
+                samples, throughput = asyncio.run(_concurrent(base, concurrent_turns, clients))
+                cpu_per_turn = (_cpu_seconds(stack.pid) - cpu_before) / concurrent_turns * 1000
+                client_cpu = (time.process_time() - client_before) / concurrent_turns * 1000
+                _, direct_throughput = asyncio.run(
+                    _concurrent(upstream_base, concurrent_turns, clients)
+                )
+                loaded_rss = _rss_mib(stack.pid)
+            finally:
+                _stop(stack)
+        finally:
+            _stop(upstream)
+
+    added50 = pct(through, 0.5) - pct(direct, 0.5)
+    added99 = pct(through, 0.99) - pct(direct, 0.99)
+    return [
+        Result(
+            "added latency p50, c=1, not streamed",
+            "ms",
+            added50,
+            "the upstream alone, p50",
+            pct(direct, 0.5),
+            higher_is_better=False,
+            note=f"through chat-llm p50 {pct(through, 0.5):.2f} ms; target: added <= 2 ms",
+        ),
+        Result(
+            "added latency p99, c=1, not streamed",
+            "ms",
+            added99,
+            "the upstream alone, p99",
+            pct(direct, 0.99),
+            higher_is_better=False,
+            note=f"through chat-llm p99 {pct(through, 0.99):.2f} ms",
+        ),
+        Result(
+            "added time to first token p50, streamed",
+            "ms",
+            pct(first, 0.5) - pct(direct_first, 0.5),
+            "the upstream alone, first token p50",
+            pct(direct_first, 0.5),
+            higher_is_better=False,
+            note="target: added <= 2 ms",
+        ),
+        Result(
+            "added gap between tokens p50, streamed",
+            "ms",
+            max(pct(gaps, 0.5) - pct(direct_gaps, 0.5), 0.0),
+            "the upstream alone, gap p50",
+            pct(direct_gaps, 0.5),
+            higher_is_better=False,
+            note=f"through chat-llm gap p50 {pct(gaps, 0.5):.3f} ms; target: added <= 0.1 ms",
+        ),
+        Result(
+            f"turns/s through chat-llm, {clients} clients",
+            "turns/s",
+            throughput,
+            "the upstream alone, same clients",
+            direct_throughput,
+            note=f"p99 {pct(samples, 0.99):.0f} ms; targets: >= 700 turns/s, p99 <= 250 ms",
+        ),
+        Result(
+            "CPU per turn, every process of chatllm up",
+            "ms",
+            cpu_per_turn,
+            "the client's own CPU per turn",
+            client_cpu,
+            higher_is_better=False,
+            note=f"at {clients} clients; target <= 2 ms",
+        ),
+        Result(
+            "resident memory of chatllm up, after the load",
+            "MiB",
+            loaded_rss,
+            "idle, right after start",
+            idle_rss,
+            higher_is_better=False,
+            note="every process below chatllm up (Ray's included)",
+        ),
+    ]
