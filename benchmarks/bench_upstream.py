@@ -115,9 +115,10 @@ async def _sequential(base: str, n: int, stream: bool) -> tuple[list[float], lis
                     continue
                 last = None
                 async for line in response.content:
-                    if not line.startswith(b"data: {") or b'"content":"' not in line:
+                    if not line.startswith(b"data: {"):
                         continue
-                    if b'"content":""' in line:
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if not (choices[0].get("delta") or {}).get("content"):
                         continue
                     now = time.perf_counter()
                     if last is None:

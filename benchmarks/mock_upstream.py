@@ -4,6 +4,7 @@ on uvicorn (uvloop, httptools) in a process of its own.
 
 `POST /v1/chat/completions`: a fixed completion; with `"stream": true`, TOKENS chunks of
 server-sent events and `[DONE]`, as OpenAI sends them, with no wait between them.
+`GET /connections`: how many client connections it has seen (each its own client port).
 
 Run as `python -m benchmarks.mock_upstream PORT`.
 """
@@ -47,6 +48,7 @@ _CHUNKS = [
     for word in _WORDS
 ]
 _DONE = b"data: [DONE]\n\n"
+_clients: set[tuple[str, int]] = set()
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -64,6 +66,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
+    if scope.get("client"):
+        _clients.add(tuple(scope["client"]))
+    if scope["path"] == "/connections":
+        count = str(len(_clients)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": count})
+        return
     if scope["path"] == "/healthz":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})

@@ -58,5 +58,6 @@ class Gateway:
         generator = (
             self._shard(request).stream_turn.options(num_returns="streaming").remote(request)
         )
-        async for ref in generator:
-            yield await ref
+        async for ref in generator:  # the shard sends what was ready at once, as a batch
+            for item in await ref:
+                yield item

@@ -137,12 +137,15 @@ class OpenAICompatibleModel:
                     )
                 done = False
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                    # After [DONE] the body is read to its end, not left: a response closed
+                    # half read cannot give its connection back to the pool, and every
+                    # turn would open a new one (py-spy: connect_tcp in every turn).
+                    if done or not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
                         done = True
-                        break
+                        continue
                     try:
                         chunk = json.loads(data)
                         if "error" in chunk:

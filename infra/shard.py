@@ -11,6 +11,7 @@ rebuilt from its stream in the log before its first turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -52,6 +53,17 @@ from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracin
 from streams.projections import topic_of
 
 log = logging.getLogger(__name__)
+
+
+STREAM_BATCH = 64
+"""Most pieces in one batch from the shard to the API process."""
+
+
+class _Failed:
+    """The turn's stream raised: the error, carried to where the stream is read."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class ReplayClock:
@@ -278,18 +290,53 @@ class ChatShard:
             span.end()
             self._drop_if_broken(context)
 
-    async def stream_turn(self, request: ChatRequest) -> AsyncIterator[str | Piece | TurnOutcome]:
-        """The turn as a Ray streaming generator: text pieces, then the outcome."""
+    async def stream_turn(
+        self, request: ChatRequest
+    ) -> AsyncIterator[list[str | Piece | TurnOutcome]]:
+        """The turn as a Ray streaming generator of batches: text pieces, then the outcome.
+        Each batch is whatever the model produced while the last one crossed to the API
+        process (every Ray item costs a round trip): the first piece goes alone, at once,
+        and a slow model's pieces go one by one, as they come."""
         await self._prepare()
         span, meta = self._span("chat.turn", request.meta)
         request = msgspec.structs.replace(request, meta=meta)
         context = await self._context(meta.context_id, request.new_context)
+        produced: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                async for item in self.service.stream(context, request):
+                    produced.put_nowait(item)
+            except BaseException as exc:  # handed to the reader, raised there
+                produced.put_nowait(_Failed(exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                produced.put_nowait(end)
+
+        task = asyncio.create_task(pump())
         try:
-            async for item in self.service.stream(context, request):
-                if isinstance(item, TurnOutcome):
-                    self._describe(span, item)
-                yield item
+            while True:
+                batch = [await produced.get()]
+                while not produced.empty() and len(batch) < STREAM_BATCH:
+                    batch.append(produced.get_nowait())
+                done = batch[-1] is end
+                items = [i for i in batch if i is not end]
+                for item in items:
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    if isinstance(item, TurnOutcome):
+                        self._describe(span, item)
+                if items:
+                    yield items
+                if done:
+                    return
         finally:
+            if not task.done():  # the reader went away: the turn is cut (nothing recorded)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             span.end()
             self._drop_if_broken(context)
 
