@@ -117,6 +117,9 @@ class StreamsConfig(_Section):
     and read again by the next owner)."""
     stuck_after_s: PositiveFloat = 30.0
     """A consumer holding one batch for longer than this is reported stuck by /healthz."""
+    store_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    """How far below the request path the store host runs (Unix nice): its inserts wait for
+    turns on a busy machine instead of delaying them."""
 
 
 class LogConfig(_Section):

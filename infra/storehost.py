@@ -40,8 +40,13 @@ class StoreHost:
         shards: list[Any] | None = None,
     ) -> None:
         """`pids`: processes the memory detector samples besides this one and the shards."""
+        import os
+
         from infra.runtime import build_worker, memory_probe, open_store
 
+        # Below the request path: on a small machine the API, the shards and the broker
+        # come first; projections only lag a little more while they are busy.
+        os.nice(settings.streams.store_niceness)
         self.settings = settings
         self.bootstrap_servers = bootstrap_servers
         self.store: ClickHouseStore = open_store(settings)
