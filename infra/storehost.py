@@ -45,8 +45,11 @@ class StoreHost:
         from infra.runtime import build_worker, memory_probe, open_store
 
         # Below the request path: on a small machine the API, the shards and the broker
-        # come first; projections only lag a little more while they are busy.
-        os.nice(settings.streams.store_niceness)
+        # come first; projections only lag a little more while they are busy. Linux keeps
+        # a niceness per thread, and new threads take their creator's: every thread now.
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), settings.streams.store_niceness)
         self.settings = settings
         self.bootstrap_servers = bootstrap_servers
         self.store: ClickHouseStore = open_store(settings)
