@@ -87,10 +87,32 @@ def _base_url(settings: Settings, url: str | None) -> str:
 # ---- serving -------------------------------------------------------------------
 
 
+def _listening_socket(host: str, port: int) -> Any:
+    """The API's socket, bound with SO_REUSEPORT: every API process of the stack binds the
+    same port, and the kernel spreads the connections over them."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        err.print(f"[red]cannot listen on {host}:{port}:[/red] {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def _serve(
-    stack: Any, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None
+    stack: Any,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+    api_process: int = 0,
 ) -> None:
-    """Serve the HTTP API (with the projection worker in its lifespan) until Ctrl-C or `stop`."""
+    """Serve the HTTP API until Ctrl-C or `stop`."""
     import uvicorn
 
     from infra.http import build_api
@@ -119,6 +141,7 @@ async def _serve(
         knowledge=stack.knowledge,
         health_report=stack.health,
         settled=stack.settled,
+        api_process=api_process,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -129,10 +152,11 @@ async def _serve(
             lifespan="on",
         )
     )
-    serving = asyncio.create_task(server.serve())
+    sock = _listening_socket(settings.http.host, settings.http.port)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no event)
         await asyncio.sleep(0.05)
-    if server.started:
+    if server.started and stack.primary:
         out.print(
             f"chat-llm is up: http://{settings.http.host}:{settings.http.port}"
             f"  (broker {stack.bootstrap_servers}, "
@@ -176,16 +200,92 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
             settings.http.host,
         )
     stack = _start_stack(settings, loaded)
+    others: list[Any] = []
     try:
+        others = _more_api_processes(stack, config, profile)
         _run(_serve(stack))
     except KeyboardInterrupt:
         pass
     finally:
         from infra.tracing import shutdown_tracing
 
+        _stop_processes(others)
         stack.stop()
         shutdown_tracing()
     out.print("chat-llm stopped")
+
+
+def _more_api_processes(stack: Any, config: Path | None, profile: str | None) -> list[Any]:
+    """http.workers - 1 more API processes on the same port (0: one per core); each joins
+    this stack's Ray cluster and finds its store host and shards by name."""
+    import os
+    import subprocess
+
+    import ray
+
+    settings: Settings = stack.settings
+    count = settings.http.workers or os.cpu_count() or 1
+    env = {**os.environ, "CHATLLM_BROKER__BOOTSTRAP_SERVERS": stack.bootstrap_servers}
+    gcs = ray.get_runtime_context().gcs_address
+    where = [
+        *(["--config", str(config)] if config else []),
+        *(["--profile", profile] if profile else []),
+    ]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "api",
+                "--ray-address",
+                gcs,
+                "--index",
+                str(index),
+                *where,
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for index in range(1, count)
+    ]
+
+
+def _stop_processes(processes: list[Any], timeout_s: float = 10.0) -> None:
+    import signal as signals
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signals.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@app.command("api", hidden=True)
+def api_process(
+    ray_address: str = typer.Option(..., "--ray-address", help="the stack's Ray (GCS) address"),
+    index: int = typer.Option(1, "--index", help="this API process's number"),
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+) -> None:
+    """One more API process of a running `chatllm up` (it starts them itself)."""
+    from infra.runtime import Stack
+
+    loaded = _load(config, profile)
+    settings = loaded.settings
+    _setup_logging(settings)
+    stack = Stack.attach(settings, ray_address, loaded)
+    try:
+        _run(_serve(stack, api_process=index))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
 
 
 @app.command()

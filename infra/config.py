@@ -93,6 +93,9 @@ class HttpConfig(_Section):
     """Browser origins allowed to call the API (CORS); empty: none (the default)."""
     max_body_bytes: Positive = 8 * 1024 * 1024
     """Larger request bodies are refused with 413 before they are read."""
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    """API processes `chatllm up` runs on the port (they share the shards and the store);
+    0: one per core. Each exports its own turn counters at /metrics (not summed yet)."""
 
 
 class ModelConfig(_Section):

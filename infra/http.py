@@ -309,6 +309,7 @@ def build_api(
     lag_summary: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     more_metrics: Callable[[], Awaitable[bytes]] | None = None,
     rebuilds: Any = None,
+    api_process: int = 0,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -657,6 +658,7 @@ def build_api(
                     "deployment": outcome.deployment,
                     "fallback": outcome.fallback,
                     "events": [r.model_dump() for r in _refs(outcome)],
+                    "api_process": api_process,
                 },
             },
             headers={**headers, "X-Chatllm-Fallback": str(outcome.fallback).lower()},

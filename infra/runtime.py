@@ -99,6 +99,8 @@ def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
     remote_shard: Any = ray.remote(ChatShard)
     hosts = [
         remote_shard.options(
+            # A name, so that every API process finds the same shards.
+            name=shard_name(settings, index),
             # Actors reserve a CPU each by default: on 2 cores that would starve Ray.
             num_cpus=0,
             max_restarts=-1,
@@ -108,6 +110,10 @@ def start_shards(settings: Settings, bootstrap_servers: str) -> list[Any]:
     ]
     ray.get([h.ready.remote() for h in hosts])
     return hosts
+
+
+def shard_name(settings: Settings, index: int) -> str:
+    return f"chatllm-shard:{settings.topics.events}:{index}"
 
 
 def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSettings:
@@ -388,6 +394,9 @@ class Stack:
     owns_ray: bool = False
     loaded: LoadedConfig | None = None
     """The configuration in effect (its file and profile), for `chatllm config use`."""
+    primary: bool = True
+    """The process that started the stack (it runs the workflow runner, the plugins' bus
+    and the knowledge refresh, and stops the rest); other API processes only serve."""
     _stopped: bool = field(default=False, repr=False)
     _loops: dict[str, LoopHealth] = field(default_factory=dict, repr=False)
     """The consume loops running in this process (workflows, the plugins' bus)."""
@@ -422,6 +431,41 @@ class Stack:
     async def host_metrics(self) -> bytes:
         text: bytes = await self.host.metrics_text.remote()
         return text
+
+    @classmethod
+    def attach(
+        cls, settings: Settings, ray_address: str, loaded: LoadedConfig | None = None
+    ) -> Stack:
+        """One more API process for a running stack: it joins its Ray cluster and finds the
+        store host and the shards by name (their broker is settings.broker)."""
+        import ray
+
+        from infra.storehost import STORE_HOST
+
+        bootstrap = settings.broker.bootstrap_servers
+        ray.init(address=ray_address, namespace=settings.ray.namespace, log_to_driver=False)
+        topic = settings.topics.events
+        host = ray.get_actor(f"{STORE_HOST}:{topic}")
+        hosts = [ray.get_actor(shard_name(settings, i)) for i in range(settings.ray.shards)]
+        astore = RemoteStore(host)
+        appender = KafkaEventSink(bootstrap, topic, settings.broker)
+        return cls(
+            settings=settings,
+            bootstrap_servers=bootstrap,
+            astore=astore,
+            host=host,
+            gateway=Gateway(hosts, sorted({d.model for d in settings.deployments})),
+            appender=appender,
+            ingest=Ingest(settings, bootstrap),
+            plugins=plugin_host(settings, appender, astore),
+            workflows=workflow_catalog(settings),
+            knowledge=knowledge_base(settings, appender, astore),
+            hosts=hosts,
+            metrics=Metrics(projections=False),
+            owns_ray=True,
+            loaded=loaded,
+            primary=False,
+        )
 
     @classmethod
     def start(cls, settings: Settings, loaded: LoadedConfig | None = None) -> Stack:
@@ -477,6 +521,10 @@ class Stack:
         the workflow runner and the knowledge refresh on the running loop for the duration
         of the block (the projection worker runs in the store host)."""
         try:
+            if not self.primary:  # the hooks of its own requests; the rest runs once
+                async with self._plugins_running(listen=False):
+                    yield
+                return
             async with (
                 self._plugins_running(),
                 self._workflows_running(),
@@ -533,7 +581,7 @@ class Stack:
             yield
 
     @contextlib.asynccontextmanager
-    async def _plugins_running(self) -> AsyncIterator[None]:
+    async def _plugins_running(self, listen: bool = True) -> AsyncIterator[None]:
         p = self.settings.plugins
         if not p.folder and not p.entry_points:
             yield
@@ -554,8 +602,10 @@ class Stack:
             # Hot reload, and the bus only once a plugin listens (consuming every event in
             # this process costs CPU that no one would use otherwise).
             while True:
-                if not bus.is_running and any(
-                    "on_event" in plugin.hooks for plugin in self.plugins.plugins.values()
+                if (
+                    listen
+                    and not bus.is_running
+                    and any("on_event" in plugin.hooks for plugin in self.plugins.plugins.values())
                 ):
                     await feeding.enter_async_context(bus.running())
                 await asyncio.sleep(p.reload_interval_s)
@@ -628,6 +678,9 @@ class Stack:
         self._stopped = True
         import ray
 
+        if not self.primary:  # the stack is the primary's to stop
+            ray.shutdown()
+            return
         with contextlib.suppress(Exception):
             ray.get([h.shutdown.remote() for h in self.hosts], timeout=10)
         # The embedded broker's log goes with it: what it acknowledged is archived first

@@ -1,0 +1,53 @@
+"""Several API processes in one `chatllm up` (http.workers): one port, the same shards and
+store host behind every process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Service, start_service, stop_service
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = start_service(
+        tmp_path_factory.mktemp("apis"), extra_env={"CHATLLM_HTTP__WORKERS": "2"}
+    )
+    try:
+        yield running
+    finally:
+        stop_service(running)
+
+
+def test_two_api_processes_serve_one_context_alternately_and_its_history_stays_exact(
+    service: Service,
+) -> None:
+    """`chatllm up` runs two API processes on one port; each new connection may land
+    on either. One context's turns through both: one writer (its shard), gapless versions,
+    and each reply knows every turn before it."""
+    served: dict[int, int] = {}
+    turns = 0
+    while min(served.get(0, 0), served.get(1, 0)) < 3 and turns < 60:
+        turns += 1
+        with httpx.Client() as fresh:  # a new connection each time
+            reply = fresh.post(
+                f"{service.base}/v1/chat/completions",
+                json={"model": "auto", "messages": [{"role": "user", "content": f"q{turns}"}]},
+                headers={"X-Context-Id": "two-apis", "X-Tenant-Id": "multi"},
+            )
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert f"(turn {turns})" in body["choices"][0]["message"]["content"]
+        process = body["chatllm"]["api_process"]
+        served[process] = served.get(process, 0) + 1
+    assert served.get(0, 0) >= 3 and served.get(1, 0) >= 3, served
+    logged = httpx.get(
+        f"{service.base}/v1/contexts/two-apis/events", headers={"X-Tenant-Id": "multi"}
+    ).json()
+    assert [e["stream_version"] for e in logged] == list(range(1, len(logged) + 1))
+    assert [e["type"] for e in logged].count("MessageReceived") == turns
