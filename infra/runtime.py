@@ -447,8 +447,17 @@ class Stack:
         topic = settings.topics.events
         host = ray.get_actor(f"{STORE_HOST}:{topic}")
         hosts = [ray.get_actor(shard_name(settings, i)) for i in range(settings.ray.shards)]
+        return cls._around(settings, bootstrap, host, hosts, owns_ray=True, loaded=loaded,
+                           primary=False)  # fmt: skip
+
+    @classmethod
+    def _around(
+        cls, settings: Settings, bootstrap: str, host: Any, hosts: list[Any], **extra: Any
+    ) -> Stack:
+        """This process's part around the running actors: the gateway, the store's remote,
+        its own producer, ingest, plugins, workflows and knowledge base, its metrics."""
         astore = RemoteStore(host)
-        appender = KafkaEventSink(bootstrap, topic, settings.broker)
+        appender = KafkaEventSink(bootstrap, settings.topics.events, settings.broker)
         return cls(
             settings=settings,
             bootstrap_servers=bootstrap,
@@ -462,9 +471,7 @@ class Stack:
             knowledge=knowledge_base(settings, appender, astore),
             hosts=hosts,
             metrics=Metrics(projections=False),
-            owns_ray=True,
-            loaded=loaded,
-            primary=False,
+            **extra,
         )
 
     @classmethod
@@ -487,32 +494,14 @@ class Stack:
             hosts = start_shards(settings, bootstrap)
             ray.get(host.watch.remote(hosts))
             ray.get(host.start.remote())
-            astore = RemoteStore(host)
-            metrics = Metrics(projections=False)
-            appender = KafkaEventSink(bootstrap, settings.topics.events, settings.broker)
-            gateway = Gateway(hosts, sorted({d.model for d in settings.deployments}))
         except BaseException:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()
             if broker is not None:
                 broker.stop()
             raise
-        return cls(
-            settings=settings,
-            bootstrap_servers=bootstrap,
-            astore=astore,
-            host=host,
-            gateway=gateway,
-            appender=appender,
-            ingest=Ingest(settings, bootstrap),
-            plugins=plugin_host(settings, appender, astore),
-            workflows=workflow_catalog(settings),
-            knowledge=knowledge_base(settings, appender, astore),
-            hosts=hosts,
-            metrics=metrics,
-            broker=broker,
-            owns_ray=owns_ray,
-            loaded=loaded,
+        return cls._around(
+            settings, bootstrap, host, hosts, broker=broker, owns_ray=owns_ray, loaded=loaded
         )
 
     @contextlib.asynccontextmanager

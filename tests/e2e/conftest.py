@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,19 +57,27 @@ def start_service(
     )
     log.close()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_until_up(proc, f"{base}/healthz", workdir / "up.log")
+    return Service(base=base, env=env, proc=proc, workdir=workdir)
+
+
+def wait_until_up(
+    proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float = 120
+) -> None:
+    """Wait until `url` answers 200; if the process ends or time runs out, kill its process
+    group and fail with the end of its log."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = (workdir / "up.log").read_text()[-3000:]
-            raise AssertionError(f"chatllm up did not come up:\n{tail}")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"chatllm up did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    return Service(base=base, env=env, proc=proc, workdir=workdir)
 
 
 def wait_for(

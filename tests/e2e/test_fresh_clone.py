@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from infra.broker import free_port
+from tests.e2e.conftest import wait_until_up
 
 pytestmark = pytest.mark.e2e
 
@@ -99,20 +99,7 @@ def newcomer(
         start_new_session=True,  # the terminal's foreground process group, of its own
     )
     log.close()
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(
-                "`chatllm up` did not come up on a fresh clone:\n"
-                + (clone / "up.log").read_text()[-3000:]
-            )
-        time.sleep(0.3)
+    wait_until_up(proc, f"http://127.0.0.1:{port}/v1/models", clone / "up.log")
     try:
         yield clone, port, proc
     finally:

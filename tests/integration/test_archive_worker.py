@@ -30,8 +30,11 @@ def worker_for(
     tmp_path: Path,
     store: AsyncStore,
     app_id: str | None = None,
+    settings: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> ProjectionWorker:
+    """A worker on the test's topics with short group timings; `settings` adds to its
+    WorkerSettings, `kwargs` go to the worker."""
     return ProjectionWorker(
         WorkerSettings(
             bootstrap_servers=broker.bootstrap_servers,
@@ -43,6 +46,7 @@ def worker_for(
             session_timeout_s=3.0,
             heartbeat_interval_s=0.5,
             rebalance_timeout_s=1.0,
+            **(settings or {}),
         ),
         store,
         **kwargs,

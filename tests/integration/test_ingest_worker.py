@@ -18,10 +18,10 @@ from events import topics as topic_names
 from infra.broker import EmbeddedBroker
 from infra.kafka import LogUnavailable
 from infra.store import AsyncStore, ClickHouseStore
-from streams.app import ProjectionWorker, WorkerSettings
+from streams.app import ProjectionWorker
 from tests.conftest import Topics
 from tests.factories import make_event
-from tests.integration.test_archive_worker import produce, read_all, wait_until
+from tests.integration.test_archive_worker import produce, read_all, wait_until, worker_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,21 +54,14 @@ def ingest_worker(
     app_id: str = "",
     **extra: Any,
 ) -> ProjectionWorker:
-    return ProjectionWorker(
-        WorkerSettings(
-            bootstrap_servers=broker.bootstrap_servers,
-            events_topic=topics.events,
-            ingest_topic=topics.ingest,
-            deadletter_topic=topics.deadletter,
-            app_id=app_id or f"ingest-{uuid.uuid4().hex[:8]}",
-            batch_size=50,
-            batch_within_s=0.05,
-            session_timeout_s=3.0,
-            heartbeat_interval_s=0.5,
-            rebalance_timeout_s=1.0,
-            **extra,
-        ),
+    """A worker whose ingest loop appends to `log` (its settings plus `extra`)."""
+    return worker_for(
+        broker,
+        topics,
+        Path(),
         store,
+        app_id=app_id or f"ingest-{uuid.uuid4().hex[:8]}",
+        settings={"ingest_topic": topics.ingest, **extra},
         appender=log,
         new_event_id=lambda: str(uuid.uuid4()),
     )
