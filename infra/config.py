@@ -55,6 +55,11 @@ class BrokerConfig(_Section):
     """The largest event record the log takes (keep it under the topic's max.message.bytes):
     larger upstream events are refused at the door (413) or dead-lettered, never retried."""
 
+    @property
+    def max_request_bytes(self) -> int:
+        """A producer's request limit with room for one largest record and its framing."""
+        return max(1024 * 1024, self.max_record_bytes + 64 * 1024)
+
 
 class TopicsConfig(_Section):
     events: str = topics.EVENTS

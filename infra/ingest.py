@@ -75,9 +75,7 @@ class Ingest:
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self.bootstrap_servers,
                     acks="all",
-                    max_request_size=max(
-                        1024 * 1024, self.settings.broker.max_record_bytes + 64 * 1024
-                    ),
+                    max_request_size=self.settings.broker.max_request_bytes,
                 )
                 await producer.start()
                 self._producer = producer

@@ -57,7 +57,7 @@ class KafkaEventSink:
             linger_ms=config.linger_ms,
             request_timeout_ms=config.request_timeout_ms,
             # Room for one record of broker.max_record_bytes and its batch framing.
-            max_request_size=max(1024 * 1024, config.max_record_bytes + 64 * 1024),
+            max_request_size=config.max_request_bytes,
             client_id="chatllm-events",
         )
         self._producer: Any = None

@@ -328,7 +328,7 @@ async def recover_log(
             bootstrap_servers,
             topic,
             ARCHIVER_ID,
-            max_request_size=max(1024 * 1024, settings.broker.max_record_bytes + 64 * 1024),
+            max_request_size=settings.broker.max_request_bytes,
         )
         return restored.events
     await check_external_log(store, bootstrap_servers, topic)
@@ -404,9 +404,20 @@ class Stack:
     async def health(self) -> dict[str, Any]:
         """Every consumer of the stack with its lag, and `stuck` with the reason when one
         is (a batch in hand too long, a loop that stopped): what /healthz shows."""
-        consumers = dict(await self.host.health.remote())
-        consumers |= {name: h.report() for name, h in self._loops.items()}
-        counts = await self.host.counts.remote()
+        consumers = {name: h.report() for name, h in self._loops.items()}
+        try:
+            consumers |= await self.host.health.remote()
+            counts = await self.host.counts.remote()
+        except Exception as exc:  # the store host is gone: say so, do not fail the probe
+            why = f"the store host does not answer: {type(exc).__name__}"
+            consumers["store"] = {
+                "status": "stuck",
+                "lag": None,
+                "busy_s": 0.0,
+                "last_error": type(exc).__name__,
+                "reason": why,
+            }
+            counts = {"archived": 0, "dead_lettered": 0}
         stuck = sorted(n for n, c in consumers.items() if c["status"] == "stuck")
         return {
             "status": "degraded" if stuck else "ok",

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, start_service, stop_service
+from tests.e2e.conftest import Service, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,3 +51,30 @@ def test_two_api_processes_serve_one_context_alternately_and_its_history_stays_e
     ).json()
     assert [e["stream_version"] for e in logged] == list(range(1, len(logged) + 1))
     assert [e["type"] for e in logged].count("MessageReceived") == turns
+
+
+def test_health_says_when_the_store_host_is_gone(service: Service) -> None:
+    # Runs last in this module: it kills the store host.
+    import os
+    import signal
+    from pathlib import Path
+
+    from tests.e2e.test_fresh_clone import descendants
+
+    (host,) = [
+        pid
+        for pid in descendants(service.proc.pid)
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::StoreHost")
+    ]
+    assert httpx.get(f"{service.base}/healthz").json()["status"] == "ok"
+    os.kill(host, signal.SIGKILL)
+    health = wait_for(
+        lambda: (
+            (h := httpx.get(f"{service.base}/healthz")).status_code == 200
+            and h.json()["status"] == "degraded"
+            and h.json()
+        ),
+        "health to name the store host",
+    )
+    assert health["stuck"] == ["store"]
+    assert "does not answer" in health["consumers"]["store"]["reason"]
