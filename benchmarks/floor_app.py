@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from benchmarks.common import read_body
+
 _BODY = b'{"object":"chat.completion","choices":[]}'
 
 
@@ -49,12 +51,7 @@ def build(bootstrap: str) -> Any:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         await state["actor"].ping.remote()
         await state["producer"].send_and_wait("bench-floor", body, key=b"k")
         await send(

@@ -15,6 +15,8 @@ import json
 import sys
 from typing import Any
 
+from benchmarks.common import read_body
+
 TOKENS = 20
 _WORDS = [f"word{i} " for i in range(TOKENS)]
 _COMPLETION = json.dumps(
@@ -60,12 +62,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     if scope.get("client"):
         _clients.add(tuple(scope["client"]))
     if scope["path"] == "/connections":
