@@ -89,6 +89,9 @@ class RayConfig(_Section):
     replacement waits for the old lease to run out before its first write."""
     contexts_per_shard: Positive = 10_000
     """Contexts a shard keeps in memory; the least recently used are rebuilt from the log."""
+    shard_transport: Literal["socket", "ray"] = "socket"
+    """How chat turns reach a shard: `socket`, a direct connection to the shard that Ray
+    placed (infra/shardlink.py), or `ray`, an actor call per turn (~4 ms more CPU a turn)."""
 
 
 class HttpConfig(_Section):

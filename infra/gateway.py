@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import ContextCommand, ContextView, RequestMeta
 from actors.ports import ChatMessage
+from infra.shardlink import ShardLink
 
 
 def shard_index(tenant_id: str, shards: int) -> int:
@@ -16,14 +17,31 @@ def shard_index(tenant_id: str, shards: int) -> int:
     return zlib.crc32(tenant_id.encode()) % shards
 
 
-class Gateway:
-    """One actor round trip per chat turn."""
+def _endpoint_of(shard: Any) -> Callable[[], Awaitable[tuple[str, int, str]]]:
+    async def endpoint() -> tuple[str, int, str]:
+        where: tuple[str, int, str] = await shard.endpoint.remote()
+        return where
 
-    def __init__(self, shards: list[Any], models: list[str]) -> None:
+    return endpoint
+
+
+class Gateway:
+    """One hop per chat turn: over the shard's direct connection (`socket`, the default),
+    or as an actor call (`ray`). Everything else a shard does is an actor call."""
+
+    def __init__(self, shards: list[Any], models: list[str], transport: str = "socket") -> None:
         if not shards:
             raise ValueError("the gateway needs at least one shard")
         self._shards = shards
         self.models = models
+        self._links = (
+            [ShardLink(_endpoint_of(shard)) for shard in shards] if transport == "socket" else None
+        )
+
+    def close(self) -> None:
+        """Close the direct connections (they open again on the next turn)."""
+        for link in self._links or ():
+            link.close()
 
     def _shard(self, request: ChatRequest | ContextCommand) -> Any:
         return self._owner(request.meta)
@@ -50,11 +68,24 @@ class Gateway:
         )
         return dropped
 
+    def _link(self, request: ChatRequest) -> ShardLink | None:
+        if self._links is None:
+            return None
+        return self._links[shard_index(request.meta.tenant_id, len(self._shards))]
+
     async def turn(self, request: ChatRequest) -> TurnOutcome:
+        link = self._link(request)
+        if link is not None:
+            return await link.turn(request)
         outcome: TurnOutcome = await self._shard(request).turn.remote(request)
         return outcome
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | Piece | TurnOutcome]:
+        link = self._link(request)
+        if link is not None:
+            async for item in link.stream(request):
+                yield item
+            return
         generator = (
             self._shard(request).stream_turn.options(num_returns="streaming").remote(request)
         )

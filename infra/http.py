@@ -52,6 +52,7 @@ from infra.queries import QueryError, TenantPruner, add_query_routes, check_mome
 from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
 from infra.render import CSP, transcript_html
 from infra.security import BodyLimit, KeyLimits, SecurityHeaders, needed_scope
+from infra.shardlink import ShardLinkLost
 from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
 from infra.tracing import hex_ids
 from infra.workflow_api import add_workflow_routes
@@ -1170,7 +1171,11 @@ def _as_http(exc: Exception) -> Exception:
     cause = exc if isinstance(exc, LogUnavailable) else getattr(exc, "cause", None)
     if isinstance(cause, LogUnavailable):
         return cause
-    if type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
+    if isinstance(exc, ShardLinkLost) or type(exc).__name__ in (
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "RayActorError",
+    ):
         log.warning("chat shard stopped during a request: %s", type(exc).__name__)
         return OpenAIError(
             503,

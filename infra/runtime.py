@@ -474,7 +474,11 @@ class Stack:
             bootstrap_servers=bootstrap,
             astore=astore,
             host=host,
-            gateway=Gateway(hosts, sorted({d.model for d in settings.deployments})),
+            gateway=Gateway(
+                hosts,
+                sorted({d.model for d in settings.deployments}),
+                settings.ray.shard_transport,
+            ),
             appender=appender,
             ingest=Ingest(settings, bootstrap),
             plugins=plugin_host(settings, appender, astore),
@@ -678,6 +682,7 @@ class Stack:
         self._stopped = True
         import ray
 
+        self.gateway.close()
         if not self.primary:  # the stack is the primary's to stop
             ray.shutdown()
             return

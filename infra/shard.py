@@ -49,6 +49,7 @@ from infra.kafka import KafkaEventSink, KafkaStreamReader
 from infra.lease import Lease, LeasedSink
 from infra.models import DemoModel, provider_for
 from infra.sentiment import VaderScorer
+from infra.shardlink import ShardServer
 from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
 from streams.projections import topic_of
 
@@ -177,6 +178,8 @@ class ChatShard:
         self._forgotten: dict[str, dict[str, datetime]] = {}
         """Per tenant, the users whose content was erased (UserForgotten), and when: what
         they wrote before then is erased, what they write afterwards is not."""
+        self._link = ShardServer(self.turn, self.stream_turn)
+        self._local = not settings.ray.address
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply the live part of a new configuration (`chatllm config use`): limits keep
@@ -204,6 +207,18 @@ class ChatShard:
         """Connect, take the write lease, restore the limits; returns the contexts held."""
         await self._prepare()
         return len(self._contexts)
+
+    async def endpoint(self) -> tuple[str, int, str]:
+        """Where this shard takes turns directly (host, port) and the token a connection
+        shows first; the API processes ask for it through Ray, again after a restart."""
+        await self._prepare()
+        host = "127.0.0.1"
+        if not self._local:  # a cluster: the API processes may be on other nodes
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        where, port = await self._link.start(host)
+        return where, port, self._link.token
 
     async def _prepare(self) -> None:
         """Once per incarnation (Ray re-runs __init__ on restart, not ready()); then free."""
@@ -468,6 +483,7 @@ class ChatShard:
         return dropped
 
     async def shutdown(self) -> None:
+        await self._link.stop()
         if self._lease is not None:
             await self._lease.release()
         await self._kafka.stop()

@@ -19,9 +19,10 @@ from infra.gateway import Gateway, shard_index
 from infra.http import OpenAIError, _as_http
 from infra.kafka import KafkaStreamReader
 from tests.conftest import Topics
-from tests.integration.test_ray_shards import ask, restarted, shards_with
+from tests.integration.test_ray_shards import ask, restarted, shards_with, transport
 
 pytestmark = pytest.mark.integration
+__all__ = ["transport"]  # the fixture, shared with the shard tests
 
 
 @pytest.fixture
@@ -33,9 +34,9 @@ def slow_shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Ite
 
 
 async def test_a_shard_killed_mid_turn(
-    slow_shards: list[Any], ray_runtime: Any, broker: EmbeddedBroker, topics: Topics
+    slow_shards: list[Any], ray_runtime: Any, broker: EmbeddedBroker, topics: Topics, transport: str
 ) -> None:
-    gateway = Gateway(slow_shards, [])
+    gateway = Gateway(slow_shards, [], transport)
     tenant, context = f"t-{uuid.uuid4().hex[:6]}", f"ctx-{uuid.uuid4().hex[:6]}"
     first = await gateway.turn(ask(context, "first", tenant=tenant))
     assert first.status == "ok"

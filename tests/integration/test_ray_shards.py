@@ -54,6 +54,13 @@ async def restarted(owner: Any, timeout_s: float = 60) -> None:
         await asyncio.sleep(0.1)
 
 
+@pytest.fixture(params=["socket", "ray"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """How the gateway reaches a shard: each turn test runs against both (the port's
+    contract: the direct connection must behave as the actor call does)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
     with shards_with(
@@ -78,9 +85,9 @@ def turn_length(outcome: TurnOutcome) -> int:
 
 
 async def test_turns_over_many_contexts_are_gapless_and_on_the_log(
-    shards: list[Any], broker: EmbeddedBroker, topics: Topics
+    shards: list[Any], broker: EmbeddedBroker, topics: Topics, transport: str
 ) -> None:
-    gateway = Gateway(shards, [])
+    gateway = Gateway(shards, [], transport)
     contexts = [f"ctx-{uuid.uuid4().hex[:6]}" for _ in range(6)]
     # Step 1: 4 turns on each of 6 contexts, all in flight at once, for two tenants.
     turns = await asyncio.gather(
@@ -107,9 +114,9 @@ async def test_turns_over_many_contexts_are_gapless_and_on_the_log(
 
 
 async def test_a_killed_shard_is_restarted_and_rebuilds_its_contexts_from_the_log(
-    shards: list[Any], ray_runtime: Any
+    shards: list[Any], ray_runtime: Any, transport: str
 ) -> None:
-    gateway = Gateway(shards, [])
+    gateway = Gateway(shards, [], transport)
     context = f"ctx-{uuid.uuid4().hex[:6]}"
     first = await gateway.turn(ask(context, "one"))
     second = await gateway.turn(ask(context, "two"))
@@ -127,20 +134,27 @@ async def test_a_killed_shard_is_restarted_and_rebuilds_its_contexts_from_the_lo
     assert turn_length(first) > turn_length(second)  # the first turn also created the context
 
 
-async def test_domain_errors_cross_the_actor_boundary_as_themselves(shards: list[Any]) -> None:
-    gateway = Gateway(shards, [])
+async def test_domain_errors_cross_the_actor_boundary_as_themselves(
+    shards: list[Any], transport: str
+) -> None:
+    gateway = Gateway(shards, [], transport)
     context = f"ctx-{uuid.uuid4().hex[:6]}"
     await gateway.turn(ask(context, "mine", tenant="t1"))
-    # Another tenant on the same shard count may live on another shard: ask the owner directly.
-    owner = shards[shard_index("t1", len(shards))]
+    # Another tenant owned by the same shard asks for the context.
+    other = next(
+        t for t in (f"t{i}" for i in range(2, 100)) if shard_index(t, 2) == shard_index("t1", 2)
+    )
     with pytest.raises(ContextRejected, match="another tenant"):
-        await owner.turn.remote(ask(context, "not yours", tenant="t2"))
+        await gateway.turn(ask(context, "not yours", tenant=other))
+    with pytest.raises(ContextRejected, match="another tenant"):
+        async for _ in gateway.stream(ask(context, "not yours", tenant=other)):
+            pass
 
 
 async def test_limits_are_exact_under_real_concurrency(
-    shards: list[Any], broker: EmbeddedBroker, topics: Topics
+    shards: list[Any], broker: EmbeddedBroker, topics: Topics, transport: str
 ) -> None:
-    gateway = Gateway(shards, [])
+    gateway = Gateway(shards, [], transport)
     tenant = f"tenant-{uuid.uuid4().hex[:6]}"
     # 100 requests of one user at once, over 10 contexts, against a limit of 30 per minute.
     outcomes = await asyncio.gather(
@@ -158,8 +172,8 @@ async def test_limits_are_exact_under_real_concurrency(
     assert sum(d.allowed for d in decisions) == 30
 
 
-async def test_streaming_turns_come_back_piece_by_piece(shards: list[Any]) -> None:
-    gateway = Gateway(shards, [])
+async def test_streaming_turns_come_back_piece_by_piece(shards: list[Any], transport: str) -> None:
+    gateway = Gateway(shards, [], transport)
     items = [
         item
         async for item in gateway.stream(ask(f"s-{uuid.uuid4().hex[:6]}", "stream this please"))
@@ -170,9 +184,9 @@ async def test_streaming_turns_come_back_piece_by_piece(shards: list[Any]) -> No
 
 
 async def test_a_restarted_shard_still_enforces_the_limits_it_had(
-    shards: list[Any], ray_runtime: Any
+    shards: list[Any], ray_runtime: Any, transport: str
 ) -> None:
-    gateway = Gateway(shards, [])
+    gateway = Gateway(shards, [], transport)
     tenant = f"tenant-{uuid.uuid4().hex[:6]}"
     # Step 1: the user spends the whole budget (30 per minute).
     spent = await asyncio.gather(
