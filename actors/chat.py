@@ -636,10 +636,16 @@ class ChatService:
                 attempt.text.clear()  # a failed try's partial text is no part of the answer
             try:
                 with breaker.calling():
-                    async for piece in provider.stream(conversation):
-                        attempt.streamed = attempt.live
-                        attempt.text.append(piece)
-                        yield piece
+                    if attempt.live:
+                        async for piece in provider.stream(conversation):
+                            attempt.streamed = True
+                            attempt.text.append(piece)
+                            yield piece
+                    else:  # nobody reads pieces: one whole answer costs the upstream less
+                        completion = await provider.complete(conversation)
+                        if completion.content:
+                            attempt.text.append(completion.content)
+                            yield completion.content
             except pybreaker.CircuitBreakerError as exc:
                 cause = exc.__context__
                 if isinstance(cause, ModelError):

@@ -11,7 +11,7 @@ import pytest
 from actors.chat import FALLBACK_NOTE, ChatRequest, ChatService, TurnOutcome
 from actors.context import ContextActor, RequestMeta
 from actors.limiter import LimitPolicy, RateLimiter
-from actors.ports import ChatMessage
+from actors.ports import ChatMessage, Completion
 from actors.router import Band, Deployment, ModelRouter, RetryRule, RoutingPolicy
 from actors.sanitizer import Sanitizer, SanitizerPolicy
 from infra.memory import InMemoryLog
@@ -318,8 +318,9 @@ class Recording:
         self.seen.append(list(messages))
         yield "ok"
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Any:
-        raise AssertionError("the workflow streams")
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        self.seen.append(list(messages))
+        return Completion(content="ok", model=self.name)
 
 
 async def test_context_overrides_and_documents_reach_the_model() -> None:
@@ -405,3 +406,35 @@ async def test_fan_out_first_keeps_the_first_answer_and_cancels_the_rest() -> No
     calls = {p.deployment: p.outcome for t, p in await h.story("f") if t == "ModelCalled"}
     assert calls == {"backup-a": "ok", "primary-a": "cancelled"}
     assert [t for t, _ in await h.story("f")].count("ReplyCompleted") == 1
+
+
+class Counting(Recording):
+    """Which of the provider's two calls a turn made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> Any:
+        self.calls.append("stream")
+        yield "o"
+        yield "k"
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        self.calls.append("complete")
+        return Completion(content="ok", model=self.name)
+
+
+async def test_a_whole_turn_asks_for_a_whole_answer_and_a_streamed_one_streams() -> None:
+    h = Harness([healthy()])
+    provider = Counting()
+    h.service.providers = {"primary-a": provider}  # type: ignore[dict-item]
+    whole = await h.ask("hi")
+    assert whole.reply == "ok" and provider.calls == ["complete"]
+    meta = RequestMeta(
+        context_id="ctx-1", tenant_id="t1", user_id="u1", trace_id="1" * 32, correlation_id="c"
+    )
+    request = ChatRequest(meta=meta, messages=(ChatMessage(role="user", content="again"),))
+    items = [i async for i in h.service.stream(h.context("ctx-1"), request)]
+    assert provider.calls == ["complete", "stream"]
+    assert [i for i in items if isinstance(i, str)] == ["o", "k"]
