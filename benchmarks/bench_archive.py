@@ -119,7 +119,7 @@ async def _lag_at(
         astore,
         batch,
         "bench-lag",
-        observe_lag=lambda p, s: lags.append(s) if p == "archive" else None,
+        observe_lag=lambda processors, batch: lags.extend(batch),
     )
     template = _traffic(int(rate * seconds), start=10_000_000)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)

@@ -45,7 +45,10 @@ class Metrics:
             registry=registry,
         )
 
-        self.recent_lag: deque[tuple[float, str, float]] = deque(maxlen=20_000)
+        self._lag_of: dict[str, Any] = {}
+        self.recent_lag: deque[tuple[float, tuple[str, ...], list[float]]] = deque(maxlen=5_000)
+        """Per written batch: when, its processors, the lags of its events (one entry per
+        batch, not per event and processor: 60 s of batches fit at any rate)."""
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
@@ -67,17 +70,24 @@ class Metrics:
 
         self.registry.register(Resident())
 
-    def observe_lag(self, processor: str, seconds: float) -> None:
-        self.projection_lag.labels(processor=processor).observe(seconds)
-        self.recent_lag.append((time.time(), processor, seconds))
+    def observe_lags(self, processors: tuple[str, ...], lags: list[float]) -> None:
+        """The lags of one written batch, the same for each of its processors."""
+        for processor in processors:
+            child = self._lag_of.get(processor)
+            if child is None:
+                child = self._lag_of[processor] = self.projection_lag.labels(processor=processor)
+            for seconds in lags:
+                child.observe(seconds)
+        self.recent_lag.append((time.time(), processors, lags))
 
     def lag_summary(self, window_s: float = 60.0) -> dict[str, dict[str, float]]:
         """Per processor, p50/p99/max of the lags observed in the last `window_s` (live view)."""
         since = time.time() - window_s
         by: dict[str, list[float]] = {}
-        for at, processor, seconds in list(self.recent_lag):
+        for at, processors, lags in list(self.recent_lag):
             if at >= since:
-                by.setdefault(processor, []).append(seconds)
+                for processor in processors:
+                    by.setdefault(processor, []).extend(lags)
         out = {}
         for processor, values in sorted(by.items()):
             values.sort()

@@ -286,7 +286,7 @@ def build_worker(
     worker = ProjectionWorker(
         worker_settings(settings, bootstrap_servers),
         astore,
-        observe_lag=metrics.observe_lag if metrics is not None else None,
+        observe_lag=metrics.observe_lags if metrics is not None else None,
         appender=appender,
         new_event_id=SystemClock().new_event_id,
         detectors=Detectors(detector_config(settings)) if settings.anomalies.enabled else None,

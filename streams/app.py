@@ -120,7 +120,8 @@ class WorkerSettings:
         return LoopSettings(topic=topic, group=group, **tuning)
 
 
-LagObserver = Callable[[str, float], None]
+LagObserver = Callable[[tuple[str, ...], list[float]], None]
+"""Takes a written batch's processors and the lags of its events."""
 """(projection, seconds from the event to its row being written)."""
 Pruner = Callable[[datetime], Awaitable[dict[str, int]]]
 """cutoff -> {tenant: memory entries older than it}."""
@@ -451,10 +452,10 @@ class ProjectionWorker:
                 await self.sink.write(rows)
         if self.observe_lag is not None:
             now = datetime.now(UTC)
-            for row in rows.archive:
-                lag = (now - row.occurred_at).total_seconds()
-                for name in PROJECTIONS:
-                    self.observe_lag(name, lag)
+            self.observe_lag(
+                tuple(PROJECTIONS),
+                [(now - row.occurred_at).total_seconds() for row in rows.archive],
+            )
         self.written += len(rows)
 
 
