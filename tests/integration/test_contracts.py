@@ -103,6 +103,24 @@ async def test_log_append_is_durable_before_it_returns(log_adapter: LogAdapter) 
     assert await log_adapter.reader.read_stream("ctx-d") == [event]
 
 
+async def test_an_append_larger_than_a_producer_batch_arrives_whole_and_in_order(
+    log_adapter: LogAdapter,
+) -> None:
+    # 60 events of 1 KB (several producer batches of 16 KB) with one of 300 KB (larger than
+    # any batch by itself) in the middle, interleaved with a second stream.
+    from events import MessageReceived
+
+    def sized(stream: str, version: int, size: int, n: int) -> Envelope[Any]:
+        payload = MessageReceived(message_id=f"m{version}", content="x" * size)
+        return make_event(stream, version, payload, n=n)
+
+    big = [sized("ctx-big", v, 300_000 if v == 30 else 1_000, 500 + v) for v in range(1, 61)]
+    other = [sized("ctx-other", v, 1_000, 600 + v) for v in range(1, 4)]
+    await log_adapter.sink.append([*big[:20], other[0], *big[20:], *other[1:]])
+    assert await log_adapter.reader.read_stream("ctx-big") == big
+    assert await log_adapter.reader.read_stream("ctx-other") == other
+
+
 # ---- ProjectionSink --------------------------------------------------------------
 
 
