@@ -70,8 +70,9 @@ def _cpu_seconds(root: int) -> float:
     return total
 
 
-def _rss_mib(root: int) -> float:
-    total, todo, seen = 0.0, [root], set()
+def _rss_by_process(root: int) -> dict[str, float]:
+    """Resident MiB of `root` and every process below it, by "name (pid)"."""
+    todo, seen, out = [root], set(), {}
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -87,11 +88,24 @@ def _rss_mib(root: int) -> float:
         seen.add(pid)
         try:
             pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-            total += pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+            name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
         except (OSError, ValueError, IndexError):
-            pass
+            continue
+        short = name.split(" ")[0].rsplit("/", 1)[-1] if not name.startswith("ray::") else name
+        if "infra.cli" in name:
+            short = "chatllm up (API)"
+        out[f"{short[:40]} ({pid})"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
         todo += children.get(pid, [])
-    return total
+    return out
+
+
+def _rss_mib(root: int) -> float:
+    return sum(_rss_by_process(root).values())
+
+
+def _growth(before: dict[str, float], after: dict[str, float], top: int = 3) -> str:
+    grown = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)[:top]
+    return ", ".join(f"{k.split(' (')[0]} {d:+.0f}" for d, k in grown)
 
 
 async def _sequential(base: str, n: int, stream: bool) -> tuple[list[float], list[float]]:
@@ -156,8 +170,18 @@ async def _concurrent(base: str, n: int, clients: int) -> tuple[list[float], flo
     return samples, per_client * clients / (time.perf_counter() - started)
 
 
-def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) -> list[Result]:
+def run(
+    sequential: int = 400,
+    concurrent_turns: int = 3200,
+    clients: int = 64,
+    soak_turns: int | None = None,
+) -> list[Result]:
+    """`soak_turns` (BENCH_SOAK_TURNS, default 100,000): turns run after the measurements,
+    before latency and memory are measured again (0 skips the soak)."""
     import sys
+
+    if soak_turns is None:
+        soak_turns = int(os.environ.get("BENCH_SOAK_TURNS", "100000"))
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -197,7 +221,17 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
                 _, direct_throughput = asyncio.run(
                     _concurrent(upstream_base, concurrent_turns, clients)
                 )
-                loaded_rss = _rss_mib(stack.pid)
+                loaded = _rss_by_process(stack.pid)
+                loaded_rss = sum(loaded.values())
+                soaked_rss, soaked, total, soaked_by = loaded_rss, through, 0, loaded
+                if soak_turns:
+                    done = sequential + 200 + 250 + 640 + concurrent_turns * 2
+                    soak = max(soak_turns - done, 0)
+                    asyncio.run(_concurrent(base, soak, clients))
+                    total = done + soak
+                    soaked, _ = asyncio.run(_sequential(base, sequential, False))
+                    soaked_by = _rss_by_process(stack.pid)
+                    soaked_rss = sum(soaked_by.values())
             finally:
                 _stop(stack)
         finally:
@@ -267,5 +301,29 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             idle_rss,
             higher_is_better=False,
             note="every process below chatllm up (Ray's included)",
+        ),
+        *(
+            [
+                Result(
+                    f"resident memory after {total:,} turns",
+                    "MiB",
+                    soaked_rss,
+                    f"after the first {concurrent_turns * 2 + 1490:,} turns",
+                    loaded_rss,
+                    higher_is_better=False,
+                    note=f"grew most (MiB): {_growth(loaded, soaked_by)}; target: flat",
+                ),
+                Result(
+                    f"added latency p50 after {total:,} turns",
+                    "ms",
+                    pct(soaked, 0.5) - pct(direct, 0.5),
+                    "added p50 right after start",
+                    added50,
+                    higher_is_better=False,
+                    note="target: within 20% of right after start",
+                ),
+            ]
+            if soak_turns
+            else []
         ),
     ]

@@ -121,8 +121,13 @@ class StreamsConfig(_Section):
     rebalance_timeout_s: PositiveFloat = 3.0
     commit_interval_s: PositiveFloat = 1.0
     """How often written offsets are committed (a crash re-reads at most this much)."""
-    fetch_wait_s: PositiveFloat = 0.1
+    fetch_wait_s: PositiveFloat = 0.5
     """How long the broker may hold a fetch for more events (bounds the lag when idle)."""
+    fetch_min_bytes: Positive = 1_048_576
+    """How much a consumer's fetch waits for (up to fetch_wait_s): fewer, fuller fetches. The
+    embedded broker's cost per fetch grows with its log: with fetches that returned at once
+    (0.1 s, 1 byte) its CPU per turn went from 0.3 to 13 ms over 100,000 turns, and the
+    added latency from 2 to 8 ms; with 0.5 s and 1 MiB both stay flat."""
     finish_timeout_s: PositiveFloat = 10.0
     """On a stop, how long a batch in hand may take to finish (else it is left uncommitted
     and read again by the next owner)."""

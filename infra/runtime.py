@@ -129,6 +129,7 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         rebalance_timeout_s=s.rebalance_timeout_s,
         commit_interval_s=s.commit_interval_s,
         fetch_wait_s=s.fetch_wait_s,
+        fetch_min_bytes=s.fetch_min_bytes,
         finish_timeout_s=s.finish_timeout_s,
         stuck_after_s=s.stuck_after_s,
         ingest_topic=settings.topics.ingest,

@@ -583,7 +583,11 @@ class RunnerSettings:
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     rebalance_timeout_s: float = 3.0
-    fetch_wait_s: float = 0.1
+    fetch_wait_s: float = 0.5
+    fetch_min_bytes: int = 1_048_576
+    """How much a fetch waits for (up to fetch_wait_s): fewer, fuller fetches. The embedded
+    broker scans its in-memory log on every fetch, so back-to-back small fetches made its CPU
+    per turn grow with the log (0.25 -> 13 ms after 100,000 turns)."""
     commit_interval_s: float = 1.0
     max_output_bytes: int = 256 * 1024
 
@@ -666,6 +670,7 @@ class WorkflowRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=int(s.fetch_wait_s * 1000),
+            fetch_min_bytes=s.fetch_min_bytes,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
             rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),

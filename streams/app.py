@@ -96,8 +96,12 @@ class WorkerSettings:
     rebalance_timeout_s: float = 3.0
     commit_interval_s: float = 1.0
     """Written offsets are committed at most this often (a crash re-reads at most that)."""
-    fetch_wait_s: float = 0.1
+    fetch_wait_s: float = 0.5
     """How long the broker may hold a fetch for more data (bounds the lag when idle)."""
+    fetch_min_bytes: int = 1_048_576
+    """How much a fetch waits for (up to fetch_wait_s): fewer, fuller fetches. The embedded
+    broker scans its in-memory log on every fetch, so back-to-back small fetches made its CPU
+    per turn grow with the log (0.25 -> 13 ms after 100,000 turns)."""
     finish_timeout_s: float = 10.0
     """On a stop, how long a batch in hand may take to finish before it is abandoned."""
     stuck_after_s: float = 30.0

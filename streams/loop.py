@@ -33,8 +33,12 @@ class LoopSettings:
     rebalance_timeout_s: float = 3.0
     commit_interval_s: float = 1.0
     """Handled offsets are committed at most this often (a crash re-reads at most that)."""
-    fetch_wait_s: float = 0.1
+    fetch_wait_s: float = 0.5
     """How long the broker may hold a fetch for more data (bounds the lag when idle)."""
+    fetch_min_bytes: int = 1_048_576
+    """How much a fetch waits for (up to fetch_wait_s): fewer, fuller fetches. The embedded
+    broker scans its in-memory log on every fetch, so back-to-back small fetches made its CPU
+    per turn grow with the log (0.25 -> 13 ms after 100,000 turns)."""
     start_at_end: bool = False
     """A new group starts at the end of the topic instead of its beginning."""
     finish_timeout_s: float = 10.0
@@ -214,6 +218,7 @@ class BatchLoop:
             auto_offset_reset="latest" if s.start_at_end else "earliest",
             max_poll_records=s.batch_size,
             fetch_max_wait_ms=int(s.fetch_wait_s * 1000),
+            fetch_min_bytes=s.fetch_min_bytes,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
             rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
