@@ -51,9 +51,11 @@ check: $(STAMP)  ## lint, format, types, the layer rule, and the checked-in even
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m events.schema --check docs/events.schema.json
+	$(BIN)/python -m events.schema --observations --check docs/observations.schema.json
 
 schema: $(STAMP)  ## regenerate docs/events.schema.json from the event types
 	$(BIN)/python -m events.schema > docs/events.schema.json
+	$(BIN)/python -m events.schema --observations > docs/observations.schema.json
 
 clean:
 	rm -rf $(VENV) .chatllm .pytest_cache .mypy_cache .ruff_cache test-artifacts

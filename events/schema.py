@@ -39,18 +39,30 @@ def render() -> str:
     return msgspec.json.format(msgspec.json.encode(event_json_schema()), indent=2).decode() + "\n"
 
 
+def render_observations() -> str:
+    """The observations topic's record schema (events/observations.py), as render() does."""
+    from events.observations import observation_json_schema
+
+    schema = observation_json_schema()
+    return msgspec.json.format(msgspec.json.encode(schema), indent=2).decode() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the schema, or with --check FILE fail if FILE is not up to date."""
+    """Print the schema (with --observations: the observation records'), or with --check FILE
+    fail if FILE is not up to date."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    text = render
+    if args[:1] == ["--observations"]:
+        args, text = args[1:], render_observations
     if args[:1] == ["--check"]:
         with open(args[1], encoding="utf-8") as fh:
-            if fh.read() != render():
+            if fh.read() != text():
                 print(f"{args[1]} is out of date: run `make schema`", file=sys.stderr)
                 return 1
         return 0
-    sys.stdout.write(render())
+    sys.stdout.write(text())
     return 0
 
 

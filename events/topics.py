@@ -6,6 +6,10 @@ EVENTS = "chatllm.events"
 INGEST = "chatllm.ingest"
 """Where upstream systems produce; validated, then appended to EVENTS."""
 
+OBSERVATIONS = "chatllm.observations"
+"""Compact facts for the stateful detectors (events/observations.py), written by the archive
+writer in batches; derived data, read by the Faust processors."""
+
 DEADLETTER = "chatllm.deadletter"
 """What failed validation: the original bytes, with the reason in the headers. Never dropped."""
 

@@ -289,12 +289,18 @@ def api_process(
 
 
 @app.command()
-def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
+def worker(
+    config: Path | None = ConfigOpt,
+    profile: str | None = ProfileOpt,
+    processors: bool = typer.Option(
+        False,
+        "--processors",
+        help="Run the stateful anomaly detectors (Faust; no ClickHouse) instead of the"
+        " projection worker. Several may run: they share the partitions as one group.",
+    ),
+) -> None:
     """Run one projection worker (and workflow runner) against the configured broker and
-    ClickHouse."""
-    from infra.runtime import build_worker, open_store, workflow_catalog, workflow_runner
-    from infra.store import AsyncStore
-
+    ClickHouse, or with --processors one worker of the stateful detectors."""
     settings = _load(config, profile).settings
     _setup_logging(settings)
     if not settings.broker.bootstrap_servers:
@@ -302,6 +308,18 @@ def worker(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) ->
             "[red]worker needs broker.bootstrap_servers (the embedded broker lives in `up`)[/red]"
         )
         raise typer.Exit(2)
+    if processors:
+        from infra.processors import run_worker
+
+        if not settings.anomalies.enabled:
+            err.print("[red]anomalies.enabled is false: there is nothing to detect[/red]")
+            raise typer.Exit(2)
+        level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
+        run_worker(settings, settings.broker.bootstrap_servers, level[settings.log.level])
+        return
+    from infra.runtime import build_worker, open_store, workflow_catalog, workflow_runner
+    from infra.store import AsyncStore
+
     store = open_store(settings)
     astore = AsyncStore(store)
     bootstrap = settings.broker.bootstrap_servers

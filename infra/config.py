@@ -65,6 +65,8 @@ class TopicsConfig(_Section):
     events: str = topics.EVENTS
     ingest: str = topics.INGEST
     deadletter: str = topics.DEADLETTER
+    observations: str = topics.OBSERVATIONS
+    """What the archive writer derives for the stateful detectors (infra/processors.py)."""
     partitions: Positive = 4
 
 
@@ -354,6 +356,21 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _DEFAULTS = _flatten(msgspec.to_builtins(Settings()))
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`settings` as CHATLLM_* environment variables (only what differs from the defaults):
+    how a child process (the processors' worker) gets exactly its parent's configuration."""
+    out = {}
+    for key, value in _flatten(msgspec.to_builtins(settings)).items():
+        if key not in _DEFAULTS or value == _DEFAULTS[key] or value is None:
+            continue
+        name = ENV_PREFIX + key.upper().replace(".", "__")
+        if isinstance(value, str):
+            out[name] = value
+        else:
+            out[name] = msgspec.json.encode(value).decode()
+    return out
 
 
 def _merge(

@@ -121,6 +121,31 @@ class KafkaEventSink:
             ) from exc
 
 
+class KafkaObservationSink:
+    """Publishes keyed observation records (events/observations.py) with the event sink's
+    producer settings; returns once every record is acknowledged."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, config: BrokerConfig) -> None:
+        self._sink = KafkaEventSink(bootstrap_servers, topic, config)
+        self._topic = topic
+
+    async def publish(self, records: Sequence[tuple[str, bytes]]) -> None:
+        sink = self._sink
+        if not sink._started:
+            await sink.start()
+        try:
+            pending = [
+                await sink._producer.send(self._topic, key=key.encode(), value=value)
+                for key, value in records
+            ]
+            await asyncio.wait_for(asyncio.gather(*pending), sink._timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise LogUnavailable(f"{len(records)} observation records not acknowledged") from exc
+
+    async def stop(self) -> None:
+        await self._sink.stop()
+
+
 def partition_for(key: str, partitions: Sequence[int]) -> int:
     """The partition the default producer partitioner puts `key` on."""
     ordered = sorted(partitions)

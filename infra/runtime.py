@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,11 +35,12 @@ from infra.config import (
 from infra.embeddings import MiniLMEmbedder
 from infra.gateway import Gateway
 from infra.ingest import Ingest
-from infra.kafka import KafkaEventSink, ensure_topics
+from infra.kafka import KafkaEventSink, KafkaObservationSink, ensure_topics
 from infra.knowledge import KnowledgeBase
 from infra.lease import LEASE_REGISTRY, LeaseRegistry
 from infra.metrics import Metrics
 from infra.plugins import PluginHost
+from infra.processors import STATUS_STALE_S, read_status
 from infra.restore import check_external_log, restore_embedded_log
 from infra.shard import ChatShard
 from infra.store import AsyncStore, ClickHouseStore
@@ -54,7 +56,7 @@ from infra.workflows import (
     builtin_actions,
 )
 from streams.app import ARCHIVER_ID, ProjectionWorker, WorkerSettings
-from streams.detectors import DetectorConfig, Detectors
+from streams.detectors import DetectorConfig
 from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
@@ -284,17 +286,66 @@ def build_worker(
     """The projection worker wired to its sink, the log (for its findings) and the clock;
     the returned sink must be stopped with the worker."""
     appender = KafkaEventSink(bootstrap_servers, settings.topics.events, settings.broker)
+    observations = (
+        KafkaObservationSink(bootstrap_servers, settings.topics.observations, settings.broker)
+        if settings.anomalies.enabled
+        else None
+    )
     worker = ProjectionWorker(
         worker_settings(settings, bootstrap_servers),
         astore,
         observe_lag=metrics.observe_lags if metrics is not None else None,
         appender=appender,
         new_event_id=SystemClock().new_event_id,
-        detectors=Detectors(detector_config(settings)) if settings.anomalies.enabled else None,
+        observations=observations,
         memory_probe=probe,
         pruner=astore.prune_counts,
     )
     return worker, appender
+
+
+def start_processors(settings: Settings, bootstrap_servers: str) -> Any:
+    """The processors' worker as a child process with exactly these settings, in its own
+    session (a terminal's Ctrl-C reaches the stack, which stops it in order); None when
+    the detectors are off."""
+    import subprocess
+    import sys
+
+    from infra.config import ENV_PREFIX, settings_env
+
+    if not settings.anomalies.enabled:
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env |= settings_env(settings)
+    env |= {
+        f"{ENV_PREFIX}CONFIG": os.devnull,
+        f"{ENV_PREFIX}BROKER__BOOTSTRAP_SERVERS": bootstrap_servers,
+    }
+    log_dir = Path(settings.streams.datadir).parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "processors.log", "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker", "--processors"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_processors(process: Any, timeout_s: float = 20.0) -> None:
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.warning("the processors' worker did not stop in %.0f s: killed", timeout_s)
+        process.kill()
+        process.wait()
 
 
 def start_broker(
@@ -313,7 +364,11 @@ def start_broker(
 
 def prepare_topics(settings: Settings, bootstrap_servers: str) -> None:
     t = settings.topics
-    asyncio.run(ensure_topics(bootstrap_servers, [t.events, t.ingest, t.deadletter], t.partitions))
+    asyncio.run(
+        ensure_topics(
+            bootstrap_servers, [t.events, t.ingest, t.deadletter, t.observations], t.partitions
+        )
+    )
 
 
 async def recover_log(
@@ -392,6 +447,8 @@ class Stack:
     hosts: list[Any]
     metrics: Metrics
     broker: EmbeddedBroker | None = None
+    detector_worker: Any = None
+    """The processors' worker (a child process running infra/processors.py), if started."""
     owns_ray: bool = False
     loaded: LoadedConfig | None = None
     """The configuration in effect (its file and profile), for `chatllm config use`."""
@@ -419,6 +476,7 @@ class Stack:
                 "reason": why,
             }
             counts = {"archived": 0, "dead_lettered": 0}
+        consumers |= self.processors_health()
         stuck = sorted(n for n, c in consumers.items() if c["status"] == "stuck")
         return {
             "status": "degraded" if stuck else "ok",
@@ -428,9 +486,89 @@ class Stack:
             "consumers": consumers,
         }
 
-    async def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = await self.host.counts.remote()
+    async def counts(self) -> dict[str, Any]:
+        counts: dict[str, Any] = await self.host.counts.remote()
+        statuses = [s for s in read_status(self.settings) if not s["stale"]]
+        counts["findings"] = sum(s["findings"] for s in statuses)
+        counts["processors"] = [
+            {
+                "pid": s["pid"],
+                "partitions": len(s["assigned"]),
+                "lag_records": sum(s["lag_records"].values()),
+                "lag_p99_s": s["lag_s"]["p99"],
+                "recovering": s["recovering"],
+                "findings": s["findings"],
+                "dead_letters": s["dead_letters"],
+            }
+            for s in statuses
+        ]
         return counts
+
+    def processors_health(self) -> dict[str, dict[str, Any]]:
+        """The processors' workers as consumers for /healthz: each one's lag; stuck when
+        its status went stale, or when the child `chatllm up` started has exited."""
+        out: dict[str, dict[str, Any]] = {}
+        for status in read_status(self.settings):
+            out[f"processors-{status['pid']}"] = {
+                "status": "stuck" if status["stale"] else "ok",
+                "lag": sum(status["lag_records"].values()),
+                "busy_s": 0.0,
+                "last_error": "",
+                "reason": (
+                    f"no status for {STATUS_STALE_S:.0f} s" if status["stale"] else
+                    "recovering its tables" if status["recovering"] else ""
+                ),
+            }  # fmt: skip
+        child = self.detector_worker
+        if child is not None and child.poll() is not None:
+            out["processors"] = {
+                "status": "stuck",
+                "lag": None,
+                "busy_s": 0.0,
+                "last_error": f"exit code {child.returncode}",
+                "reason": "the processors' worker exited (see .chatllm/processors.log)",
+            }
+        return out
+
+    async def processors_metrics(self) -> bytes:
+        """The processors' workers in Prometheus text: lag in records per partition, lag in
+        seconds (event time to judgement, last minute), table recovery, counts."""
+        lines = [
+            "# HELP chatllm_processors_lag_records Observations not yet read, per partition.",
+            "# TYPE chatllm_processors_lag_records gauge",
+        ]
+        statuses = [s for s in read_status(self.settings) if not s["stale"]]
+        for s in statuses:
+            for tp, lag in sorted(s["lag_records"].items()):
+                lines.append(
+                    f'chatllm_processors_lag_records{{worker="{s["pid"]}",partition="{tp}"}} {lag}'
+                )
+        lines += [
+            "# HELP chatllm_processors_lag_seconds From an observation's event time to its"
+            " judgement, over the last minute.",
+            "# TYPE chatllm_processors_lag_seconds gauge",
+        ]
+        for s in statuses:
+            for q in ("p50", "p99"):
+                value = s["lag_s"][q]
+                if value is not None:
+                    lines.append(
+                        f'chatllm_processors_lag_seconds{{worker="{s["pid"]}",quantile="{q}"}}'
+                        f" {value}"
+                    )
+        for name, key, help_ in (
+            ("recovering", "recovering", "1 while the worker recovers its tables."),
+            ("recovery_remaining", "recovery_remaining", "Changelog records left to recover."),
+            ("findings", "findings", "AnomalyDetected events appended."),
+            ("dead_letters", "dead_letters", "Observation records dead-lettered."),
+        ):
+            lines += [
+                f"# HELP chatllm_processors_{name} {help_}",
+                f"# TYPE chatllm_processors_{name} gauge",
+            ]
+            for s in statuses:
+                lines.append(f'chatllm_processors_{name}{{worker="{s["pid"]}"}} {int(s[key])}')
+        return ("\n".join(lines) + "\n").encode()
 
     async def settled(self, since: float) -> bool:
         done: bool = await self.host.settled.remote(since, 3.0)
@@ -442,7 +580,7 @@ class Stack:
 
     async def host_metrics(self) -> bytes:
         text: bytes = await self.host.metrics_text.remote()
-        return text
+        return text + await self.processors_metrics()
 
     @classmethod
     def attach(
@@ -516,8 +654,16 @@ class Stack:
             if broker is not None:
                 broker.stop()
             raise
+        processors = start_processors(settings, bootstrap)
         return cls._around(
-            settings, bootstrap, host, hosts, broker=broker, owns_ray=owns_ray, loaded=loaded
+            settings,
+            bootstrap,
+            host,
+            hosts,
+            broker=broker,
+            owns_ray=owns_ray,
+            loaded=loaded,
+            detector_worker=processors,
         )
 
     @contextlib.asynccontextmanager
@@ -684,6 +830,8 @@ class Stack:
         import ray
 
         self.gateway.close()
+        if self.detector_worker is not None:
+            stop_processors(self.detector_worker)
         if not self.primary:  # the stack is the primary's to stop
             ray.shutdown()
             return

@@ -125,7 +125,8 @@ class StoreHost:
         return {
             "archived": w.written,
             "dead_lettered": w.dead_lettered,
-            "findings": w.findings,
+            "observed": w.observed,
+            "observations_lost": w.observations_lost,
             "ingested": w.ingested,
         }
 

@@ -11,9 +11,11 @@ re-reads at most the batches it had not committed.
 
 One loop reads the event log once and feeds every projection: the archive
 (every event, exact bytes), the facts behind conversation memory and analytics,
-anomalies and memory prunes. The detectors watch the same events; their findings
-are appended to the log as AnomalyDetected events, which come back through the
-projector as rows of the `anomalies` table, like every other event.
+anomalies and memory prunes. For the stateful detectors it derives one compact
+observation per finished turn and limiter decision and publishes them in batches to
+their own topic; the Faust processors (infra/processors.py) judge them with their state
+in changelog-backed tables and append their findings to the log as AnomalyDetected
+events, which come back through the projector as rows of the `anomalies` table.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from events import AnomalyDetected, DecodeError, Envelope, MemoryPruned, decode, topics
+from events import DecodeError, Envelope, MemoryPruned, decode, topics
+from events.observations import Observation, encode_batch, keyed
 from events.standalone import standalone
 from streams.archive import archive_row
-from streams.detectors import Detectors, Finding
+from streams.detectors import memory_observation, observations_of
 from streams.ingest import (
     DEFAULT_MAX_BYTES,
     DEFAULT_PREFIXES,
@@ -56,7 +59,7 @@ from streams.loop import (
     every,
     running_tasks,
 )
-from streams.ports import EventAppender, ProjectionBatch, ProjectionSink
+from streams.ports import EventAppender, ObservationSink, ProjectionBatch, ProjectionSink
 from streams.projections import PruneRow, project, table_of
 
 log = logging.getLogger(__name__)
@@ -134,9 +137,10 @@ Pruner = Callable[[datetime], Awaitable[dict[str, int]]]
 class ProjectionWorker:
     """The projection processor around its sink (run it with `async with w.running()`).
 
-    `appender`, `new_event_id` and `detectors` together turn on anomaly detection (the
-    findings are appended to the log); `memory_probe` returns {process: RSS in MiB};
-    `pruner` counts what a memory prune removes.
+    `observations` publishes what the stateful detectors judge (turns, limit decisions and,
+    with `memory_probe` returning {process: RSS in MiB}, memory samples); `appender` and
+    `new_event_id` append the worker's own events (ingest, memory prunes); `pruner` counts
+    what a memory prune removes.
     """
 
     def __init__(
@@ -147,7 +151,7 @@ class ProjectionWorker:
         *,
         appender: EventAppender | None = None,
         new_event_id: Callable[[], str] | None = None,
-        detectors: Detectors | None = None,
+        observations: ObservationSink | None = None,
         memory_probe: Callable[[], dict[str, float]] | None = None,
         pruner: Pruner | None = None,
     ) -> None:
@@ -156,11 +160,12 @@ class ProjectionWorker:
         self.observe_lag = observe_lag
         self.appender = appender
         self.new_event_id = new_event_id
-        self.detectors = detectors if appender is not None and new_event_id else None
+        self.observations = observations
         self.memory_probe = memory_probe
         self.pruner = pruner
         self.written = 0
-        self.findings = 0
+        self.observed = 0
+        self.observations_lost = 0
         self.dead_letters = DeadLetters(
             settings.bootstrap_servers, settings.deadletter_topic, PROJECTIONS_AGENT
         )
@@ -182,7 +187,7 @@ class ProjectionWorker:
         jobs = [self._loop.run()]
         if s.ingest_topic and self.appender is not None:
             jobs.append(self._ingest.run())
-        if s.memory_sample_s > 0 and self.memory_probe is not None:
+        if s.memory_sample_s > 0 and self.memory_probe is not None and self.observations:
             jobs.append(every(s.memory_sample_s, self._sample_memory))
         if s.prune_interval_s > 0 and self.pruner is not None:
             jobs.append(every(s.prune_interval_s, self._scheduled_prune))
@@ -193,6 +198,8 @@ class ProjectionWorker:
         finally:
             await self.dead_letters.stop()
             await self.ingest_dead_letters.stop()
+            if self.observations is not None:
+                await self.observations.stop()
 
     @property
     def failed(self) -> BaseException | None:
@@ -219,48 +226,37 @@ class ProjectionWorker:
         """The (topic, partition)s this worker holds now."""
         return self._loop.assignment()
 
-    # ---- anomalies ---------------------------------------------------------------------
+    # ---- observations for the stateful detectors ------------------------------------------
 
-    async def _detect(self, events: Sequence[Envelope[Any]]) -> None:
-        if self.detectors is None:
+    async def _observe(self, events: Sequence[Envelope[Any]]) -> None:
+        if self.observations is None:
             return
-        findings = [f for e in events for f in self.detectors.observe(e)]
-        await self._report(findings)
+        await self._publish([o for e in events for o in observations_of(e)])
 
     async def _sample_memory(self) -> None:
-        if self.detectors is None or self.memory_probe is None:
+        if self.observations is None or self.memory_probe is None:
             return
         now = datetime.now(UTC)
         tenant = self.settings.system_tenant
         samples = await asyncio.to_thread(self.memory_probe)
-        findings = [
-            f
-            for process, rss in sorted(samples.items())
-            for f in self.detectors.observe_memory(tenant, process, rss, now)
-        ]
-        await self._report(findings)
+        await self._publish(
+            [memory_observation(tenant, p, rss, now) for p, rss in sorted(samples.items())]
+        )
 
-    async def _report(self, findings: Sequence[Finding]) -> None:
-        if not findings or self.appender is None or self.new_event_id is None:
+    async def _publish(self, observations: list[Observation]) -> None:
+        """One record per detector key, every key of the batch in one send."""
+        if not observations or self.observations is None:
             return
-        events = [self._envelope(f) for f in findings]
+        records = [(key, encode_batch(batch)) for key, batch in keyed(observations).items()]
         try:
-            await self.appender.append(events)
+            await self.observations.publish(records)
         except Exception:
-            # A finding is derived data: losing one to a broker outage must not stop the
-            # projections (it is logged; the next window is judged again).
-            log.exception("could not append %d anomaly findings", len(events))
+            # Observations are derived data: a broker outage must not stop the projections.
+            # The loss is counted (and shown at /v1/live) and logged, never silent.
+            self.observations_lost += len(observations)
+            log.exception("could not publish %d observations", len(observations))
             return
-        self.findings += len(events)
-        for f in findings:
-            log.warning(
-                "anomaly %s on %s: %s = %s (threshold %s)",
-                f.detector,
-                f.subject or f.tenant_id,
-                f.metric,
-                f.observed,
-                f.threshold,
-            )
+        self.observed += len(observations)
 
     def _system_envelope(
         self, payload: Any, tenant_id: str, at: datetime, stream: str
@@ -274,19 +270,6 @@ class ProjectionWorker:
             occurred_at=at,
             stream=stream,
         )
-
-    def _envelope(self, f: Finding) -> Envelope[Any]:
-        payload = AnomalyDetected(
-            detector=f.detector,
-            metric=f.metric,
-            observed=f.observed,
-            threshold=f.threshold,
-            baseline=f.baseline,
-            window_s=f.window_s,
-            subject=f.subject,
-            detail=f.detail,
-        )
-        return self._system_envelope(payload, f.tenant_id, f.at, "anomaly")
 
     # ---- memory pruning ------------------------------------------------------------------
 
@@ -402,7 +385,7 @@ class ProjectionWorker:
         out, decoded = await self._project(records)
         if out.archive:
             await self._write(out)
-            await self._detect(decoded)
+            await self._observe(decoded)
 
     async def _project(self, records: Sequence[Any]) -> tuple[ProjectionBatch, list[Envelope[Any]]]:
         out = ProjectionBatch()

@@ -49,3 +49,12 @@ class DeadLetterSink(Protocol):
     ) -> None:
         """Durably store the original record with its reason or raise."""
         ...
+
+
+class ObservationSink(Protocol):
+    """Publishes keyed records of observations (events/observations.py) for the stateful
+    detectors; returns once the broker acknowledged them all."""
+
+    async def publish(self, records: Sequence[tuple[str, bytes]]) -> None: ...
+
+    async def stop(self) -> None: ...

@@ -55,12 +55,13 @@ class Topics:
     events: str
     ingest: str
     deadletter: str
+    observations: str
 
 
 @pytest.fixture
 def topics(broker: EmbeddedBroker) -> Topics:
     suffix = uuid.uuid4().hex[:8]
-    names = Topics(f"events-{suffix}", f"ingest-{suffix}", f"dlq-{suffix}")
+    names = Topics(f"events-{suffix}", f"ingest-{suffix}", f"dlq-{suffix}", f"obs-{suffix}")
     asyncio.run(ensure_topics(broker.bootstrap_servers, vars(names).values(), partitions=4))
     return names
 
@@ -96,6 +97,7 @@ def make_settings(
             "topics.events": topics.events,
             "topics.ingest": topics.ingest,
             "topics.deadletter": topics.deadletter,
+            "topics.observations": topics.observations,
         }
     if datadir is not None:
         values["streams.datadir"] = str(datadir)

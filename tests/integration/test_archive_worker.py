@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from events import decode, encode
+from events import encode
 from events import topics as topic_names
 from infra.broker import EmbeddedBroker
 from infra.store import AsyncStore, ClickHouseStore
@@ -236,15 +236,17 @@ async def test_two_workers_share_the_partitions_and_count_each_event_once(
     assert_projections_match(store, events)
 
 
-async def test_memory_growth_is_sampled_and_reported_as_an_event(
+async def test_memory_samples_and_turns_are_published_as_keyed_observations(
     broker: EmbeddedBroker, topics: Topics, store: ClickHouseStore
 ) -> None:
-    from infra.clock import SystemClock
-    from infra.memory import InMemoryLog
-    from streams.detectors import DetectorConfig, Detectors
+    """What the stateful detectors judge (infra/processors.py) leaves the archive writer as
+    keyed observation records: each process's memory samples, and each finished turn under
+    its model's key and its tenant's."""
+    from events.observations import decode_batch
+    from infra.config import BrokerConfig
+    from infra.kafka import KafkaObservationSink
 
-    samples = iter([200.0] * 5 + [900.0] * 100)
-    log = InMemoryLog()
+    samples = iter([200.0, 210.0, 900.0] + [900.0] * 100)
     astore = AsyncStore(store)
     worker = ProjectionWorker(
         WorkerSettings(
@@ -256,18 +258,38 @@ async def test_memory_growth_is_sampled_and_reported_as_an_event(
             system_tenant="ops",
         ),
         astore,
-        appender=log,
-        new_event_id=SystemClock().new_event_id,
-        detectors=Detectors(DetectorConfig(memory_growth_mb=100, cooldown_s=3600)),
+        observations=KafkaObservationSink(
+            broker.bootstrap_servers, topics.observations, BrokerConfig()
+        ),
         memory_probe=lambda: {"api": next(samples)},
     )
+    turn = make_turn(7, latency_ms=123.0)
     try:
         async with worker.running():
-            await wait_until(lambda: worker.findings >= 1, 30, "a memory finding")
+            await produce(broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in turn])
+            await wait_until(lambda: worker.written >= len(turn), 30, "the turn archived")
+            await wait_until(lambda: worker.observed >= 6, 30, "observations published")
     finally:
         astore.close()
-    (finding,) = [
-        e for e in map(decode, (v for _, v in log.records)) if e.type == "AnomalyDetected"
-    ]
-    assert finding.tenant_id == "ops" and finding.payload.detector == "memory_growth"
-    assert finding.payload.subject == "api" and finding.payload.observed == 900.0
+    consumer = AIOKafkaConsumer(
+        topics.observations,
+        bootstrap_servers=broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    by_key: dict[str, list[Any]] = {}
+    try:
+        while fetched := await consumer.getmany(timeout_ms=2000):
+            for records in fetched.values():
+                for r in records:
+                    by_key.setdefault(r.key.decode(), []).extend(decode_batch(r.value))
+    finally:
+        await consumer.stop()
+    memory = by_key["process:api"]
+    assert [o.rss_mb for o in memory[:3]] == [200.0, 210.0, 900.0]
+    assert {o.tenant_id for o in memory} == {"ops"}
+    model = [o for o in by_key["model:demo-1"] if o.kind == "turn"]
+    assert [(o.latency_ms, o.context_id) for o in model] == [(123.0, turn[0].stream_id)]
+    tenant = by_key[f"tenant:{turn[0].tenant_id}"]
+    assert sorted(o.kind for o in tenant) == ["limit", "turn"]

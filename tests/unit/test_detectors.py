@@ -70,3 +70,67 @@ def test_memory_growth_of_a_process() -> None:
         for f in d.observe_memory("t1", "api", rss, BASE_TIME + timedelta(seconds=i))
     ]
     assert [(f.detector, f.subject, f.observed) for f in found] == [("memory_growth", "api", 420.0)]
+
+
+def test_a_state_that_went_through_json_judges_as_if_it_never_left() -> None:
+    """The Faust tables keep each key's state as JSON (its changelog): a state written out
+    and read back mid-stream must go on exactly as the one that stayed in memory."""
+    import msgspec
+
+    from streams.detectors import LatencyState, observations_of, observe_latency
+
+    config = DetectorConfig(latency_min_ms=50, latency_warmup=20)
+    stayed, travelled = LatencyState(), LatencyState()
+    steady = [o for n in range(1, 40) for e in make_turn(n, latency_ms=20.0 + n % 5)
+              for o in observations_of(e) if o.kind == "turn"]  # fmt: skip
+    spike = next(
+        o for e in make_turn(100, latency_ms=900.0) for o in observations_of(e) if o.kind == "turn"
+    )
+    for i, o in enumerate(steady):
+        assert observe_latency(stayed, o, config) == []
+        assert observe_latency(travelled, o, config) == []
+        if i % 7 == 0:  # a restart: the state comes back from its JSON
+            raw = msgspec.json.decode(msgspec.json.encode(msgspec.to_builtins(travelled)))
+            travelled = msgspec.convert(raw, LatencyState)
+    assert travelled == stayed
+    found = observe_latency(travelled, spike, config)
+    assert [f.detector for f in found] == ["latency_baseline"] and found[0].baseline < 30
+
+
+def test_observations_are_keyed_by_each_detectors_key_in_event_time_order() -> None:
+    from datetime import timedelta
+
+    from events.observations import Observation, keyed
+
+    at = BASE_TIME
+
+    def turn(ms: int, model: str, tenant: str, failed: bool = False) -> Observation:
+        return Observation(
+            kind="turn",
+            at=at + timedelta(milliseconds=ms),
+            tenant_id=tenant,
+            subject=model,
+            failed=failed,
+        )
+
+    later, earlier = turn(5, "m1", "t1"), turn(1, "m1", "t2")
+    failed = turn(3, "", "t1", failed=True)
+    denied = Observation(kind="limit", at=at, tenant_id="t2", denied=True)
+    sample = Observation(kind="memory", at=at, tenant_id="sys", subject="api", rss_mb=10)
+    out = keyed([later, earlier, failed, denied, sample])
+    assert out == {
+        "model:m1": [earlier, later],  # a failed turn has no latency to judge
+        "tenant:t1": [failed, later],
+        "tenant:t2": [denied, earlier],
+        "process:api": [sample],
+    }
+
+
+def test_a_finding_raised_again_is_the_same_event() -> None:
+    from streams.detectors import Finding, finding_event
+
+    f = Finding("t1", BASE_TIME, "latency_baseline", "latency_ms", 900.0, 300.0, subject="m1")
+    first, again = finding_event(f), finding_event(f)
+    assert first.event_id == again.event_id and first == again
+    other = finding_event(Finding("t1", BASE_TIME, "latency_baseline", "latency_ms", 901.0, 300.0))
+    assert other.event_id != first.event_id
