@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -78,6 +79,65 @@ def _launch(
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{' '.join(argv)} did not start")
+
+
+def _pid_below(root: int, needle: str) -> int | None:
+    """The first process below `root` whose command line contains `needle`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_text():
+                return pid
+        except OSError:
+            continue
+        todo += children.get(pid, [])
+    return None
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds of `root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += _cpu_of(pid)
+        todo += children.get(pid, [])
+    return total
+
+
+def _cpu_of(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _processors_note(live: dict[str, Any]) -> str:
+    workers = live.get("processors") or []
+    if not workers:
+        return "no processors' worker reported (anomalies off?)"
+    p99 = max((w["lag_p99_s"] or 0.0) for w in workers)
+    backlog = sum(w["lag_records"] for w in workers)
+    return f"lag p99 {p99:.2f} s (target < 1 s), records behind after the run: {backlog}"
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -184,7 +244,13 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             asyncio.run(_turns(base, 200, 1))  # warm up: connections, code paths, shard caches
             turns, _ = asyncio.run(_turns(base, sequential, 1))
             asyncio.run(_turns(base, 640, clients))
+            processors = _pid_below(proc.pid, "--processors")
+            cpu_before, stack_before = _cpu_of(processors), _tree_cpu(proc.pid)
             _, throughput = asyncio.run(_turns(base, concurrent_turns, clients))
+            processors_cpu = (_cpu_of(processors) - cpu_before) / concurrent_turns * 1000
+            stack_cpu = (_tree_cpu(proc.pid) - stack_before) / concurrent_turns * 1000
+            time.sleep(2)  # the last observations judged
+            live = httpx.get(f"{base}/v1/live", timeout=10).json()
         finally:
             _stop(proc)
         with EmbeddedBroker() as broker:
@@ -238,6 +304,15 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             ray50,
             higher_is_better=False,
             note=f"produce p99 {pct(acks, 0.99):.2f} ms, Ray p99 {ray99:.2f} ms",
+        ),
+        Result(
+            "anomaly processors (Faust): CPU per turn at that rate",
+            "ms",
+            processors_cpu,
+            "every process of chatllm up, per turn",
+            stack_cpu,
+            higher_is_better=False,
+            note=_processors_note(live),
         ),
         Result(
             f"sustained turns/s, {clients} clients",

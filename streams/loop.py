@@ -180,8 +180,10 @@ class BatchLoop:
         self._consumer: Any = None
         self.health = LoopHealth(settings.group, stuck_after_s=settings.stuck_after_s)
         self.caught_up_at = 0.0
-        """time.time() when the last fetch that left nothing behind began: every record the
-        broker acknowledged before then has been handled (wall time: other processes ask)."""
+        """time.time() before which every record the broker acknowledged has been handled
+        (wall time: other processes ask). Set from the fetch responses that left nothing
+        behind, never from when getmany was called: aiokafka prefetches, and an empty
+        getmany says nothing about records that arrived while a fetch was held."""
 
     async def settled(self, since: float, timeout_s: float) -> bool:
         """Wait until everything acknowledged before `since` (time.time()) is handled; False
@@ -193,7 +195,7 @@ class BatchLoop:
             await asyncio.sleep(0.01)
         return True
 
-    async def _gather(self, consumer: Any) -> tuple[dict[Any, list[Any]], float]:
+    async def _gather(self, consumer: Any) -> dict[Any, list[Any]]:
         s = self.settings
         return await _gather_batch(consumer, s.batch_size, s.batch_within_s)
 
@@ -252,7 +254,7 @@ class BatchLoop:
 
         try:
             while True:
-                fetched, began = await self._gather(consumer)
+                fetched = await self._gather(consumer)
                 if fetched:
                     ends = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
                     health.handling_since = time.monotonic()
@@ -277,7 +279,7 @@ class BatchLoop:
                     health.handling_since, health.last_error = None, ""
                 health.lag = _lag(consumer, positions)
                 if health.lag == 0:
-                    self.caught_up_at = began
+                    self.caught_up_at = max(self.caught_up_at, _heard_at(consumer, s))
                 if time.monotonic() - committed_at >= s.commit_interval_s:
                     await commit()
         except asyncio.CancelledError:
@@ -295,29 +297,36 @@ class BatchLoop:
                 await consumer.stop()
 
 
-async def _gather_batch(
-    consumer: Any, size: int, window_s: float
-) -> tuple[dict[Any, list[Any]], float]:
+async def _gather_batch(consumer: Any, size: int, window_s: float) -> dict[Any, list[Any]]:
     """One batch: what arrives from the first record on, for `window_s` or until `size`
     records, whichever comes first (never just what one fetch returned: every batch costs
-    its sinks a fixed price). Also when the last fetch began: everything acknowledged before
-    then is in the batch, unless the batch is full."""
+    its sinks a fixed price)."""
     gathered: dict[Any, list[Any]] = {}
     count = 0
     closes: float | None = None
     while True:
-        began, now = time.time(), time.monotonic()
+        now = time.monotonic()
         wait = window_s if closes is None else closes - now
         if closes is not None and wait <= 0:
-            return gathered, began
+            return gathered
         got = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)), max_records=size - count)
         for tp, records in got.items():
             gathered.setdefault(tp, []).extend(records)
             count += len(records)
         if not gathered or count >= size:
-            return gathered, began
+            return gathered
         if closes is None:
             closes = time.monotonic() + window_s
+
+
+def _heard_at(consumer: Any, s: LoopSettings) -> float:
+    """The time the broker's view in the last fetch responses is at least as new as: the
+    oldest partition's last response, less how long the broker may have held that fetch
+    (its highwater may be from the fetch's start). 0 until every partition was heard of."""
+    polled = [consumer.last_poll_timestamp(tp) for tp in consumer.assignment()]
+    if not polled or any(p is None for p in polled):
+        return 0.0
+    return min(polled) / 1000 - s.fetch_wait_s
 
 
 def _lag(consumer: Any, positions: dict[Any, int]) -> int | None:
