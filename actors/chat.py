@@ -9,6 +9,7 @@ completely or not at all, and the request path waits for the broker once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -51,6 +52,27 @@ CACHE_DEPLOYMENT = "cache"
 FALLBACK_NOTE = "[fallback: every routed model failed; this answer is from the offline demo model] "
 
 
+class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the caller asked of the generation (OpenAI's parameters). `max_tokens` and `stop`
+    are enforced by the service for every provider; all are carried to a provider that
+    takes them (an OpenAI-compatible upstream); the offline demo model has nothing to
+    sample, so the sampling ones do not change its answer."""
+
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+
+
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A chat request: the new message last; for a new stateless context, its history first."""
 
@@ -69,6 +91,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Knowledge-base passages to put before the model (retrieval-augmented reply)."""
     use_cache: bool = True
     """Let the reply cache answer (when the shard has one)."""
+    options: GenerationOptions = GenerationOptions()
 
 
 class Piece(msgspec.Struct, frozen=True, array_like=True):
@@ -104,6 +127,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
 
     status: Literal["ok", "failed", "denied", "blocked"]
     context_id: str
+    finish_reason: str = "stop"
+    """"length" when the reply was cut at max_tokens, else "stop"."""
     reply: str = ""
     model: str = ""
     deployment: str = ""
@@ -126,6 +151,61 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+class TextBound:
+    """Cuts a reply as it streams: at `max_tokens` (counted as count_tokens counts), or just
+    before the first `stop` sequence (held back until it cannot be one). `finish` says why
+    it was cut ("length" or "stop"); after that, nothing more passes."""
+
+    def __init__(self, max_tokens: int | None, stop: Sequence[str]) -> None:
+        self.max_tokens = max_tokens
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""
+        self.out = ""
+        self.finish: str | None = None
+
+    def feed(self, piece: str) -> str:
+        """What of `piece` may go out now."""
+        if self.finish is not None:
+            return ""
+        self.pending += piece
+        cuts = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            text, self.pending = self.pending[: min(cuts)], ""
+            passed = self._words(text)
+            if self.finish is None:
+                self.finish = "stop"
+            return passed
+        keep = min(self.hold, len(self.pending))
+        text = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return self._words(text)
+
+    def close(self) -> str:
+        """The end of the answer: what was held back (it was no stop sequence)."""
+        if self.finish is not None:
+            return ""
+        text, self.pending = self.pending, ""
+        return self._words(text)
+
+    def _words(self, text: str) -> str:
+        if self.max_tokens is None or not text:
+            self.out += text
+            return text
+        whole = self.out + text
+        if count_tokens(whole) <= self.max_tokens:
+            self.out = whole
+            return text
+        import re
+
+        ends = [m.end() for m in re.finditer(r"\S+", whole)]
+        cut = ends[self.max_tokens - 1] if self.max_tokens > 0 else 0
+        passed = whole[len(self.out) : max(cut, len(self.out))]
+        self.out += passed
+        self.finish, self.pending = "length", ""
+        return passed
+
+
 def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
     # VADER's conventional thresholds on the compound score.
     if score >= 0.05:
@@ -138,9 +218,12 @@ def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
 class _Attempt:
     """The state of the model calls of one turn: events so far, streamed text so far."""
 
-    def __init__(self, live: bool = True) -> None:
+    def __init__(self, live: bool = True, options: GenerationOptions | None = None) -> None:
         self.events: list[Event] = []
         self.text: list[str] = []
+        self.options = options or GenerationOptions()
+        self.finish = "stop"
+        """Why the answer ended: "length" when max_tokens cut it, else "stop"."""
         self.live = live
         """Text reaches the caller as it comes (a stream); otherwise only the whole reply."""
         self.streamed = False
@@ -282,7 +365,9 @@ class ChatService:
                     )
                 )
             scope, vector = "", None
-            if self.cache is not None and request.use_cache and len(request.fanout) <= 1:
+            bounded = request.options.max_tokens is not None or request.options.stop
+            cacheable = request.use_cache and not bounded and len(request.fanout) <= 1
+            if self.cache is not None and cacheable:
                 started = time.perf_counter()
                 scope = scope_key(
                     meta.tenant_id,
@@ -346,7 +431,9 @@ class ChatService:
                 ]
                 payloads += routes
                 members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
-                async for item in self._fan_out(routes, conversation, request.merge):
+                async for item in self._fan_out(
+                    routes, conversation, request.merge, request.options
+                ):
                     if isinstance(item, Piece):
                         yield item
                     else:
@@ -361,7 +448,7 @@ class ChatService:
                 return
             payloads.append(route)
 
-            attempt = _Attempt(live)
+            attempt = _Attempt(live, request.options)
             final: ReplyCompleted | ReplyFailed | None = None
             deployment_used = ""
             try:
@@ -411,17 +498,22 @@ class ChatService:
             completion_tokens=final.completion_tokens,
             events=refs(events),
             message_id=final.message_id,
+            finish_reason=final.finish_reason,
         )
 
     async def _fan_out(
-        self, routes: Sequence[RouteDecided], conversation: Sequence[ChatMessage], merge: str
+        self,
+        routes: Sequence[RouteDecided],
+        conversation: Sequence[ChatMessage],
+        merge: str,
+        options: GenerationOptions | None = None,
     ) -> AsyncIterator[Piece | list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]]]:
         """Run every route at once; yields pieces as they come ("all") or the winner's answer
         ("first"), then each member's (deployment, final event or None if cancelled, attempt)."""
         queue: asyncio.Queue[Piece | tuple[int, str, ReplyCompleted | ReplyFailed | None]] = (
             asyncio.Queue()
         )
-        attempts = [_Attempt() for _ in routes]
+        attempts = [_Attempt(options=options) for _ in routes]
 
         async def member(index: int, route: RouteDecided) -> None:
             deployment, final = "", None
@@ -520,6 +612,7 @@ class ChatService:
                                 prompt_tokens=sum(count_tokens(m.content) for m in conversation),
                                 completion_tokens=count_tokens(text),
                                 deployment=deployment,
+                                finish_reason=attempt.finish,
                             ),
                         )
                         return
@@ -635,17 +728,33 @@ class ChatService:
             if not attempt.streamed:
                 attempt.text.clear()  # a failed try's partial text is no part of the answer
             try:
+                options = attempt.options
+                bound = TextBound(options.max_tokens, options.stop)
                 with breaker.calling():
                     if attempt.live:
-                        async for piece in provider.stream(conversation):
+                        async with contextlib.aclosing(
+                            provider.stream(conversation, options=options)
+                        ) as pieces:
+                            async for piece in pieces:
+                                text = bound.feed(piece)
+                                if text:
+                                    attempt.streamed = True
+                                    attempt.text.append(text)
+                                    yield text
+                                if bound.finish is not None:
+                                    break  # cut: the rest is not asked for
+                        tail = bound.close()
+                        if tail:
                             attempt.streamed = True
-                            attempt.text.append(piece)
-                            yield piece
+                            attempt.text.append(tail)
+                            yield tail
                     else:  # nobody reads pieces: one whole answer costs the upstream less
-                        completion = await provider.complete(conversation)
-                        if completion.content:
-                            attempt.text.append(completion.content)
-                            yield completion.content
+                        completion = await provider.complete(conversation, options=options)
+                        text = bound.feed(completion.content) + bound.close()
+                        if text:
+                            attempt.text.append(text)
+                            yield text
+                attempt.finish = "length" if bound.finish == "length" else "stop"
             except pybreaker.CircuitBreakerError as exc:
                 cause = exc.__context__
                 if isinstance(cause, ModelError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -42,15 +42,18 @@ class ModelError(Exception):
 
 
 class ModelProvider(Protocol):
-    """A language model behind some API."""
+    """A language model behind some API. `options` (actors.chat.GenerationOptions) carries
+    what the caller asked of the generation; a provider forwards what its API takes."""
 
     name: str
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+    async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         """Answer the conversation; raise ModelError on a classified failure."""
         ...
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    def stream(
+        self, messages: Sequence[ChatMessage], options: Any = None
+    ) -> AsyncGenerator[str, None]:
         """Answer the conversation piece by piece; raise ModelError on a classified failure."""
         ...
 

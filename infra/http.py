@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.chat import ChatRequest, Piece, TurnOutcome
+from actors.chat import ChatRequest, GenerationOptions, Piece, TurnOutcome
 from actors.context import (
     CommandRejected,
     ContextCommand,
@@ -74,6 +74,20 @@ class Caller(BaseModel):
     user_id: str
 
 
+AUTO_MODEL = "auto"
+"""The model name that lets the router choose (as an empty `model` does)."""
+
+
+def end_user(user: str | None) -> str | None:
+    """OpenAI's `user` as the events' user id: an identifier as it is, anything else (an
+    e-mail address, say) as a stable pseudonym, so the log holds no address."""
+    if user is None or _valid_ident(user):
+        return user
+    import hashlib
+
+    return "u-" + hashlib.sha256(user.encode()).hexdigest()[:32]
+
+
 class OpenAIError(Exception):
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -84,29 +98,123 @@ class OpenAIError(Exception):
         type_: str,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
         self.headers = headers or {}
+        self.param = param
 
 
 # ---- request and response bodies ---------------------------------------------------
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(max_length=64)
+    text: str | None = Field(default=None, max_length=1_000_000)
+
+
 class InMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    """One message as OpenAI's API takes it. Content may be a string or a list of parts;
+    text parts are joined, other parts (images, audio, files) are refused."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+OPENAI_PARAMETERS: dict[str, str] = {
+    "model": "honoured: a listed model, `auto` or empty lets the router choose; else 404",
+    "messages": "honoured: text content, as a string or text parts",
+    "stream": "honoured",
+    "stream_options": "honoured: include_usage sends a usage chunk before [DONE]",
+    "max_tokens": "honoured: the reply is cut there, finish_reason length; forwarded",
+    "max_completion_tokens": "honoured: as max_tokens",
+    "stop": "honoured: up to 4 sequences, the reply ends before the first; forwarded",
+    "temperature": "forwarded to the provider (0..2)",
+    "top_p": "forwarded to the provider (0..1)",
+    "presence_penalty": "forwarded to the provider (-2..2)",
+    "frequency_penalty": "forwarded to the provider (-2..2)",
+    "seed": "forwarded to the provider",
+    "user": "honoured: the end user (a non-identifier is kept as a pseudonym); forwarded",
+    "reasoning_effort": "forwarded to the provider",
+    "verbosity": "forwarded to the provider",
+    "safety_identifier": "forwarded to the provider",
+    "prompt_cache_key": "forwarded to the provider",
+    "prompt_cache_retention": "forwarded to the provider",
+    "prompt_cache_options": "refused",
+    "moderation": "refused (chat-llm's sanitizer checks input; see [sanitizer])",
+    "n": "refused above 1 (one choice per request; fan-out is chat-llm's `fanout`)",
+    "tools": "refused when not empty (tool calls are not supported yet)",
+    "tool_choice": "refused unless `none`",
+    "parallel_tool_calls": "accepted without tools (it has nothing to change)",
+    "functions": "refused (deprecated; tool calls are not supported yet)",
+    "function_call": "refused unless `none`",
+    "response_format": "refused unless type `text` (no JSON mode yet)",
+    "logprobs": "refused when true",
+    "top_logprobs": "refused (needs logprobs)",
+    "logit_bias": "refused when not empty",
+    "modalities": "refused unless only `text`",
+    "audio": "refused",
+    "prediction": "refused",
+    "web_search_options": "refused",
+    "store": "refused when true (every turn is in chat-llm's own log)",
+    "metadata": "refused when not empty",
+    "service_tier": "refused unless `auto` or `default`",
+}
+"""Every parameter of OpenAI's chat completions (docs/openai-chat-parameters.txt lists
+them) and what chat-llm does with it: nothing is dropped silently."""
 
 
 class CompletionIn(BaseModel):
-    """OpenAI's chat completion request; fields chat-llm does not use are accepted and ignored."""
+    """OpenAI's chat completion request. Each parameter is honoured, forwarded to the
+    provider, or refused with a 400 that names it (OPENAI_PARAMETERS); an unknown one is a
+    400 too."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = ""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(default="", max_length=200)
     messages: list[InMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
-    user: str | None = Field(default=None, pattern=IDENT)
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = Field(default=None, min_length=1, max_length=256)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | str | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, int] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     fanout: list[str] = Field(
         default_factory=list,
         max_length=8,
@@ -122,6 +230,95 @@ class CompletionIn(BaseModel):
     cache: bool = Field(
         default=True, description="chat-llm extension: let the reply cache answer (if enabled)"
     )
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(parameter, why) for the first parameter chat-llm cannot honour as sent."""
+        checks: list[tuple[str, bool, str]] = [
+            ("n", (self.n or 1) > 1, "n > 1 is not supported (use the fanout extension)"),
+            ("tools", bool(self.tools), "tool calls are not supported yet"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tools are not supported"),
+            ("functions", self.functions is not None, "function calls are not supported"),
+            ("function_call", self.function_call not in (None, "none"), "not supported"),
+            (
+                "response_format",
+                self.response_format is not None
+                and self.response_format.get("type", "text") != "text",
+                "JSON mode and structured outputs are not supported yet",
+            ),
+            ("logprobs", bool(self.logprobs), "log probabilities are not supported"),
+            ("top_logprobs", self.top_logprobs is not None, "log probabilities are not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit bias is not supported"),
+            (
+                "modalities",
+                self.modalities is not None and set(self.modalities) != {"text"},
+                "only text output is supported",
+            ),
+            ("audio", self.audio is not None, "audio output is not supported"),
+            ("prediction", self.prediction is not None, "predicted outputs are not supported"),
+            ("web_search_options", self.web_search_options is not None, "not supported"),
+            ("prompt_cache_options", self.prompt_cache_options is not None, "not supported"),
+            ("moderation", self.moderation is not None, "use chat-llm's [sanitizer] instead"),
+            ("store", bool(self.store), "stored completions are not supported"),
+            ("metadata", bool(self.metadata), "stored-completion metadata is not supported"),
+            (
+                "service_tier",
+                self.service_tier not in (None, "auto", "default"),
+                "service tiers are not supported",
+            ),
+            (
+                "stream_options",
+                self.stream_options is not None and not self.stream,
+                "stream_options is only allowed with stream: true",
+            ),
+            (
+                "stop",
+                isinstance(self.stop, list) and (len(self.stop) > 4 or "" in self.stop),
+                "at most 4 non-empty stop sequences",
+            ),
+        ]
+        for i, m in enumerate(self.messages):
+            where = f"messages[{i}]"
+            if m.role in ("tool", "function"):
+                checks.append((where, True, f"role {m.role!r}: tool calls are not supported"))
+            extra = sorted(set(m.model_extra or {}) - {"name"})
+            if extra:
+                checks.append((f"{where}.{extra[0]}", True, "not supported"))
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text" or part.text is None:
+                        checks.append(
+                            (
+                                f"{where}.content[{j}]",
+                                True,
+                                f"{part.type!r} parts are not supported",
+                            )
+                        )
+            elif m.content is None:
+                checks.append((f"{where}.content", True, "content is required"))
+        return next(((name, why) for name, bad, why in checks if bad), None)
+
+    def text_of(self, message: InMessage) -> str:
+        if isinstance(message.content, list):
+            return "\n".join(part.text or "" for part in message.content)
+        return message.content or ""
+
+    def options(self) -> GenerationOptions:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return GenerationOptions(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            stop=tuple(s for s in stop if s),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            user=self.user,
+            reasoning_effort=self.reasoning_effort,
+            verbosity=self.verbosity,
+            safety_identifier=self.safety_identifier,
+            prompt_cache_key=self.prompt_cache_key,
+            prompt_cache_retention=self.prompt_cache_retention,
+        )
 
 
 class MessageIn(BaseModel):
@@ -353,7 +550,7 @@ def build_api(
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         # OpenAI's shape, plus FastAPI's usual `detail` for clients of the non-OpenAI routes.
-        error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
+        error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
         return JSONResponse(
             {"error": error, "detail": exc.message}, exc.status, headers=exc.headers
         )
@@ -547,16 +744,32 @@ def build_api(
         written, dead = archive_stats()
         return Health(status="ok", archived=written, dead_lettered=dead)
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "chat-llm"}
+
+    def known_models() -> list[str]:
+        return [AUTO_MODEL, *gateway.models]
+
+    def model_not_found(name: str, where: str = "model") -> OpenAIError:
+        return OpenAIError(
+            404,
+            f"{where}: the model {name!r} does not exist here; GET /v1/models lists them",
+            "invalid_request_error",
+            "model_not_found",
+        )
+
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The models the router can send requests to (OpenAI's list shape)."""
-        return {
-            "object": "list",
-            "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "chat-llm"}
-                for m in gateway.models
-            ],
-        }
+        """The models the router can send requests to (OpenAI's list shape); `auto` lets the
+        router choose."""
+        return {"object": "list", "data": [model_entry(m) for m in known_models()]}
+
+    @api.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """One model (the OpenAI SDK's models.retrieve)."""
+        if model_id not in known_models():
+            raise model_not_found(model_id)
+        return model_entry(model_id)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
@@ -573,12 +786,31 @@ def build_api(
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise OpenAIError(
+                    400,
+                    f"unrecognized request argument supplied: {where}",
+                    "invalid_request_error",
+                    "unknown_parameter",
+                    param=where,
+                ) from None
             raise OpenAIError(
                 400,
                 f"invalid request: {where}: {first['msg']}",
                 "invalid_request_error",
                 "invalid_request",
+                param=where,
             ) from None
+        refused = body.refusal()
+        if refused is not None:
+            name, why = refused
+            raise OpenAIError(
+                400, f"{name}: {why}", "invalid_request_error", "unsupported_parameter",
+                param=name,
+            )  # fmt: skip
+        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
+            if name and name not in known_models():
+                raise model_not_found(name, where)
         if body.messages[-1].role != "user":
             raise OpenAIError(
                 400,
@@ -591,11 +823,16 @@ def build_api(
                 400, "invalid X-Context-Id", "invalid_request_error", "invalid_request"
             )
         context_id = x_context_id or clock.new_event_id()
-        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
+        messages = tuple(
+            ChatMessage(role="system" if m.role == "developer" else m.role, content=body.text_of(m))
+            for m in body.messages
+        )
+        options = body.options()
         request = ChatRequest(
-            meta=meta_for(who, context_id, body.user, traceparent),
+            meta=meta_for(who, context_id, end_user(body.user), traceparent),
             messages=messages if x_context_id is None else messages[-1:],
-            model=body.model,
+            model="" if body.model == AUTO_MODEL else body.model,
+            options=options,
             new_context=x_context_id is None,
             fanout=tuple(body.fanout),
             merge=body.merge,
@@ -628,6 +865,7 @@ def build_api(
                     created,
                     body.model,
                     lambda status, model: observe_turn(started, status, model),
+                    include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 ),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
@@ -647,7 +885,9 @@ def build_api(
                     {
                         "index": i,
                         "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop" if content or not error else "error",
+                        "finish_reason": (
+                            outcome.finish_reason if content or not error else "error"
+                        ),
                         "logprobs": None,
                         **({"model": model} if outcome.choices else {}),
                     }
@@ -1224,6 +1464,7 @@ async def _sse(
     created: int,
     model: str,
     finished: Callable[[str, str], None],
+    include_usage: bool = False,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a failure ends the stream with an error
     event instead of [DONE], so a cut answer is never mistaken for a whole one. Fan-out
@@ -1246,7 +1487,22 @@ async def _sse(
                     yield _error_event(error.message, error.type, error.code)
                     return
                 for index in range(max(len(item.choices), 1)):
-                    yield _chunk(completion_id, created, item.model, {}, "stop", index)
+                    yield _chunk(completion_id, created, item.model, {}, item.finish_reason, index)
+                if include_usage:  # as OpenAI sends it: no choices, the usage
+                    usage = {
+                        "prompt_tokens": item.prompt_tokens,
+                        "completion_tokens": item.completion_tokens,
+                        "total_tokens": item.prompt_tokens + item.completion_tokens,
+                    }
+                    body = {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": item.model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                    yield f"data: {msgspec.json.encode(body).decode()}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             if isinstance(item, Piece):

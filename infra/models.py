@@ -11,7 +11,8 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -61,7 +62,9 @@ class DemoModel:
             retry_after = 0.05 if fault == "rate_limited" else 0.0
             raise ModelError(fault, f"injected {fault} fault", retry_after_s=retry_after)
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: Any = None
+    ) -> AsyncGenerator[str, None]:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         self._maybe_fail()
@@ -72,7 +75,7 @@ class DemoModel:
                 raise ModelError("network", "stream cut mid-answer")
             yield word if i == 0 else " " + word
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+    async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         content = "".join([piece async for piece in self.stream(messages)])
         return Completion(
             content=content,
@@ -101,6 +104,24 @@ def _classify_status(status: int, body: str, retry_after: str | None) -> ModelEr
     if status >= 500:
         return ModelError("network", f"{status} from upstream: {text}")
     return ModelError("malformed_response", f"unexpected {status}: {text}")
+
+
+_FORWARDED = (
+    "max_tokens",
+    "stop",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "user",
+    "reasoning_effort",
+    "verbosity",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
+"""GenerationOptions an OpenAI-compatible upstream takes, under the same names."""
 
 
 class OpenAICompatibleModel:
@@ -137,20 +158,31 @@ class OpenAICompatibleModel:
             )
         return session
 
-    def _body(self, messages: Sequence[ChatMessage], stream: bool) -> dict[str, object]:
-        return {
+    def _body(
+        self, messages: Sequence[ChatMessage], stream: bool, options: Any = None
+    ) -> dict[str, object]:
+        body: dict[str, object] = {
             "model": self._model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "stream": stream,
         }
+        if options is not None:  # what the caller asked of the generation, as OpenAI names it
+            for name in _FORWARDED:
+                value = getattr(options, name)
+                if value is not None and value != ():
+                    body[name] = list(value) if isinstance(value, tuple) else value
+        return body
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: Any = None
+    ) -> AsyncGenerator[str, None]:
+        request = self._body(messages, True, options)
         try:
-            async with self._client().post(self._url, json=self._body(messages, True)) as response:
+            async with self._client().post(self._url, json=request) as response:
                 if response.status != 200:
-                    body = (await response.read()).decode(errors="replace")
+                    text = (await response.read()).decode(errors="replace")
                     raise _classify_status(
-                        response.status, body, response.headers.get("retry-after")
+                        response.status, text, response.headers.get("retry-after")
                     )
                 done = False
                 async for raw in response.content:
@@ -183,9 +215,10 @@ class OpenAICompatibleModel:
         except aiohttp.ClientError as exc:
             raise ModelError("network", f"{self._deployment.name}: {exc!r}") from None
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+    async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
+        request = self._body(messages, False, options)
         try:
-            async with self._client().post(self._url, json=self._body(messages, False)) as response:
+            async with self._client().post(self._url, json=request) as response:
                 status, raw = response.status, await response.read()
                 retry_after = response.headers.get("retry-after")
         except TimeoutError as exc:

@@ -414,3 +414,69 @@ def test_the_readme_python_example_runs(api: Service, capsys: pytest.CaptureFixt
     )
     exec(compile(example, "README.md", "exec"), {})
     assert "Stream, please" in capsys.readouterr().out
+
+
+def test_every_openai_parameter_is_honoured_or_refused_by_name(api: Service) -> None:
+    """The first table of issue 16, with the official SDK: what is asked is done, or the
+    answer is a 400 (404 for a model) that names what cannot be done."""
+    c = client(api, "dave")
+    ask: Any = [{"role": "user", "content": "Tell me about event logs and replays"}]
+
+    def refused(param: str, **kwargs: Any) -> None:
+        with pytest.raises(openai.BadRequestError) as caught:
+            c.chat.completions.create(model="demo-1", messages=ask, **kwargs)
+        body: Any = caught.value.body
+        assert body["param"] == param and param in body["message"], body
+
+    refused("n", n=2)
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    refused("tools", tools=[tool], tool_choice={"type": "function", "function": {"name": "lookup"}})
+    refused("response_format", response_format={"type": "json_object"})
+    refused("logprobs", logprobs=True, top_logprobs=2)
+    for bad, param in [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"presence_penalty": 5}, "presence_penalty"),
+        ({"n": 0}, "n"),
+    ]:
+        refused(param, **bad)
+    refused("frobnicate", extra_body={"frobnicate": 1})
+
+    # max_tokens and max_completion_tokens cut the answer, and say so.
+    for limit in ({"max_tokens": 1}, {"max_completion_tokens": 1}):
+        short = c.chat.completions.create(model="demo-1", messages=ask, **limit)  # type: ignore[call-overload]
+        assert short.choices[0].finish_reason == "length"
+        assert len((short.choices[0].message.content or "").split()) == 1
+    # stop ends the answer before the first stop sequence.
+    whole = c.chat.completions.create(model="demo-1", messages=ask)
+    text = whole.choices[0].message.content or ""
+    assert "event" in text
+    stopped = c.chat.completions.create(model="demo-1", messages=ask, stop=["event"])
+    assert stopped.choices[0].message.content == text[: text.index("event")]
+    # A usage chunk before [DONE] when asked for.
+    chunks = list(
+        c.chat.completions.create(
+            model="demo-1", messages=ask, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(text.split())
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    # Content as text parts, and an e-mail address as the user.
+    parts: Any = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    answered = c.chat.completions.create(
+        model="demo-1", messages=[{"role": "user", "content": parts}], user="dave@example.com"
+    )
+    assert "Hello world" in (answered.choices[0].message.content or "")  # both parts
+    # An unknown model is a 404, whether asked for directly or in a fan-out.
+    with pytest.raises(openai.NotFoundError, match="gpt-nonexistent-9"):
+        c.chat.completions.create(model="gpt-nonexistent-9", messages=ask)
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        c.chat.completions.create(
+            model="demo-1", messages=ask, extra_body={"fanout": ["demo-1", "nope"]}
+        )
+    # Models: `auto` is listed, and each can be retrieved.
+    assert "auto" in {m.id for m in c.models.list()}
+    assert c.models.retrieve("demo-1").id == "demo-1"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")

@@ -314,11 +314,11 @@ class Recording:
     def __init__(self) -> None:
         self.seen: list[list[ChatMessage]] = []
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> Any:
+    async def stream(self, messages: Sequence[ChatMessage], options: Any = None) -> Any:
         self.seen.append(list(messages))
         yield "ok"
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+    async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         self.seen.append(list(messages))
         return Completion(content="ok", model=self.name)
 
@@ -415,12 +415,12 @@ class Counting(Recording):
         super().__init__()
         self.calls: list[str] = []
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> Any:
+    async def stream(self, messages: Sequence[ChatMessage], options: Any = None) -> Any:
         self.calls.append("stream")
         yield "o"
         yield "k"
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+    async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         self.calls.append("complete")
         return Completion(content="ok", model=self.name)
 
@@ -438,3 +438,59 @@ async def test_a_whole_turn_asks_for_a_whole_answer_and_a_streamed_one_streams()
     items = [i async for i in h.service.stream(h.context("ctx-1"), request)]
     assert provider.calls == ["complete", "stream"]
     assert [i for i in items if isinstance(i, str)] == ["o", "k"]
+
+
+def test_a_text_bound_cuts_at_max_tokens_and_before_a_stop_sequence() -> None:
+    from actors.chat import TextBound
+
+    def run(pieces: list[str], max_tokens: int | None, stop: tuple[str, ...]) -> tuple[str, Any]:
+        bound = TextBound(max_tokens, stop)
+        out = "".join(bound.feed(p) for p in pieces) + bound.close()
+        return out, bound.finish
+
+    words = ["one", " two", " thr", "ee", " four", " five"]
+    assert run(words, 3, ()) == ("one two three", "length")
+    assert run(words, 6, ()) == ("one two three four five", None)  # fewer than asked: whole
+    # A stop sequence split across pieces is still found, and never shown.
+    assert run(["hello wo", "rld. END", " more"], None, ("END",)) == ("hello world. ", "stop")
+    assert run(["a b", "c d"], None, ("XYZ",)) == ("a bc d", None)  # held back, then let go
+    assert run(["a b c d e"], 2, ("d",)) == ("a b", "length")
+
+
+async def test_max_tokens_and_stop_bound_the_reply_streamed_and_not() -> None:
+    from actors.chat import GenerationOptions
+
+    h = Harness([healthy()])
+    meta = RequestMeta(
+        context_id="ctx-b", tenant_id="t1", user_id="u1", trace_id="2" * 32, correlation_id="c"
+    )
+    whole = await h.service.turn(
+        h.context("ctx-b"),
+        ChatRequest(
+            meta=meta,
+            messages=(ChatMessage(role="user", content="tell me"),),
+            options=GenerationOptions(max_tokens=3),
+        ),
+    )
+    assert whole.finish_reason == "length" and len(whole.reply.split()) == 3
+    streamed = [
+        i
+        async for i in h.service.stream(
+            h.context("ctx-b"),
+            ChatRequest(
+                meta=meta,
+                messages=(ChatMessage(role="user", content="tell me more"),),
+                options=GenerationOptions(max_tokens=2),
+            ),
+        )
+    ]
+    outcome = streamed[-1]
+    assert isinstance(outcome, TurnOutcome) and outcome.finish_reason == "length"
+    assert "".join(i for i in streamed if isinstance(i, str)) == outcome.reply
+    assert len(outcome.reply.split()) == 2
+    # The recorded reply is what the caller got, with why it ended.
+    replies = [p for t, p in await h.story("ctx-b") if t == "ReplyCompleted"]
+    assert [(r.content, r.finish_reason) for r in replies] == [
+        (whole.reply, "length"),
+        (outcome.reply, "length"),
+    ]
