@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -20,7 +21,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    wait_random_exponential,
 )
 
 from actors.cache import ReplyCache, scope_key
@@ -592,8 +592,10 @@ class ChatService:
     ) -> AsyncIterator[str | tuple[str, ReplyCompleted | ReplyFailed]]:
         """Try the route's models in order; yields text, and (deployment, final event) last."""
         last_error: ModelError | None = None
+        last_model = route.chain[0] if route.chain else ""
         policy = self.router.policy
         for model in route.chain:
+            last_model = model
             try:
                 async for piece in self._call_model(
                     model, conversation, attempt, route.in_reply_to
@@ -613,6 +615,8 @@ class ChatService:
                                 completion_tokens=count_tokens(text),
                                 deployment=deployment,
                                 finish_reason=attempt.finish,
+                                # Answered by a fallback of the chain, not the routed model.
+                                fallback=model != route.chain[0],
                             ),
                         )
                         return
@@ -657,7 +661,7 @@ class ChatService:
                 in_reply_to=route.in_reply_to,
                 error_class=last_error.error_class,
                 message=last_error.message,
-                model=route.chain[-1],
+                model=last_model,  # the last model asked, not the chain's last
             ),
         )
 
@@ -673,10 +677,10 @@ class ChatService:
             and error.retry_after_s
         ):
             return min(error.retry_after_s, policy.retry_after_cap_s)
-        backoff = wait_random_exponential(
-            multiplier=policy.backoff_base_s, max=policy.backoff_max_s
-        )
-        return float(backoff(state))
+        # Exponential with equal jitter: never less than half the step (a retry that comes
+        # back at once only hammers a provider that just failed), never more than the cap.
+        step = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (state.attempt_number - 1))
+        return step / 2 + random.uniform(0, step / 2)
 
     def _stop(self, state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None

@@ -97,8 +97,9 @@ class RoutingPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     sticky: bool = True
     """A conversation stays on the model that answered it last, unless it is not in the table."""
     retries: dict[str, RetryRule] = msgspec.field(default_factory=_default_retries)
-    backoff_base_s: float = 0.05
-    backoff_max_s: float = 2.0
+    backoff_base_s: float = 0.5
+    """The first retry waits 0.25-0.5 s, each next one twice that (equal jitter)."""
+    backoff_max_s: float = 4.0
     retry_after_cap_s: float = 10.0
     """Longest Retry-After the gateway honours by waiting; longer ones move to the fallback."""
     breaker_fail_max: int = 5

@@ -184,7 +184,7 @@ class OpenAICompatibleModel:
                     raise _classify_status(
                         response.status, text, response.headers.get("retry-after")
                     )
-                done = False
+                done = finished = False
                 async for raw in response.content:
                     # After [DONE] the body is read to its end, not left: a response closed
                     # half read cannot give its connection back to the pool, and every
@@ -201,15 +201,19 @@ class OpenAICompatibleModel:
                             raise ModelError(
                                 "network", f"upstream error mid-stream: {chunk['error']}"
                             )
-                        delta = chunk["choices"][0].get("delta", {}).get("content") or ""
+                        choice = chunk["choices"][0] if chunk["choices"] else {}
+                        delta = (choice.get("delta") or {}).get("content") or ""
+                        finished = finished or bool(choice.get("finish_reason"))
                     except (ValueError, KeyError, IndexError, TypeError) as exc:
                         raise ModelError(
                             "malformed_response", f"bad stream chunk: {exc!r}"
                         ) from None
                     if delta:
                         yield delta
-                if not done:
-                    raise ModelError("network", "stream ended without [DONE]")
+                if not done and not finished:
+                    # A body that closed after a finish_reason is a whole answer (some
+                    # servers send no [DONE]); one that closed before it was cut.
+                    raise ModelError("network", "stream ended before its finish_reason")
         except TimeoutError as exc:
             raise ModelError("timeout", f"{self._deployment.name}: {exc!r}") from None
         except aiohttp.ClientError as exc:

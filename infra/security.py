@@ -18,7 +18,7 @@ SCOPES: tuple[Scope, ...] = ("chat", "ingest", "query", "admin")
 
 PUBLIC = frozenset(
     {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-     "/v1/models", "/dashboard"}
+     "/v1/models", "/v1/models/{model_id}", "/dashboard"}
 )  # fmt: skip
 """Routes that need no key: liveness, Prometheus, the API's own description, the model
 list, and the dashboard's page (it holds no data; what it shows comes from /v1/live)."""

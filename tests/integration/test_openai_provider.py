@@ -61,3 +61,53 @@ async def test_turns_reuse_one_connection_streamed_and_whole(upstream: tuple[str
         assert await connections() - seen_before == 1 + 1
     finally:
         await model.close()
+
+
+async def test_a_stream_is_whole_at_its_finish_reason_even_without_done() -> None:
+    """Some servers close the body after the chunk with finish_reason and send no [DONE]:
+    that answer is whole. A body that closes before any finish_reason was cut."""
+    import json
+
+    from aiohttp import web
+
+    from actors.ports import ModelError
+
+    def chunk(content: str, finish: str | None = None) -> bytes:
+        body = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        cut = (await request.json())["model"] == "cut"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("Hello") + chunk(" there"))
+        if not cut:
+            await response.write(chunk("", "stop"))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", sse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    messages = [ChatMessage(role="user", content="hi")]
+    try:
+        for model, whole in (("whole", True), ("cut", False)):
+            provider = OpenAICompatibleModel(
+                Deployment(
+                    name=model, model=model, provider="openai",
+                    base_url=f"http://127.0.0.1:{port}/v1",
+                )
+            )  # fmt: skip
+            try:
+                if whole:
+                    assert [p async for p in provider.stream(messages)] == ["Hello", " there"]
+                else:
+                    with pytest.raises(ModelError, match="before its finish_reason"):
+                        _ = [p async for p in provider.stream(messages)]
+            finally:
+                await provider.close()
+    finally:
+        await runner.cleanup()

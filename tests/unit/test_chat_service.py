@@ -153,8 +153,11 @@ async def test_retryable_errors_are_retried_then_succeed() -> None:
     assert outcome.status == "ok" and outcome.model == "primary"
     calls = [p for t, p in await h.story() if t == "ModelCalled"]
     assert [(c.attempt, c.outcome) for c in calls] == [(1, "network"), (2, "network"), (3, "ok")]
-    # Exponential backoff with jitter between the tries, bounded by the policy.
-    assert len(h.sleeps) == 2 and all(0 <= s <= POLICY.backoff_max_s for s in h.sleeps)
+    # Exponential backoff with equal jitter: at least half of each step (never a retry that
+    # lands at once on a provider that just failed), at most the step.
+    base = POLICY.backoff_base_s
+    assert len(h.sleeps) == 2
+    assert base / 2 <= h.sleeps[0] <= base and base <= h.sleeps[1] <= 2 * base
 
 
 async def test_timeouts_get_their_own_budget_then_the_fallback() -> None:
@@ -184,12 +187,17 @@ async def test_content_policy_fails_without_retry_or_fallback() -> None:
         ("primary-a", "content_policy")
     ]
     assert story[-1][0] == "ReplyFailed"
+    # The failure is filed under the model that failed, not the chain's untried fallback.
+    assert story[-1][1].model == "primary"
 
 
 async def test_context_too_long_goes_straight_to_the_fallback_model() -> None:
     h = Harness([healthy(faults=("context_too_long",)), healthy("backup-a", "backup")])
     outcome = await h.ask("hello")
     assert outcome.status == "ok" and outcome.model == "backup"
+    assert outcome.fallback  # a fallback of the chain answered, not the routed model
+    replied = [p for t, p in await h.story() if t == "ReplyCompleted"]
+    assert replied[-1].fallback and replied[-1].model == "backup"
     calls = [(p.deployment, p.outcome) for t, p in await h.story() if t == "ModelCalled"]
     assert calls == [("primary-a", "context_too_long"), ("backup-a", "ok")]
 
