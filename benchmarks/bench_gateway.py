@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from actors.ports import ChatMessage
-from benchmarks.common import Result
+from benchmarks.common import Result, cpu_seconds, process_tree
 from infra.broker import EmbeddedBroker, free_port
 from infra.models import DemoModel
 
@@ -83,52 +83,18 @@ def _launch(
 
 def _pid_below(root: int, needle: str) -> int | None:
     """The first process below `root` whose command line contains `needle`."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
+    for pid in process_tree(root)[1:]:
         try:
             if needle in Path(f"/proc/{pid}/cmdline").read_text():
                 return pid
         except OSError:
             continue
-        todo += children.get(pid, [])
     return None
 
 
 def _tree_cpu(root: int) -> float:
     """CPU seconds of `root` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += _cpu_of(pid)
-        todo += children.get(pid, [])
-    return total
-
-
-def _cpu_of(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(pid) for pid in process_tree(root))
 
 
 def _processors_note(live: dict[str, Any]) -> str:
@@ -245,9 +211,9 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
             turns, _ = asyncio.run(_turns(base, sequential, 1))
             asyncio.run(_turns(base, 640, clients))
             processors = _pid_below(proc.pid, "--processors")
-            cpu_before, stack_before = _cpu_of(processors), _tree_cpu(proc.pid)
+            cpu_before, stack_before = cpu_seconds(processors), _tree_cpu(proc.pid)
             _, throughput = asyncio.run(_turns(base, concurrent_turns, clients))
-            processors_cpu = (_cpu_of(processors) - cpu_before) / concurrent_turns * 1000
+            processors_cpu = (cpu_seconds(processors) - cpu_before) / concurrent_turns * 1000
             stack_cpu = (_tree_cpu(proc.pid) - stack_before) / concurrent_turns * 1000
             time.sleep(2)  # the last observations judged
             live = httpx.get(f"{base}/v1/live", timeout=10).json()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_gateway import _launch, _stop, pct
-from benchmarks.common import Result
+from benchmarks.common import Result, cpu_seconds, process_tree
 from infra.broker import free_port
 
 CONFIG = """
@@ -47,45 +47,13 @@ BODY = {"model": "mock", "messages": [{"role": "user", "content": "What is Lisbo
 
 def _cpu_seconds(root: int) -> float:
     """CPU time (user + system) of `root` and every process below it, now."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo, seen = 0.0, [root], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        if pid in stats:
-            total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
-        todo += children.get(pid, [])
-    return total
+    return sum(cpu_seconds(pid) for pid in process_tree(root))
 
 
 def _rss_by_process(root: int) -> dict[str, float]:
     """Resident MiB of `root` and every process below it, by "name (pid)"."""
-    todo, seen, out = [root], set(), {}
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    out = {}
+    for pid in process_tree(root):
         try:
             pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
             name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
@@ -95,7 +63,6 @@ def _rss_by_process(root: int) -> dict[str, float]:
         if "infra.cli" in name:
             short = "chatllm up (API)"
         out[f"{short[:40]} ({pid})"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-        todo += children.get(pid, [])
     return out
 
 

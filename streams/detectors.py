@@ -259,38 +259,16 @@ def observe_memory(state: MemoryState, o: Observation, config: DetectorConfig) -
 def observations_of(event: Envelope[Any]) -> list[Observation]:
     """What the detectors need of an event of the log (most events: nothing)."""
     p = event.payload
+    if not isinstance(p, ReplyCompleted | ReplyFailed | RateLimitChecked):
+        return []
+    turn = Observation(
+        kind="turn", at=event.occurred_at, tenant_id=event.tenant_id, context_id=event.stream_id
+    )
     if isinstance(p, ReplyCompleted):
-        return [
-            Observation(
-                kind="turn",
-                at=event.occurred_at,
-                tenant_id=event.tenant_id,
-                subject=p.model,
-                context_id=event.stream_id,
-                latency_ms=max(p.latency_ms, 0.0),
-            )
-        ]
+        return [msgspec.structs.replace(turn, subject=p.model, latency_ms=max(p.latency_ms, 0.0))]
     if isinstance(p, ReplyFailed):
-        return [
-            Observation(
-                kind="turn",
-                at=event.occurred_at,
-                tenant_id=event.tenant_id,
-                context_id=event.stream_id,
-                failed=True,
-            )
-        ]
-    if isinstance(p, RateLimitChecked):
-        return [
-            Observation(
-                kind="limit",
-                at=event.occurred_at,
-                tenant_id=event.tenant_id,
-                context_id=event.stream_id,
-                denied=not p.allowed,
-            )
-        ]
-    return []
+        return [msgspec.structs.replace(turn, failed=True)]
+    return [msgspec.structs.replace(turn, kind="limit", denied=not p.allowed)]
 
 
 def memory_observation(tenant_id: str, process: str, rss_mb: float, at: datetime) -> Observation:
