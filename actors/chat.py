@@ -787,7 +787,9 @@ class ChatService:
             # A breaker that changed state on this call says so right after it, in order.
             attempt.events.extend(self.router.take_circuit_events())
             if outcome not in REQUEST_ERRORS and outcome not in ("circuit_open", "cancelled"):
-                adjusted = self.limiter.observe_upstream(outcome, latency_ms)
+                adjusted = self.limiter.observe_upstream(
+                    outcome, latency_ms, deployment.name, tuple(self.router.deployments)
+                )
                 if adjusted is not None:
                     attempt.events.append(adjusted)
         yield (deployment.name, latency_ms)

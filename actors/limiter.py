@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -40,6 +40,10 @@ class LimitPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """An upstream reply slower than this counts as a slow-down signal."""
     recover_after: int = 20
     """Healthy upstream replies in a row before the factor is raised again."""
+    strained_window_s: float = 60.0
+    """A deployment counts as strained for this long after a 429 or a slow reply; the rate is
+    lowered only while every deployment is (one provider's 429 is the router's to fail over,
+    not a reason to turn the tenant's traffic away)."""
 
 
 class ClockedMemoryStorage(Storage, MovingWindowSupport):
@@ -123,6 +127,8 @@ class RateLimiter:
         self._tenant = parse_many(policy.tenant) if policy.tenant else []
         self.factor = 1.0
         self._healthy = 0
+        self._strained: dict[str, float] = {}
+        """Deployment -> when it last said 429 or was slow."""
 
     def use(self, policy: LimitPolicy) -> None:
         """Switch to `policy`, keeping the windows counted so far (a switch is no reset)."""
@@ -168,13 +174,26 @@ class RateLimiter:
             allowed=True, rate_factor=self.factor, policy_version=self.policy.version
         )
 
-    def observe_upstream(self, outcome: str, latency_ms: float) -> RateAdjusted | None:
-        """Adapt the rate to the upstream models: halve on 429 or slowness, recover gradually."""
+    def observe_upstream(
+        self,
+        outcome: str,
+        latency_ms: float,
+        deployment: str = "",
+        deployments: Sequence[str] = (),
+    ) -> RateAdjusted | None:
+        """Adapt the rate to the upstream models: halve while every one of `deployments` is
+        strained (a 429 or a slow reply within strained_window_s; without a list, any
+        strain counts), recover gradually on healthy replies."""
         p = self.policy
         if not p.adaptive:
             return None
         if outcome == "rate_limited" or latency_ms > p.slow_ms:
             self._healthy = 0
+            now = self._clock()
+            self._strained[deployment] = now
+            recent = {d for d, at in self._strained.items() if now - at < p.strained_window_s}
+            if deployments and not set(deployments) <= recent:
+                return None  # another deployment is still fine: the router fails over
             lowered = max(p.min_factor, round(self.factor / 2, 4))
             if lowered != self.factor:
                 self.factor = lowered

@@ -178,6 +178,22 @@ async def test_rate_limited_upstream_is_honoured_and_slows_the_limiter() -> None
     assert h.service.limiter.factor == 0.5
 
 
+async def test_one_deployments_429s_do_not_slow_the_tenant_while_another_is_fine() -> None:
+    h = Harness(
+        [healthy("backup-a", "backup"), healthy(faults=("rate_limited",) * 3)],
+        limits=LimitPolicy(rate_per_s=100, burst=100),
+    )
+    for text in ("one", "two", "three"):
+        assert (await h.ask(text)).status == "ok"
+    story = await h.story()
+    assert ("primary-a", "rate_limited") in [
+        (p.deployment, p.outcome) for t, p in story if t == "ModelCalled"
+    ]
+    # backup-a answered every time: the upstream as a whole is not rate-limited.
+    assert "RateAdjusted" not in [t for t, _ in story]
+    assert h.service.limiter.factor == 1.0
+
+
 async def test_content_policy_fails_without_retry_or_fallback() -> None:
     h = Harness([healthy(faults=("content_policy",)), healthy("backup-a", "backup")])
     outcome = await h.ask("hello")
