@@ -35,7 +35,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
+    """The child gets SIGTERM when its parent dies, however it dies."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -84,7 +85,7 @@ class EmbeddedBroker:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 # Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
                 # must not take the log away before the processes that still write to it
                 # stop. We stop it last, in stop(); PDEATHSIG covers a SIGKILL of ours.

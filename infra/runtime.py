@@ -305,12 +305,12 @@ def build_worker(
 
 
 def start_processors(settings: Settings, bootstrap_servers: str) -> Any:
-    """The processors' worker as a child process with exactly these settings, in its own
-    session (a terminal's Ctrl-C reaches the stack, which stops it in order); None when
+    """The processors' worker as a child process with exactly these settings; None when
     the detectors are off."""
     import subprocess
     import sys
 
+    from infra.broker import die_with_parent
     from infra.config import ENV_PREFIX, settings_env
 
     if not settings.anomalies.enabled:
@@ -330,7 +330,10 @@ def start_processors(settings: Settings, bootstrap_servers: str) -> Any:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # Its own process group (a terminal's Ctrl-C reaches the stack, which stops it
+            # first, in order), and it goes when we go, even by SIGKILL.
+            process_group=0,
+            preexec_fn=die_with_parent,
         )
 
 

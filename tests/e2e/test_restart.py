@@ -60,10 +60,20 @@ def events_of(service: Service, context: str, tenant: str) -> list[dict[str, Any
 
 
 def kill(service: Service) -> None:
-    """SIGKILL: no shutdown at all (the broker child dies with it; Ray's own processes are
-    in the same group, as under a terminal or a supervisor that kills the group)."""
+    """SIGKILL: no shutdown at all (the broker child and the anomaly processors die with it;
+    Ray's own processes are in the same group, as under a terminal or a supervisor that
+    kills the group)."""
+    status = service.workdir / "processors" / "status"
+    deadline = time.monotonic() + 60
+    while not (processors := [int(p.stem) for p in status.glob("*.json")]):
+        assert time.monotonic() < deadline, "the processors' worker never reported"
+        time.sleep(0.2)
     os.killpg(service.proc.pid, signal.SIGKILL)
     service.proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in processors):
+        assert time.monotonic() < deadline, "the processors' worker outlived chatllm up"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("stop", ["sigint", "sigkill"])
