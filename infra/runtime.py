@@ -304,6 +304,10 @@ def build_worker(
     return worker, appender
 
 
+SETTLE_WAIT_S = 10.0
+"""How long an archive read waits for the archive to catch up to the moment it was asked."""
+
+
 def start_processors(settings: Settings, bootstrap_servers: str) -> Any:
     """The processors' worker as a child process with exactly these settings; None when
     the detectors are off."""
@@ -574,7 +578,14 @@ class Stack:
         return ("\n".join(lines) + "\n").encode()
 
     async def settled(self, since: float) -> bool:
-        done: bool = await self.host.settled.remote(since, 3.0)
+        """Read-your-writes for the archive's read routes: wait until everything acknowledged
+        before `since` is archived. Normally a fetch or two (under a second); the bound is
+        for an archive that is joining its group (right after a start) or behind."""
+        done: bool = await self.host.settled.remote(since, SETTLE_WAIT_S)
+        if not done:
+            log.warning(
+                "an archive read waited %.0f s and the archive is still behind", SETTLE_WAIT_S
+            )
         return done
 
     async def lag_summary(self) -> dict[str, Any]:

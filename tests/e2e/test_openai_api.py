@@ -334,7 +334,7 @@ def test_a_failing_model_is_retried_circuit_broken_and_fallen_back_and_the_audit
         ("call", "flaky-a", 3, "network"),
         ("circuit", "flaky-a", "open"),
         ("call", "demo-1-a", 1, "ok"),
-        ("reply", "demo-1", False),
+        ("reply", "demo-1", True),  # answered by the chain's fallback, and flagged so
     ]
     assert [r["stream_version"] for r in rows] == list(range(1, len(rows) + 1))
 
