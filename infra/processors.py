@@ -287,8 +287,9 @@ def _status(app: Any, counters: Counters, topic_name: str) -> dict[str, Any]:
         read = monitor.tp_read_offsets.get(tp)
         lag[f"{tp.topic}/{tp.partition}"] = max(0, end - (read + 1 if read is not None else 0))
     recovery = app.tables.recovery
-    since = time.time() - 60
-    recent = sorted(seconds for at, seconds in list(counters.lags) if at >= since)
+    now = time.time()
+    recent = sorted(seconds for at, seconds in list(counters.lags) if at >= now - 60)
+    last10 = sorted(seconds for at, seconds in list(counters.lags) if at >= now - 10)
     return {
         "pid": os.getpid(),
         "at": time.time(),
@@ -308,6 +309,7 @@ def _status(app: Any, counters: Counters, topic_name: str) -> dict[str, Any]:
             "p50": recent[len(recent) // 2] if recent else None,
             "p99": recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else None,
             "samples": len(recent),
+            "p99_10s": last10[min(len(last10) - 1, int(len(last10) * 0.99))] if last10 else None,
         },
     }
 

@@ -503,6 +503,7 @@ class Stack:
                 "partitions": len(s["assigned"]),
                 "lag_records": sum(s["lag_records"].values()),
                 "lag_p99_s": s["lag_s"]["p99"],
+                "lag_p99_10s": s["lag_s"].get("p99_10s"),
                 "recovering": s["recovering"],
                 "findings": s["findings"],
                 "dead_letters": s["dead_letters"],
