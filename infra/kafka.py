@@ -102,23 +102,26 @@ class KafkaEventSink:
     async def append(self, events: Sequence[Envelope[Any]]) -> None:
         if not self._started:
             await self.start()
+        # One send per event (batched by linger), then wait for every ack.
+        records = [
+            (event.stream_id.encode(), encode(event), await self._partition(event.stream_id))
+            for event in events
+        ]
+        await self.send(records, f"{len(events)} events")
+
+    async def send(self, records: Sequence[tuple[bytes, bytes, int | None]], what: str) -> None:
+        """Send (key, value, partition or None) records to the topic and wait for every ack;
+        the bound keeps a dead broker from hanging the caller forever."""
+        if not self._started:
+            await self.start()
         try:
-            # One send per event (batched by linger), then wait for every ack. The
-            # bound keeps a dead broker from hanging the caller forever.
             pending = [
-                await self._producer.send(
-                    self._topic,
-                    key=event.stream_id.encode(),
-                    value=encode(event),
-                    partition=await self._partition(event.stream_id),
-                )
-                for event in events
+                await self._producer.send(self._topic, key=key, value=value, partition=partition)
+                for key, value, partition in records
             ]
             await asyncio.wait_for(asyncio.gather(*pending), self._timeout_s)
         except (KafkaError, TimeoutError) as exc:
-            raise LogUnavailable(
-                f"the event log did not acknowledge {len(events)} events: {exc!r}"
-            ) from exc
+            raise LogUnavailable(f"the event log did not acknowledge {what}: {exc!r}") from exc
 
 
 class KafkaObservationSink:
@@ -127,20 +130,12 @@ class KafkaObservationSink:
 
     def __init__(self, bootstrap_servers: str, topic: str, config: BrokerConfig) -> None:
         self._sink = KafkaEventSink(bootstrap_servers, topic, config)
-        self._topic = topic
 
     async def publish(self, records: Sequence[tuple[str, bytes]]) -> None:
-        sink = self._sink
-        if not sink._started:
-            await sink.start()
-        try:
-            pending = [
-                await sink._producer.send(self._topic, key=key.encode(), value=value)
-                for key, value in records
-            ]
-            await asyncio.wait_for(asyncio.gather(*pending), sink._timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            raise LogUnavailable(f"{len(records)} observation records not acknowledged") from exc
+        await self._sink.send(
+            [(key.encode(), value, None) for key, value in records],
+            f"{len(records)} observation records",
+        )
 
     async def stop(self) -> None:
         await self._sink.stop()

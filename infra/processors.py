@@ -59,6 +59,14 @@ STATUS_STALE_S = 10.0
 """A status file older than this belongs to a worker that stopped."""
 
 
+def detector_config(settings: Settings) -> DetectorConfig:
+    """The detectors' settings: every DetectorConfig field, from the [anomalies] section."""
+    a = settings.anomalies
+    return DetectorConfig(
+        **{f.name: getattr(a, f.name) for f in dataclasses.fields(DetectorConfig)}
+    )
+
+
 def processors_id(settings: Settings) -> str:
     """The Faust app id: its consumer group and the prefix of its changelog topics."""
     return f"chatllm-processors.{settings.topics.events}"
@@ -166,9 +174,7 @@ def build_app(
         table_standby_replicas=0,
         producer_acks=-1,
     )
-    config = DetectorConfig(
-        **{f.name: getattr(settings.anomalies, f.name) for f in dataclasses.fields(DetectorConfig)}
-    )
+    config = detector_config(settings)
     topic = app.topic(
         settings.topics.observations,
         key_type=bytes,

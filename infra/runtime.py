@@ -56,7 +56,6 @@ from infra.workflows import (
     builtin_actions,
 )
 from streams.app import ARCHIVER_ID, ProjectionWorker, WorkerSettings
-from streams.detectors import DetectorConfig
 from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
@@ -143,14 +142,6 @@ def worker_settings(settings: Settings, bootstrap_servers: str) -> WorkerSetting
         memory_sample_s=settings.anomalies.memory_sample_s if settings.anomalies.enabled else 0,
         memory_max_age_days=settings.memory.max_age_days,
         prune_interval_s=settings.memory.prune_interval_s,
-    )
-
-
-def detector_config(settings: Settings) -> DetectorConfig:
-    """The detectors' settings: every DetectorConfig field, from the [anomalies] section."""
-    a = settings.anomalies
-    return DetectorConfig(
-        **{f.name: getattr(a, f.name) for f in dataclasses.fields(DetectorConfig)}
     )
 
 

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import struct
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,10 +17,11 @@ from infra.gateway import Gateway, shard_index
 from infra.kafka import KafkaStreamReader
 from infra.shardlink import MAX_FRAME, _pack
 from tests.conftest import Topics
-from tests.integration.test_ray_shards import ask, shards, shards_with
+from tests.faults.test_shard_death import slow_shards
+from tests.integration.test_ray_shards import ask, shards
 
 pytestmark = pytest.mark.integration
-__all__ = ["shards"]  # the fixture
+__all__ = ["shards", "slow_shards"]  # the fixtures
 
 
 async def _closed_without_answer(reader: asyncio.StreamReader) -> bool:
@@ -75,14 +75,6 @@ async def test_bad_frames_close_only_their_connection(shards: list[Any]) -> None
     assert "turn 2" in after.reply
 
 
-@pytest.fixture
-def slow_shards(ray_runtime: Any, broker: EmbeddedBroker, topics: Topics) -> Iterator[list[Any]]:
-    with shards_with(
-        ray_runtime, broker, topics, model__demo_latency_ms=1500, limits__rate_per_s=0
-    ) as started:
-        yield started
-
-
 async def test_an_abandoned_stream_is_cut_on_the_shard(
     slow_shards: list[Any], broker: EmbeddedBroker, topics: Topics
 ) -> None:
@@ -94,7 +86,7 @@ async def test_an_abandoned_stream_is_cut_on_the_shard(
     waiting.cancel()  # the HTTP client went away while the model was thinking
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
-    await asyncio.sleep(2.5)  # the model would have answered by now
+    await asyncio.sleep(3.0)  # the model (2.5 s) would have answered by now
     # The turn was cut on the shard: no reply is in the log.
     reader = KafkaStreamReader(broker.bootstrap_servers, topics.events)
     logged = await reader.read_stream(context)
