@@ -156,6 +156,10 @@ async def _serve(
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no event)
         await asyncio.sleep(0.05)
+    if server.started:
+        from infra import gcpolicy
+
+        gcpolicy.settle()
     if server.started and stack.primary:
         out.print(
             f"chat-llm is up: http://{settings.http.host}:{settings.http.port}"

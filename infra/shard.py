@@ -41,6 +41,7 @@ from actors.sanitizer import Sanitizer
 from events import Envelope, FeedbackGiven, UserForgotten, topics
 from events.chain import payload_digest
 from events.erasure import erase
+from infra import gcpolicy
 from infra.clock import SystemClock
 from infra.config import Settings
 from infra.embeddings import MiniLMEmbedder
@@ -206,6 +207,7 @@ class ChatShard:
     async def ready(self) -> int:
         """Connect, take the write lease, restore the limits; returns the contexts held."""
         await self._prepare()
+        gcpolicy.settle()
         return len(self._contexts)
 
     async def endpoint(self) -> tuple[str, int, str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+from infra import gcpolicy
 from infra.config import Settings
 from infra.metrics import Metrics
 from infra.store import AsyncStore, ClickHouseStore
@@ -94,6 +95,7 @@ class StoreHost:
             running = contextlib.AsyncExitStack()
             await running.enter_async_context(self.worker.running())
             self._running = running
+            gcpolicy.settle()
 
     async def stop(self, drain_s: float = 0.0) -> bool:
         """Stop the worker, first waiting up to `drain_s` for it to catch up with the log;
