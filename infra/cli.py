@@ -120,6 +120,8 @@ async def _serve(
 
     settings: Settings = stack.settings
     setup_tracing(settings.tracing.otlp_endpoint, "chatllm-api", settings.tracing.export_delay_ms)
+    if api_processes(settings) > 1:
+        stack.metrics.shared(api_metrics_dir(settings), api_process)
     api = build_api(
         gateway=stack.gateway,
         store=stack.astore,
@@ -169,12 +171,47 @@ async def _serve(
         )
         if ready is not None:
             ready.set()
-    if stop is not None:
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True  # graceful: lifespan shutdown stops the projection worker
-        stopping.cancel()
-    await serving
+    publishing = asyncio.create_task(_publish_turn_counters(stack.metrics))
+    try:
+        if stop is not None:
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            server.should_exit = True  # graceful: lifespan shutdown stops the projection worker
+            stopping.cancel()
+        await serving
+    finally:
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        with contextlib.suppress(OSError):
+            stack.metrics.publish()  # the last counts, for the processes still serving
+
+
+PUBLISH_INTERVAL_S = 1.0
+"""How often an API process writes its turn counters for the others' /metrics."""
+
+
+async def _publish_turn_counters(metrics: Any) -> None:
+    if metrics.peers is None:
+        return
+    while True:
+        try:
+            metrics.publish()
+        except OSError as exc:
+            logging.getLogger("chatllm").warning("turn counters not shared: %s", exc)
+        await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+
+def api_processes(settings: Settings) -> int:
+    """How many API processes `chatllm up` runs: http.workers, 0 meaning one per core."""
+    import os
+
+    return settings.http.workers or os.cpu_count() or 1
+
+
+def api_metrics_dir(settings: Settings) -> Path:
+    """Where the API processes of one `chatllm up` share their turn counters."""
+    return Path(settings.streams.datadir).parent / "api"
 
 
 def _run(coroutine: Any) -> Any:
@@ -228,7 +265,9 @@ def _more_api_processes(stack: Any, config: Path | None, profile: str | None) ->
     import ray
 
     settings: Settings = stack.settings
-    count = settings.http.workers or os.cpu_count() or 1
+    count = api_processes(settings)
+    for stale in api_metrics_dir(settings).glob("api-*.json"):  # a previous run's counts
+        stale.unlink(missing_ok=True)
     env = {**os.environ, "CHATLLM_BROKER__BOOTSTRAP_SERVERS": stack.bootstrap_servers}
     gcs = ray.get_runtime_context().gcs_address
     where = [

@@ -103,9 +103,10 @@ class HttpConfig(_Section):
     """Browser origins allowed to call the API (CORS); empty: none (the default)."""
     max_body_bytes: Positive = 8 * 1024 * 1024
     """Larger request bodies are refused with 413 before they are read."""
-    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """API processes `chatllm up` runs on the port (they share the shards and the store);
-    0: one per core. Each exports its own turn counters at /metrics (not summed yet)."""
+    0 (the default): one per core. /metrics shows their turn counters summed, whichever
+    process answers the scrape."""
 
 
 class ModelConfig(_Section):

@@ -709,13 +709,18 @@ def build_api(
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        """Prometheus text exposition: turns, turn latency, projection lag, archive counts."""
+        """Prometheus text exposition: turns (summed over the API processes), turn latency,
+        projection lag, archive counts. X-ChatLLM-API-Process: which process answered."""
         if metrics is None:
             raise HTTPException(404, "metrics are not enabled")
         text = metrics.exposition()
         if more_metrics is not None:  # the projections' own, from the process that runs them
             text += await more_metrics()
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            text,
+            media_type=CONTENT_TYPE_LATEST,
+            headers={"X-ChatLLM-API-Process": str(api_process)},
+        )
 
     def meta_for(
         who: Caller, context_id: str, user: str | None, traceparent: str | None = None

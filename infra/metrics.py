@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
@@ -22,8 +24,13 @@ class Metrics:
     def __init__(self, *, turns: bool = True, projections: bool = True) -> None:
         self.registry = CollectorRegistry()
         # Families a process does not own are not registered at all: two expositions
-        # shown together must not both describe one family.
-        registry = self.registry if turns else CollectorRegistry()
+        # shown together must not both describe one family. The turns' own registry: with
+        # several API processes, /metrics shows them summed over all (see `shared`).
+        self._turns = CollectorRegistry()
+        self._owns_turns = turns
+        self.peers: Path | None = None
+        self.index = 0
+        registry = self._turns if turns else CollectorRegistry()
         self.turns = Counter(
             "chatllm_turns",
             "Chat turns by outcome and model.",
@@ -99,5 +106,80 @@ class Metrics:
             }
         return out
 
+    def shared(self, directory: Path, index: int) -> None:
+        """This is API process `index` of several that share `directory`: each writes its
+        turn counters there (`publish`), and /metrics, whichever process answers it, shows
+        their sum (a scrape lands on one process of the port, and must see them all)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peers, self.index = directory, index
+
+    def turn_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """(family, sample name, labels, value) of this process's turn counters."""
+        return [
+            (family.name, sample.name, dict(sample.labels), sample.value)
+            for family in self._turns.collect()
+            for sample in family.samples
+        ]
+
+    def publish(self) -> None:
+        """Write this process's turn counters for the others (atomically: write, rename)."""
+        if self.peers is None or not self._owns_turns:
+            return
+        path = self.peers / f"api-{self.index}.json"
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(msgspec.json.encode(self.turn_samples()))
+        partial.replace(path)
+
+    def _peer_samples(self) -> Iterator[list[tuple[str, str, dict[str, str], float]]]:
+        if self.peers is None:
+            return
+        for path in sorted(self.peers.glob("api-*.json")):
+            if path.name == f"api-{self.index}.json":
+                continue  # our own counters are read live
+            try:
+                yield msgspec.json.decode(
+                    path.read_bytes(), type=list[tuple[str, str, dict[str, str], float]]
+                )
+            except (OSError, msgspec.DecodeError):
+                continue  # a peer that is starting or gone: its last file or nothing
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        if not self._owns_turns:
+            return text
+        if self.peers is None:
+            return text + generate_latest(self._turns)
+        summed = CollectorRegistry()
+        summed.register(_Summed(self._turns, [self.turn_samples(), *self._peer_samples()]))
+        return text + generate_latest(summed)
+
+
+class _Summed:
+    """The turn families with each sample summed over the API processes (a `_created`
+    timestamp is the earliest, not a sum)."""
+
+    def __init__(
+        self,
+        own: CollectorRegistry,
+        processes: Iterable[list[tuple[str, str, dict[str, str], float]]],
+    ) -> None:
+        self._families = {f.name: (f.documentation, f.type) for f in own.collect()}
+        self._processes = list(processes)
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for samples in self._processes:
+            for family, name, labels, value in samples:
+                key = (family, name, tuple(sorted(labels.items())))
+                if key not in totals:
+                    totals[key] = value
+                elif name.endswith("_created"):
+                    totals[key] = min(totals[key], value)
+                else:
+                    totals[key] += value
+        for family, (documentation, kind) in self._families.items():
+            metric = Metric(family, documentation, kind)
+            for (of, name, pairs), value in totals.items():
+                if of == family:
+                    metric.add_sample(name, dict(pairs), value)
+            yield metric

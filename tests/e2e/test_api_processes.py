@@ -53,6 +53,48 @@ def test_two_api_processes_serve_one_context_alternately_and_its_history_stays_e
     assert [e["type"] for e in logged].count("MessageReceived") == turns
 
 
+def _turns_total(text: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("chatllm_turns_total{")
+    )
+
+
+def test_metrics_show_the_turns_of_every_api_process_summed(service: Service) -> None:
+    """A scrape lands on one process of the port; whichever it is, chatllm_turns_total
+    counts the turns both served (the other's as of its last write, within a second)."""
+    import time
+
+    before: dict[int, float] = {}
+    served: dict[int, int] = {}
+    while len(before) < 2:  # each process's view of the total, before
+        with httpx.Client() as fresh:
+            reply = fresh.get(f"{service.base}/metrics")
+            reply.raise_for_status()
+            before.setdefault(int(reply.headers["x-chatllm-api-process"]), _turns_total(reply.text))
+    start = max(before.values())
+    while min(served.get(0, 0), served.get(1, 0)) < 3:
+        with httpx.Client() as fresh:
+            reply = fresh.post(
+                f"{service.base}/v1/chat/completions",
+                json={"model": "auto", "messages": [{"role": "user", "content": "count me"}]},
+                headers={"X-Tenant-Id": "counted"},
+            )
+        assert reply.status_code == 200, reply.text
+        process = reply.json()["chatllm"]["api_process"]
+        served[process] = served.get(process, 0) + 1
+    expected = start + sum(served.values())
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (len(seen) < 2 or set(seen.values()) != {expected}):
+        with httpx.Client() as fresh:
+            reply = fresh.get(f"{service.base}/metrics")
+        seen[int(reply.headers["x-chatllm-api-process"])] = _turns_total(reply.text)
+        time.sleep(0.2)
+    assert seen == {0: expected, 1: expected}, (seen, served, before)
+
+
 def test_health_says_when_the_store_host_is_gone(service: Service) -> None:
     # Runs last in this module: it kills the store host.
     import os
