@@ -241,6 +241,7 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
             settings.http.host,
         )
     stack = _start_stack(settings, loaded)
+    _stop_on_sigterm()
     others: list[Any] = []
     try:
         others = _more_api_processes(stack, config, profile)
@@ -254,6 +255,17 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
         stack.stop()
         shutdown_tracing()
     out.print("chat-llm stopped")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, Kubernetes, `kill`) stops the stack as Ctrl-C does. Without this,
+    Ray's driver handler (installed by ray.init) turns it into SystemExit in the middle of
+    uvicorn's shutdown: a traceback, exit status 15 and no "chat-llm stopped"."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _more_api_processes(stack: Any, config: Path | None, profile: str | None) -> list[Any]:
@@ -323,6 +335,7 @@ def api_process(
     settings = loaded.settings
     _setup_logging(settings)
     stack = Stack.attach(settings, ray_address, loaded)
+    _stop_on_sigterm()
     try:
         _run(_serve(stack, api_process=index))
     except KeyboardInterrupt:

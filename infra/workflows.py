@@ -656,12 +656,15 @@ class WorkflowRunner:
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 # Every owned partition is read again from its commit: the runs that were
                 # unfinished there are folded back before any of them is driven.
+                consumer = runner._consumer
+                if consumer is None:  # a join that completed while the runner stops
+                    return
                 for tp in assigned:
-                    committed = await runner._consumer.committed(tp)
+                    committed = await consumer.committed(tp)
                     if committed is None:
-                        await runner._consumer.seek_to_beginning(tp)
+                        await consumer.seek_to_beginning(tp)
                     else:
-                        runner._consumer.seek(tp, committed)
+                        consumer.seek(tp, committed)
 
         self._consumer = consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
@@ -707,9 +710,9 @@ class WorkflowRunner:
             health.running = False
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._drop_all(commit=True), 30)
-            self._consumer = None
             with contextlib.suppress(Exception):
                 await consumer.stop()
+            self._consumer = None
 
     async def _fold(self, tp: Any, record: Any) -> None:
         try:
