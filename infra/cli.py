@@ -203,10 +203,10 @@ async def _publish_turn_counters(metrics: Any) -> None:
 
 
 def api_processes(settings: Settings) -> int:
-    """How many API processes `chatllm up` runs: http.workers, 0 meaning one per core."""
+    """How many API processes `chatllm up` runs: http.workers, 0 meaning one per two cores."""
     import os
 
-    return settings.http.workers or os.cpu_count() or 1
+    return settings.http.workers or max(1, (os.cpu_count() or 1) // 2)
 
 
 def api_metrics_dir(settings: Settings) -> Path:
@@ -269,7 +269,7 @@ def _stop_on_sigterm() -> None:
 
 
 def _more_api_processes(stack: Any, config: Path | None, profile: str | None) -> list[Any]:
-    """http.workers - 1 more API processes on the same port (0: one per core); each joins
+    """http.workers - 1 more API processes on the same port (0: one per two cores); each joins
     this stack's Ray cluster and finds its store host and shards by name."""
     import os
     import subprocess

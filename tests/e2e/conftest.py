@@ -44,7 +44,7 @@ def start_service(
         "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
         "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
         "CHATLLM_RAY__NAMESPACE": f"chatllm-e2e-{port}",
-        # One API process unless a test asks for more (the default is one per core): the
+        # One API process unless a test asks for more (the default: one per two cores): the
         # suite starts many stacks on two cores. test_api_processes and the fresh-clone
         # tests run several.
         "CHATLLM_HTTP__WORKERS": "1",
