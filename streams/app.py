@@ -384,8 +384,13 @@ class ProjectionWorker:
     async def _handle(self, records: Sequence[Any]) -> None:
         out, decoded = await self._project(records)
         if out.archive:
-            await self._write(out)
-            await self._observe(decoded)
+            # The detectors' observations go out beside the write, not after it: a write
+            # takes a few hundred ms and the processors' lag would carry all of it. If the
+            # write fails for good, the batch is read again from its commit and the
+            # observations go out again: at least once, as after a crash.
+            async with asyncio.TaskGroup() as both:
+                both.create_task(self._write(out))
+                both.create_task(self._observe(decoded))
 
     async def _project(self, records: Sequence[Any]) -> tuple[ProjectionBatch, list[Envelope[Any]]]:
         out = ProjectionBatch()
