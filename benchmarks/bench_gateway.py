@@ -97,6 +97,17 @@ def _tree_cpu(root: int) -> float:
     return sum(cpu_seconds(pid) for pid in process_tree(root))
 
 
+def _wait_for_processors(base: str, timeout_s: float = 90.0) -> None:
+    """Until the processors' worker holds its partitions (it joins its group after the API
+    answers); the run goes on after `timeout_s` and the note then says none reported."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{base}/v1/live", timeout=10).json().get("processors") or []
+        if any(w["partitions"] and not w["recovering"] for w in workers):
+            return
+        time.sleep(0.5)
+
+
 def _processors_note(live: dict[str, Any]) -> str:
     workers = live.get("processors") or []
     if not workers:
@@ -210,6 +221,7 @@ def run(sequential: int = 400, concurrent_turns: int = 3200, clients: int = 64) 
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = _start_service(Path(tmp))
         try:
+            _wait_for_processors(base)  # steady state: their lag, not their start, is measured
             asyncio.run(_turns(base, 200, 1))  # warm up: connections, code paths, shard caches
             turns, _ = asyncio.run(_turns(base, sequential, 1))
             asyncio.run(_turns(base, 640, clients))

@@ -45,8 +45,8 @@ def start_service(
         "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
         "CHATLLM_RAY__NAMESPACE": f"chatllm-e2e-{port}",
         # One API process unless a test asks for more (the default: one per two cores): the
-        # suite starts many stacks on two cores. test_api_processes and the fresh-clone
-        # tests run several.
+        # suite starts many stacks on two cores. test_api_processes and test_sigterm run
+        # two.
         "CHATLLM_HTTP__WORKERS": "1",
         **(extra_env or {}),
     }
