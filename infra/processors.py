@@ -199,7 +199,7 @@ def build_app(
         table_standby_replicas=0,
         producer_acks=-1,
     )
-    app.chatllm_fetch_wait_ms = int(min(s.fetch_wait_s, 1.0) * 1000)  # see _patch_fetch_wait
+    setattr(app, "chatllm_fetch_wait_ms", int(min(s.fetch_wait_s, 1.0) * 1000))  # noqa: B010 (_patch_fetch_wait)
     config = detector_config(settings)
     topic = app.topic(
         settings.topics.observations,
