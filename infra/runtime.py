@@ -236,6 +236,20 @@ def workflow_runner(
     )
 
 
+class Idle:
+    """A consumer that has nothing to read yet, as /healthz reports it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def report(self) -> dict[str, Any]:
+        return {"status": "ok", "lag": None, "busy_s": 0.0, "last_error": "", "reason": self.reason}
+
+
+WORKFLOW_SCAN_S = 2.0
+"""How often an API process looks for its first workflow definition (then runs the runner)."""
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory of a process in MiB (Linux /proc), None if it is gone."""
     import os
@@ -454,7 +468,7 @@ class Stack:
     """The process that started the stack (it runs the workflow runner, the plugins' bus
     and the knowledge refresh, and stops the rest); other API processes only serve."""
     _stopped: bool = field(default=False, repr=False)
-    _loops: dict[str, LoopHealth] = field(default_factory=dict, repr=False)
+    _loops: dict[str, LoopHealth | Idle] = field(default_factory=dict, repr=False)
     """The consume loops running in this process (workflows, the plugins' bus)."""
 
     async def health(self) -> dict[str, Any]:
@@ -720,22 +734,52 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def _workflows_running(self) -> AsyncIterator[None]:
+        """The workflow runner, from the moment a workflow is defined. It reads every event of
+        the log; with no workflow there is nothing for it to drive, and the embedded broker
+        pays for each consumer that fetches from a long log (measured: its CPU per turn
+        after 100,000 turns went from 0.35 to 1.75 ms with two such consumers)."""
         if not self.settings.workflows.run:
             yield
             return
-        self.workflows.definitions()  # imports the folder's Python steps before runs resume
-        runner = workflow_runner(
-            self.settings,
-            self.bootstrap_servers,
-            self.appender,
-            self.astore,
-            chat=GatewayChat(self.gateway),
-            plugins=self.plugins,
-            knowledge=self.knowledge,
+        feeding = contextlib.AsyncExitStack()
+
+        async def start_runner() -> None:
+            runner = workflow_runner(
+                self.settings,
+                self.bootstrap_servers,
+                self.appender,
+                self.astore,
+                chat=GatewayChat(self.gateway),
+                plugins=self.plugins,
+                knowledge=self.knowledge,
+            )
+            self._loops["workflows"] = runner.health
+            await feeding.enter_async_context(runner.running())
+
+        async def supervise() -> None:
+            while True:
+                try:
+                    # Imports the folder's Python steps before runs resume.
+                    defined = bool(self.workflows.definitions())
+                except Exception:
+                    log.exception("reading the workflow definitions failed")
+                    defined = False
+                if defined:
+                    await start_runner()
+                    return
+                await asyncio.sleep(WORKFLOW_SCAN_S)
+
+        self._loops["workflows"] = Idle(
+            "no workflow is defined (workflows.folder): the runner starts with the first"
         )
-        self._loops["workflows"] = runner.health
-        async with runner.running():
+        supervisor = asyncio.create_task(supervise())
+        try:
             yield
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            await feeding.aclose()
 
     @contextlib.asynccontextmanager
     async def _plugins_running(self, listen: bool = True) -> AsyncIterator[None]:

@@ -162,3 +162,36 @@ def test_config_use_switches_a_live_profile_and_records_who_and_what(running: Se
     ]
     assert payload["requested_by"] == first["user_id"] == "operator"
     assert second["payload"]["profile_after"] == ""
+
+
+def test_the_runner_reads_the_log_only_once_a_workflow_is_defined(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With no workflow, no runner consumes the log (each consumer of a long log costs the
+    embedded broker); the first definition dropped into the folder starts it, and its
+    runs go to their end."""
+    workdir = tmp_path_factory.mktemp("workflows-later")
+    folder = workdir / "workflows"
+    folder.mkdir()
+    service = start_service(workdir, extra_env={"CHATLLM_WORKFLOWS__FOLDER": str(folder)})
+    try:
+        health = httpx.get(f"{service.base}/healthz", timeout=30).json()
+        idle = health["consumers"]["workflows"]
+        assert idle["status"] == "ok" and "no workflow is defined" in idle["reason"], idle
+        (folder / "triage.toml").write_text(TRIAGE)
+        running = wait_for(
+            lambda: (
+                (w := httpx.get(f"{service.base}/healthz", timeout=30).json()["consumers"])[
+                    "workflows"
+                ]["reason"]
+                == ""
+                and w
+            ),
+            "the runner started by the first definition",
+        )
+        assert running["workflows"]["status"] in ("ok", "starting")
+        done = cli(service, "workflow", "run", "triage", "-i", "question=Where is my parcel?")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "completed" in done.stdout
+    finally:
+        stop_service(service)
