@@ -45,6 +45,18 @@ fallbacks = {{}}
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "What is Lisbon like?"}]}
 
 
+def _wait_caught_up(base: str, timeout_s: float = 300.0) -> None:
+    """Until every consumer /healthz names has read the whole log (lag 0 or none)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        consumers = httpx.get(f"{base}/healthz", timeout=30).json()["consumers"]
+        if all(not c.get("lag") for c in consumers.values()):
+            return
+        time.sleep(1)
+
+
 def _cpu_seconds(root: int) -> float:
     """CPU time (user + system) of `root` and every process below it, now."""
     return sum(cpu_seconds(pid) for pid in process_tree(root))
@@ -196,6 +208,9 @@ def run(
                     soak = max(soak_turns - done, 0)
                     asyncio.run(_concurrent(base, soak, clients))
                     total = done + soak
+                    # 64 clients outrun the (niced) store host: let it catch up first, or
+                    # "after 100,000 turns" would measure the backlog being written.
+                    _wait_caught_up(base)
                     soaked, _ = asyncio.run(_sequential(base, sequential, False))
                     soaked_by = _rss_by_process(stack.pid)
                     soaked_rss = sum(soaked_by.values())
