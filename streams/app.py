@@ -169,7 +169,11 @@ class ProjectionWorker:
         self.dead_letters = DeadLetters(
             settings.bootstrap_servers, settings.deadletter_topic, PROJECTIONS_AGENT
         )
-        self._loop = BatchLoop(settings.loop(settings.events_topic, settings.app_id), self._handle)
+        self._loop = BatchLoop(
+            settings.loop(settings.events_topic, settings.app_id), self._handle, early=self._early
+        )
+        self._prepared: dict[int, tuple[Sequence[Any], ProjectionBatch]] = {}
+        """Batches `_early` decoded and observed, by id, for `_handle` to write."""
         self.ingested = 0
         self.ingest_dead_letters = DeadLetters(
             settings.bootstrap_servers, settings.deadletter_topic, INGEST_AGENT
@@ -381,16 +385,29 @@ class ProjectionWorker:
 
     # ---- the projection loop ------------------------------------------------------------
 
-    async def _handle(self, records: Sequence[Any]) -> None:
+    async def _early(self, records: Sequence[Any]) -> None:
+        """A batch as soon as it is gathered, while the one before it is being written: it is
+        decoded (bad records dead-lettered) and the detectors' observations go out now, so
+        the processors' lag does not carry the write before it (a few hundred ms under
+        load). A batch that is then not written is read again from its commit, and its
+        observations go out again: at least once, as after a crash."""
         out, decoded = await self._project(records)
+        if len(self._prepared) > 2:  # left by a loop that stopped before handling them
+            self._prepared.clear()
+        self._prepared[id(records)] = (records, out)
         if out.archive:
-            # The detectors' observations go out beside the write, not after it: a write
-            # takes a few hundred ms and the processors' lag would carry all of it. If the
-            # write fails for good, the batch is read again from its commit and the
-            # observations go out again: at least once, as after a crash.
-            async with asyncio.TaskGroup() as both:
-                both.create_task(self._write(out))
-                both.create_task(self._observe(decoded))
+            await self._observe(decoded)
+
+    async def _handle(self, records: Sequence[Any]) -> None:
+        prepared = self._prepared.pop(id(records), None)
+        if prepared is not None and prepared[0] is records:
+            out = prepared[1]
+        else:  # not seen early (a loop without the hook)
+            out, decoded = await self._project(records)
+            if out.archive:
+                await self._observe(decoded)
+        if out.archive:
+            await self._write(out)
 
     async def _project(self, records: Sequence[Any]) -> tuple[ProjectionBatch, list[Envelope[Any]]]:
         out = ProjectionBatch()

@@ -174,9 +174,17 @@ class BatchLoop:
     """Consume `settings.topic` as `settings.group`; `handle` each fetched batch, then let
     its offsets move on. At-least-once: a crash re-reads what was not committed."""
 
-    def __init__(self, settings: LoopSettings, handle: Handler) -> None:
+    def __init__(
+        self, settings: LoopSettings, handle: Handler, early: Handler | None = None
+    ) -> None:
+        """`early`, when given, sees each batch as soon as it is gathered, while the batch
+        before it is still being handled: the next batch is gathered (and shown to `early`)
+        during `handle`, which still takes the batches one at a time and in order. What
+        `early` does for a batch that is then not handled (a stop, a crash) happens again
+        when the batch is read again: it must be safe to repeat."""
         self.settings = settings
         self.handle = handle
+        self.early = early
         self._consumer: Any = None
         self.health = LoopHealth(settings.group, stuck_after_s=settings.stuck_after_s)
         self.caught_up_at = 0.0
@@ -252,15 +260,39 @@ class BatchLoop:
                 # last commit, and the idempotent sinks absorb the repeat.
                 log.info("offsets not committed (%s); they will be re-read", exc)
 
+        early = self.early
+
+        async def gather() -> tuple[dict[Any, list[Any]], list[Any]]:
+            fetched = await self._gather(consumer)
+            records = [r for batch in fetched.values() for r in batch]
+            if records and early is not None:
+                await early(records)
+            return fetched, records
+
+        async def gather_during(
+            work: asyncio.Future[None],
+        ) -> tuple[dict[Any, list[Any]], list[Any]]:
+            # An empty gather returns within the batch window: poll again while the batch
+            # before is handled, then hand back (empty or not) for the loop's bookkeeping.
+            while True:
+                fetched, records = await gather()
+                if fetched or work.done():
+                    return fetched, records
+
+        ahead: asyncio.Future[tuple[dict[Any, list[Any]], list[Any]]] | None = None
         try:
             while True:
-                fetched = await self._gather(consumer)
+                if ahead is None:
+                    fetched, records = await gather()
+                else:
+                    fetched, records = await ahead
+                    ahead = None
                 if fetched:
                     ends = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
                     health.handling_since = time.monotonic()
-                    work = asyncio.ensure_future(
-                        self.handle([r for batch in fetched.values() for r in batch])
-                    )
+                    work = asyncio.ensure_future(self.handle(records))
+                    if early is not None:
+                        ahead = asyncio.ensure_future(gather_during(work))
                     try:
                         await asyncio.shield(work)
                     except asyncio.CancelledError:
@@ -291,6 +323,10 @@ class BatchLoop:
             health.stopped = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
             self._consumer = None
             health.running, health.handling_since = False, None
             with contextlib.suppress(Exception):
