@@ -13,6 +13,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -220,6 +221,8 @@ class _Attempt:
 
     def __init__(self, live: bool = True, options: GenerationOptions | None = None) -> None:
         self.events: list[Event] = []
+        self.at: dict[int, datetime] = {}
+        """When events of the turn happened, by id (those not here: when recorded)."""
         self.text: list[str] = []
         self.options = options or GenerationOptions()
         self.finish = "stop"
@@ -276,6 +279,7 @@ class ChatService:
         if not request.messages or request.messages[-1].role != "user":
             raise ValueError("the last message of a request must be the user's")
         async with context.lock:
+            begun = self.clock.now()  # when what precedes the model calls happened
             state = context.state
             message_id = self.clock.new_event_id()
             verdict = self.sanitizer.check(request.messages[-1].content)
@@ -430,6 +434,7 @@ class ChatService:
                     for model in request.fanout
                 ]
                 payloads += routes
+                at = {id(p): begun for p in payloads}
                 members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
                 async for item in self._fan_out(
                     routes, conversation, request.merge, request.options
@@ -442,13 +447,18 @@ class ChatService:
                     payloads += member_attempt.events
                 payloads += self.router.take_circuit_events()
                 finals = [f for _, f, _ in members if f is not None]
+                for _, _, member_attempt in members:
+                    at |= member_attempt.at
                 payloads += finals
-                events = await context.record(payloads, meta, cause_after=message_id)
+                events = await context.record(payloads, meta, cause_after=message_id, at=at)
                 yield self._fan_out_outcome(meta, members, conversation, events, request.merge)
                 return
             payloads.append(route)
 
             attempt = _Attempt(live, request.options)
+            # Each event carries when it happened: the audit trail shows the waits between
+            # a turn's attempts (the reply and what follows it: when it is recorded).
+            attempt.at.update((id(p), begun) for p in payloads)
             final: ReplyCompleted | ReplyFailed | None = None
             deployment_used = ""
             try:
@@ -462,7 +472,7 @@ class ChatService:
             assert final is not None
             payloads += self.router.take_circuit_events()
             payloads.append(final)
-            events = await context.record(payloads, meta, cause_after=message_id)
+            events = await context.record(payloads, meta, cause_after=message_id, at=attempt.at)
             if scope and isinstance(final, ReplyCompleted) and not final.fallback:
                 assert self.cache is not None
                 self.cache.put(
@@ -792,6 +802,8 @@ class ChatService:
                 )
                 if adjusted is not None:
                     attempt.events.append(adjusted)
+            ended = self.clock.now()
+            attempt.at.update((id(e), ended) for e in attempt.events if id(e) not in attempt.at)
         yield (deployment.name, latency_ms)
 
 

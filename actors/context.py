@@ -300,20 +300,31 @@ def stamp(
     meta: RequestMeta,
     clock: Clock,
     cause_after: str | None = None,
+    at: Mapping[int, datetime] | None = None,
 ) -> list[Envelope[Any]]:
     """Wrap payloads in envelopes with the next gapless versions of the stream.
+
+    `at`: when payloads happened, by id(payload); the others get the clock's time now. Times
+    never go back within the stream: an earlier one takes the time of the event before it.
 
     Events after the MessageReceived whose message_id is `cause_after` are caused by it.
     """
     stamped: list[Envelope[Any]] = []
     causation: str | None = None
     prev_hash = state.last_hash
+    last_at: datetime | None = None
     for offset, payload in enumerate(payloads, start=1):
+        happened = at.get(id(payload)) if at else None
+        if happened is None:
+            happened = clock.now()
+        if last_at is not None and happened < last_at:
+            happened = last_at
+        last_at = happened
         event: Envelope[Any] = Envelope(
             event_id=clock.new_event_id(),
             type=type(payload).__name__,
             schema=CURRENT_SCHEMA[type(payload)],
-            occurred_at=clock.now(),
+            occurred_at=happened,
             stream_id=state.context_id,
             stream_version=state.version + offset,
             tenant_id=meta.tenant_id,
@@ -369,10 +380,15 @@ class ContextActor:
             raise ContextRejected(f"context {self._state.context_id!r} belongs to another tenant")
 
     async def record(
-        self, payloads: Sequence[Event], meta: RequestMeta, cause_after: str | None = None
+        self,
+        payloads: Sequence[Event],
+        meta: RequestMeta,
+        cause_after: str | None = None,
+        at: Mapping[int, datetime] | None = None,
     ) -> list[Envelope[Any]]:
-        """Append the payloads as the stream's next events; return once the log has them."""
-        events = stamp(self._state, payloads, meta, self._clock, cause_after)
+        """Append the payloads as the stream's next events; return once the log has them.
+        `at`: when payloads happened, by id (see `stamp`)."""
+        events = stamp(self._state, payloads, meta, self._clock, cause_after, at)
         # Validate against the state first, then make durable, then commit in memory:
         # the state never runs ahead of the log.
         next_state = fold(self._state, events)

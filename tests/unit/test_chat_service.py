@@ -518,3 +518,37 @@ async def test_max_tokens_and_stop_bound_the_reply_streamed_and_not() -> None:
         (whole.reply, "length"),
         (outcome.reply, "length"),
     ]
+
+
+async def test_each_event_of_a_turn_carries_when_it_happened() -> None:
+    """The audit trail shows the waits between a turn's attempts: each ModelCalled at the end
+    of its call, what came before the calls at the turn's start, in stream order."""
+    from datetime import timedelta
+
+    h = Harness([healthy(faults=("network", "network"))])
+    waited = timedelta()
+    ticking = h.clock.now
+
+    def now() -> Any:
+        return ticking() + waited
+
+    async def sleep(seconds: float) -> None:
+        nonlocal waited
+        waited += timedelta(seconds=seconds)
+
+    h.clock.now = now  # type: ignore[method-assign]
+    h.service.sleep = sleep
+    await h.ask("hello")
+    events = await h.log.read_stream("ctx-1")
+    times = [e.occurred_at for e in events]
+    assert times == sorted(times)
+    received = next(e for e in events if e.type == "MessageReceived")
+    calls = [e for e in events if e.type == "ModelCalled"]
+    reply = next(e for e in events if e.type == "ReplyCompleted")
+    assert len(calls) == 3
+    assert received.occurred_at < calls[0].occurred_at
+    # Between two attempts lies at least the backoff that separated them.
+    base = POLICY.backoff_base_s
+    assert calls[1].occurred_at - calls[0].occurred_at >= timedelta(seconds=base / 2)
+    assert calls[2].occurred_at - calls[1].occurred_at >= timedelta(seconds=base)
+    assert reply.occurred_at >= calls[2].occurred_at
