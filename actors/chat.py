@@ -445,10 +445,9 @@ class ChatService:
                         members = item
                 for _, _, member_attempt in members:
                     payloads += member_attempt.events
+                    at |= member_attempt.at
                 payloads += self.router.take_circuit_events()
                 finals = [f for _, f, _ in members if f is not None]
-                for _, _, member_attempt in members:
-                    at |= member_attempt.at
                 payloads += finals
                 events = await context.record(payloads, meta, cause_after=message_id, at=at)
                 yield self._fan_out_outcome(meta, members, conversation, events, request.merge)
