@@ -28,7 +28,7 @@ from actors.cache import ReplyCache, scope_key
 from actors.context import ContextActor, RequestMeta
 from actors.knowledge import Retrieved, knowledge_prompt
 from actors.limiter import RateLimiter
-from actors.ports import ChatMessage, ModelError, ModelProvider, SentimentScorer
+from actors.ports import ChatMessage, ModelError, ModelProvider, SentimentScorer, StreamEnd
 from actors.router import REQUEST_ERRORS, Deployment, ModelRouter, RetryRule
 from actors.sanitizer import Sanitizer
 from events import (
@@ -72,6 +72,10 @@ class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+
+    def needs(self) -> frozenset[str]:
+        """The deployment capabilities these options use (actors.router.CAPABILITIES)."""
+        return frozenset()
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,6 +235,13 @@ class _Attempt:
         """Text reaches the caller as it comes (a stream); otherwise only the whole reply."""
         self.streamed = False
         """Text of this turn already reached the caller: no retry into a different answer."""
+        self.continued = False
+        """A fallback continued a cut answer (its usage covers only its part)."""
+        self.usage: StreamEnd | None = None
+        """What the last call's provider said of its answer (finish_reason, usage)."""
+        self.bound: TextBound | None = None
+        self.needs: frozenset[str] = self.options.needs()
+        """The capabilities the request uses (a deployment must serve them all)."""
 
 
 class ChatService:
@@ -503,7 +514,7 @@ class ChatService:
             model=final.model,
             deployment=deployment_used,
             fallback=final.fallback,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
             events=refs(events),
             message_id=final.message_id,
@@ -599,11 +610,26 @@ class ChatService:
     async def _call_chain(
         self, route: RouteDecided, conversation: Sequence[ChatMessage], attempt: _Attempt
     ) -> AsyncIterator[str | tuple[str, ReplyCompleted | ReplyFailed]]:
-        """Try the route's models in order; yields text, and (deployment, final event) last."""
+        """Try the route's models in order; yields text, and (deployment, final event) last.
+
+        A stream cut after text reached the caller goes on where it stopped: the next model
+        of the chain that takes an assistant prefill gets the text so far as one, and the
+        caller receives only its continuation, so it reads one answer. With no such model,
+        or when each refuses, the turn fails with the error that cut it (never a truncated
+        answer presented as whole). After context_too_long, only models with a larger
+        context window are asked."""
         last_error: ModelError | None = None
+        cut: ModelError | None = None
+        """The error that cut a stream the caller had begun to read: the turn's real error."""
         last_model = route.chain[0] if route.chain else ""
+        too_long_at = -1
+        """The context window of the model that found the prompt too long (-1: none did)."""
         policy = self.router.policy
         for model in route.chain:
+            if too_long_at >= 0 and too_long_at and self.router.window(model) <= too_long_at:
+                continue  # it would not take the prompt either
+            if attempt.streamed and not self.router.serves(model, attempt.needs | {"prefill"}):
+                continue  # it cannot continue the answer the caller has begun to read
             last_model = model
             try:
                 async for piece in self._call_model(
@@ -612,6 +638,7 @@ class ChatService:
                     if isinstance(piece, tuple):
                         deployment, latency_ms = piece
                         text = "".join(attempt.text)
+                        usage = attempt.usage if not attempt.continued else None
                         yield (
                             deployment,
                             ReplyCompleted(
@@ -620,8 +647,18 @@ class ChatService:
                                 content=text,
                                 model=model,
                                 latency_ms=latency_ms,
-                                prompt_tokens=sum(count_tokens(m.content) for m in conversation),
-                                completion_tokens=count_tokens(text),
+                                prompt_tokens=(
+                                    usage.prompt_tokens
+                                    if usage is not None and usage.prompt_tokens is not None
+                                    else sum(count_tokens(m.content) for m in conversation)
+                                ),
+                                completion_tokens=(
+                                    usage.completion_tokens
+                                    if usage is not None
+                                    and usage.completion_tokens is not None
+                                    and attempt.finish != "length"
+                                    else count_tokens(text)
+                                ),
                                 deployment=deployment,
                                 finish_reason=attempt.finish,
                                 # Answered by a fallback of the chain, not the routed model.
@@ -633,11 +670,26 @@ class ChatService:
             except ModelError as exc:
                 last_error = exc
                 if attempt.streamed:
-                    # Text already reached the caller: no silent retry into a different answer.
-                    break
+                    cut = cut or exc
+                    if exc.error_class == "content_policy":
+                        break
+                    continue  # the next model that takes a prefill carries on
+                if exc.error_class == "context_too_long":
+                    too_long_at = self.router.window(model)
                 if self._rule(exc.error_class).then == "fail":
                     break
-        assert last_error is not None
+        if cut is not None:
+            last_error = ModelError(
+                cut.error_class,
+                f"{cut.message} (after {len(''.join(attempt.text))} characters had been "
+                "sent; no fallback continued the answer"
+                + (f": {last_error.message}" if last_error is not cut and last_error else "")
+                + ")",
+            )
+        if last_error is None:
+            last_error = ModelError(
+                "network", f"no model of the chain {list(route.chain)} serves this request"
+            )
         if (
             policy.demo_fallback
             and not attempt.streamed
@@ -646,9 +698,10 @@ class ChatService:
             started = time.perf_counter()
             text = FALLBACK_NOTE
             yield FALLBACK_NOTE
-            async for piece in self.fallback.stream(conversation):
-                text += piece
-                yield piece
+            async for demo_piece in self.fallback.stream(conversation):
+                if isinstance(demo_piece, str):
+                    text += demo_piece
+                    yield demo_piece
             yield (
                 self.fallback.name,
                 ReplyCompleted(
@@ -717,7 +770,8 @@ class ChatService:
         async for try_ in retrying:
             with try_:
                 number += 1
-                deployment = self.router.pick(model)
+                needs = attempt.needs | ({"prefill"} if attempt.streamed else set())
+                deployment = self.router.pick(model, needs)
                 if deployment is None:
                     raise ModelError("network", f"model {model!r} has no deployment")
                 async for piece in self._one_call(
@@ -737,18 +791,29 @@ class ChatService:
         breaker = self.router.breakers[deployment.name]
         started = time.perf_counter()
         outcome, detail, retry_after = "ok", "", 0.0
+        prefill = "".join(attempt.text) if attempt.streamed else ""
+        if prefill:
+            # The caller has read `prefill`: this model is asked to continue it.
+            conversation = [*conversation, ChatMessage(role="assistant", content=prefill)]
+            attempt.continued = True
         try:
             if not attempt.streamed:
                 attempt.text.clear()  # a failed try's partial text is no part of the answer
+            attempt.usage = None
             try:
                 options = attempt.options
-                bound = TextBound(options.max_tokens, options.stop)
+                if not prefill or attempt.bound is None:
+                    attempt.bound = TextBound(options.max_tokens, options.stop)
+                bound = attempt.bound
                 with breaker.calling():
                     if attempt.live:
                         async with contextlib.aclosing(
                             provider.stream(conversation, options=options)
                         ) as pieces:
                             async for piece in pieces:
+                                if not isinstance(piece, str):
+                                    attempt.usage = piece
+                                    continue
                                 text = bound.feed(piece)
                                 if text:
                                     attempt.streamed = True
@@ -763,11 +828,23 @@ class ChatService:
                             yield tail
                     else:  # nobody reads pieces: one whole answer costs the upstream less
                         completion = await provider.complete(conversation, options=options)
+                        attempt.usage = StreamEnd(
+                            finish_reason=completion.finish_reason,
+                            prompt_tokens=completion.prompt_tokens or None,
+                            completion_tokens=completion.completion_tokens or None,
+                        )
                         text = bound.feed(completion.content) + bound.close()
                         if text:
                             attempt.text.append(text)
                             yield text
-                attempt.finish = "length" if bound.finish == "length" else "stop"
+                if bound.finish == "length":
+                    attempt.finish = "length"
+                elif attempt.usage is not None and attempt.usage.finish_reason:
+                    attempt.finish = attempt.usage.finish_reason
+                else:
+                    attempt.finish = "stop"
+                if prefill:
+                    detail = f"continued a cut answer from its first {len(prefill)} characters"
             except pybreaker.CircuitBreakerError as exc:
                 cause = exc.__context__
                 if isinstance(cause, ModelError):

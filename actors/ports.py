@@ -28,6 +28,16 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str = "stop"
 
 
+class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
+    """The last item of a provider's stream, when the provider says why it ended and what it
+    used (OpenAI's finish_reason and its usage chunk). Providers that know neither yield
+    only text."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class ModelError(Exception):
     """A model call failed; `error_class` is one of the classes routing reacts to."""
 
@@ -53,8 +63,10 @@ class ModelProvider(Protocol):
 
     def stream(
         self, messages: Sequence[ChatMessage], options: Any = None
-    ) -> AsyncGenerator[str, None]:
-        """Answer the conversation piece by piece; raise ModelError on a classified failure."""
+    ) -> AsyncGenerator[str | StreamEnd, None]:
+        """Answer the conversation piece by piece (text), then optionally a StreamEnd; raise
+        ModelError on a classified failure. A conversation that ends with an assistant
+        message asks the model to continue that message (a prefill)."""
         ...
 
 

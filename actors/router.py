@@ -21,9 +21,16 @@ ERROR_CLASSES = (
     "malformed_response",
     "content_policy",
     "context_too_long",
+    "bad_request",
 )
 # Errors that say something about the request, not the deployment: they never trip a breaker.
-REQUEST_ERRORS = frozenset({"content_policy", "context_too_long"})
+REQUEST_ERRORS = frozenset({"content_policy", "context_too_long", "bad_request"})
+
+CAPABILITIES = ("tools", "json_mode", "logprobs", "n", "vision", "prefill")
+"""What a deployment may declare it serves beyond plain text (Deployment.supports):
+tool calls, JSON mode and structured outputs, log probabilities, n > 1 choices, image
+input, and continuing an assistant message it is given last (what a cut stream's fallback
+needs to carry on where the cut answer stopped)."""
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -40,6 +47,17 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """The model name the upstream expects; defaults to `model`."""
     weight: int = 1
     timeout_s: float = 60.0
+    """Connecting, and a whole (non-streamed) answer, may take this long."""
+    first_token_timeout_s: float = 30.0
+    """A stream's first token may take this long from the request (time to first token)."""
+    stall_timeout_s: float = 15.0
+    """Once a stream has begun, the wait for each next piece may take this long."""
+    context_window: int = 0
+    """Tokens the model takes (prompt and answer); 0: not known. After a context_too_long
+    error, the fallback chain skips models whose window is not larger."""
+    supports: tuple[str, ...] | None = None
+    """What it serves beyond plain text (CAPABILITIES); unset: the provider's default (demo:
+    everything it can fake offline; openai: tools, json_mode, logprobs, n)."""
     latency_ms: float = 0.0
     """Demo provider: artificial latency."""
     faults: tuple[str, ...] = ()
@@ -48,6 +66,22 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Demo provider: fail every call with a network error."""
     price_per_1k_tokens: float = 0.0
     """What 1,000 tokens (prompt + completion) cost here; `chatllm whatif` estimates with it."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.supports or ()) - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(
+                f"deployment {self.name!r}: unknown capabilities {unknown} "
+                f"(known: {', '.join(CAPABILITIES)})"
+            )
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        if self.supports is not None:
+            return frozenset(self.supports)
+        if self.provider == "openai":
+            return frozenset({"tools", "json_mode", "logprobs", "n"})
+        return frozenset({"tools", "json_mode", "n", "prefill"})
 
 
 class Band(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -74,6 +108,7 @@ def _default_retries() -> dict[str, RetryRule]:
         "malformed_response": RetryRule(attempts=2),
         "content_policy": RetryRule(attempts=1, then="fail"),
         "context_too_long": RetryRule(attempts=1),
+        "bad_request": RetryRule(attempts=1),
         "circuit_open": RetryRule(attempts=1),
     }
 
@@ -191,8 +226,11 @@ class ModelRouter:
         current_model: str = "",
         requested: str = "",
         tenant_id: str = "",
+        needs: frozenset[str] = frozenset(),
     ) -> RouteDecided:
-        """The decision for one query, with its inputs (so a replay can recompute it)."""
+        """The decision for one query, with its inputs (so a replay can recompute it).
+        `needs`: capabilities the request uses; the chain holds only models with a
+        deployment that serves them all (the caller refuses a request no model serves)."""
         score, features = complexity(text, depth)
         band = next(
             (b for b in self.policy.bands if score <= b.max_complexity), self.policy.bands[-1]
@@ -215,6 +253,11 @@ class ModelRouter:
         for fallback in self.policy.fallbacks.get(model, []):
             if fallback not in chain and fallback in self._by_model:
                 chain.append(fallback)
+        if needs:
+            chain = [m for m in chain if self.serves(m, needs)] or [
+                m for m in self._by_model if self.serves(m, needs)
+            ][:1]
+            model = chain[0] if chain else model
         return RouteDecided(
             in_reply_to=in_reply_to,
             model=model,
@@ -229,13 +272,22 @@ class ModelRouter:
             explored=learned[1] if learned else False,
         )
 
-    def pick(self, model: str) -> Deployment | None:
-        """The next deployment of `model` by weighted round robin, preferring closed circuits.
+    def serves(self, model: str, needs: frozenset[str]) -> bool:
+        """Some deployment of `model` serves every capability in `needs`."""
+        return any(needs <= d.capabilities for d in self._by_model.get(model, []))
+
+    def window(self, model: str) -> int:
+        """The largest context window among `model`'s deployments (0: not known)."""
+        return max((d.context_window for d in self._by_model.get(model, [])), default=0)
+
+    def pick(self, model: str, needs: frozenset[str] = frozenset()) -> Deployment | None:
+        """The next deployment of `model` that serves `needs`, by weighted round robin,
+        preferring closed circuits.
 
         When every circuit of the model is open, one is still returned: its breaker lets a
         trial call through once the reset timeout has passed, and refuses it otherwise.
         """
-        deployments = self._by_model.get(model, [])
+        deployments = [d for d in self._by_model.get(model, []) if needs <= d.capabilities]
         healthy = [
             d for d in deployments if self.breakers[d.name].current_state != pybreaker.STATE_OPEN
         ]

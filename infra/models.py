@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from actors.chat import count_tokens
-from actors.ports import ChatMessage, Completion, ModelError
+from actors.ports import ChatMessage, Completion, ModelError, StreamEnd
 from actors.router import Deployment
 
 _OPENERS = (
@@ -68,12 +68,20 @@ class DemoModel:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         self._maybe_fail()
-        words = self.reply_to(messages).split(" ")
+        prefill = ""
+        if messages and messages[-1].role == "assistant":
+            # Continue the message it is given: the rest of the answer it would have given.
+            prefill, messages = messages[-1].content, messages[:-1]
+        reply = self.reply_to(messages)
+        rest = reply[len(prefill) :] if reply.startswith(prefill) else " " + reply
+        words = rest.split(" ")
         for i, word in enumerate(words):
             if i == len(words) // 2 and self._faults[:1] == ["stream_cut"]:
                 self._faults.pop(0)
                 raise ModelError("network", "stream cut mid-answer")
-            yield word if i == 0 else " " + word
+            piece = word if i == 0 else " " + word
+            if piece:
+                yield piece
 
     async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         content = "".join([piece async for piece in self.stream(messages)])
@@ -88,23 +96,40 @@ class DemoModel:
 def _classify_status(status: int, body: str, retry_after: str | None) -> ModelError:
     text = body[:300]
     if status == 429:
+        # Without Retry-After (or an unreadable one): 0, and the service backs off
+        # exponentially with jitter instead of waiting a fixed time.
         try:
-            seconds = float(retry_after) if retry_after else 1.0
+            seconds = max(0.0, float(retry_after)) if retry_after else 0.0
         except ValueError:
-            seconds = 1.0
+            seconds = 0.0
         return ModelError("rate_limited", f"429 from upstream: {text}", retry_after_s=seconds)
     if status in (400, 413) and (
         "context_length" in body or "maximum context" in body or status == 413
     ):
         return ModelError("context_too_long", f"{status}: {text}")
     if status == 400 and ("content_policy" in body or "content_filter" in body or "safety" in body):
-        return ModelError("content_policy", f"{status}: {text}")
+        return ModelError("content_policy", f"{status}: {_reason(body)}")
     if status in (408, 504):
         return ModelError("timeout", f"{status} from upstream")
     if status >= 500:
         return ModelError("network", f"{status} from upstream: {text}")
+    if status in (400, 404, 422):
+        return ModelError("bad_request", f"{status} from upstream: {_reason(body)}")
     return ModelError("malformed_response", f"unexpected {status}: {text}")
 
+
+def _reason(body: str) -> str:
+    """The message of an OpenAI-style error body (the body itself if it has none)."""
+    try:
+        error = json.loads(body).get("error") or {}
+        message = error.get("message") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or body)[:300]
+
+
+_END_GRACE_S = 1.0
+"""After a stream's finish_reason, how long its usage chunk and [DONE] may take."""
 
 _FORWARDED = (
     "max_tokens",
@@ -146,6 +171,9 @@ class OpenAICompatibleModel:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=deployment.timeout_s, sock_read=deployment.timeout_s
         )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=deployment.timeout_s, sock_read=None
+        )  # a stream's waits are first_token_timeout_s and stall_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -175,49 +203,90 @@ class OpenAICompatibleModel:
 
     async def stream(
         self, messages: Sequence[ChatMessage], options: Any = None
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[str | StreamEnd, None]:
+        """The answer as the upstream streams it, then a StreamEnd with its finish_reason and
+        usage. The first token must come within first_token_timeout_s and each next piece
+        within stall_timeout_s of the one before (time the caller spends on a piece does
+        not count): a hung or stalled upstream is a `timeout`, found in seconds. A stream
+        that has said why it ended is whole even if the upstream then keeps the connection
+        open without [DONE]: it ends a short grace later."""
         request = self._body(messages, True, options)
+        request["stream_options"] = {"include_usage": True}
+        deployment = self._deployment
+        stall_s = deployment.stall_timeout_s
+        loop = asyncio.get_running_loop()
+        finish: str | None = None
+        usage: dict[str, Any] = {}
+        began = False
         try:
-            async with self._client().post(self._url, json=request) as response:
-                if response.status != 200:
-                    text = (await response.read()).decode(errors="replace")
-                    raise _classify_status(
-                        response.status, text, response.headers.get("retry-after")
-                    )
-                done = finished = False
-                async for raw in response.content:
-                    # After [DONE] the body is read to its end, not left: a response closed
-                    # half read cannot give its connection back to the pool, and every
-                    # turn would open a new one.
-                    if done or not raw.startswith(b"data:"):
-                        continue
-                    data = raw[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        continue
-                    try:
-                        chunk = json.loads(data)
-                        if "error" in chunk:
+            async with asyncio.timeout(deployment.first_token_timeout_s) as deadline:
+                async with self._client().post(
+                    self._url, json=request, timeout=self._stream_timeout
+                ) as response:
+                    if response.status != 200:
+                        text = (await response.read()).decode(errors="replace")
+                        raise _classify_status(
+                            response.status, text, response.headers.get("retry-after")
+                        )
+                    done = False
+                    async for raw in response.content:
+                        # After [DONE] the body is read to its end, not left: a response
+                        # closed half read cannot give its connection back to the pool.
+                        if done or not raw.startswith(b"data:"):
+                            continue
+                        data = raw[5:].strip()
+                        if data == b"[DONE]":
+                            done = True
+                            continue
+                        try:
+                            chunk = json.loads(data)
+                            if "error" in chunk:
+                                raise ModelError(
+                                    "network", f"upstream error mid-stream: {chunk['error']}"
+                                )
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                            choice = chunk["choices"][0] if chunk["choices"] else {}
+                            delta = (choice.get("delta") or {}).get("content") or ""
+                            if choice.get("finish_reason"):
+                                finish = str(choice["finish_reason"])
+                        except (ValueError, KeyError, IndexError, TypeError) as exc:
                             raise ModelError(
-                                "network", f"upstream error mid-stream: {chunk['error']}"
-                            )
-                        choice = chunk["choices"][0] if chunk["choices"] else {}
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        finished = finished or bool(choice.get("finish_reason"))
-                    except (ValueError, KeyError, IndexError, TypeError) as exc:
-                        raise ModelError(
-                            "malformed_response", f"bad stream chunk: {exc!r}"
-                        ) from None
-                    if delta:
-                        yield delta
-                if not done and not finished:
-                    # A body that closed after a finish_reason is a whole answer (some
-                    # servers send no [DONE]); one that closed before it was cut.
-                    raise ModelError("network", "stream ended before its finish_reason")
-        except TimeoutError as exc:
-            raise ModelError("timeout", f"{self._deployment.name}: {exc!r}") from None
+                                "malformed_response", f"bad stream chunk: {exc!r}"
+                            ) from None
+                        if delta:
+                            began = True
+                            deadline.reschedule(None)  # the caller's time is not the upstream's
+                            yield delta
+                        if delta or finish is not None:
+                            # Once whole, only its usage and [DONE] may follow, and soon.
+                            wait = _END_GRACE_S if finish is not None else stall_s
+                            deadline.reschedule(loop.time() + wait)
+        except TimeoutError:
+            if finish is None:
+                if began:
+                    raise ModelError(
+                        "timeout",
+                        f"{deployment.name}: the stream stalled: no piece for "
+                        f"{deployment.stall_timeout_s:g}s",
+                    ) from None
+                raise ModelError(
+                    "timeout",
+                    f"{deployment.name}: no first token within "
+                    f"{deployment.first_token_timeout_s:g}s",
+                ) from None
         except aiohttp.ClientError as exc:
-            raise ModelError("network", f"{self._deployment.name}: {exc!r}") from None
+            if finish is None:
+                raise ModelError("network", f"{deployment.name}: {exc!r}") from None
+        if finish is None:
+            # A body that closed after a finish_reason is a whole answer (some servers send
+            # no [DONE]); one that closed before it was cut.
+            raise ModelError("network", "stream ended before its finish_reason")
+        yield StreamEnd(
+            finish_reason=finish,
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        )
 
     async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
         request = self._body(messages, False, options)
@@ -249,6 +318,10 @@ class OpenAICompatibleModel:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def provider_for(

@@ -266,20 +266,41 @@ async def test_without_the_demo_fallback_the_last_error_is_reported() -> None:
     assert outcome.status == "failed" and outcome.error_class == "network"
 
 
-async def test_a_stream_cut_mid_answer_is_a_failure_not_a_short_reply() -> None:
-    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup")])
-    pieces: list[Any] = []
+async def _stream_story(h: Harness) -> tuple[list[Any], TurnOutcome]:
     meta = RequestMeta(
         context_id="s", tenant_id="t1", user_id="u", trace_id="0" * 31 + "1", correlation_id="r"
     )
     request = ChatRequest(
         meta=meta, messages=(ChatMessage(role="user", content="tell me a story"),)
     )
-    async for item in h.service.stream(h.context("s"), request):
-        pieces.append(item)
-    outcome = pieces[-1]
-    assert isinstance(outcome, TurnOutcome) and outcome.status == "failed"
-    assert any(isinstance(p, str) for p in pieces[:-1])  # part of the answer had been sent
+    pieces = [item async for item in h.service.stream(h.context("s"), request)]
+    outcome = pieces.pop()
+    assert isinstance(outcome, TurnOutcome)
+    return pieces, outcome
+
+
+async def test_a_stream_cut_mid_answer_is_continued_by_a_fallback_from_a_prefill() -> None:
+    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup")])
+    pieces, outcome = await _stream_story(h)
+    whole = (await Harness([healthy()]).ask("tell me a story")).reply
+    # The caller read one answer: the cut part, then only the fallback's continuation.
+    assert outcome.status == "ok" and "".join(pieces) == whole == outcome.reply
+    assert outcome.model == "backup" and outcome.fallback
+    calls = [p for t, p in await h.story("s") if t == "ModelCalled"]
+    assert [(c.model, c.outcome) for c in calls] == [("primary", "network"), ("backup", "ok")]
+    assert calls[1].detail.startswith("continued a cut answer")
+    final = (await h.story("s"))[-1][1]
+    assert final.content == whole and final.fallback
+
+
+async def test_a_cut_stream_no_fallback_can_continue_fails_with_the_cut_not_a_short_reply() -> None:
+    # The backup cannot take an assistant prefill: the turn fails with the error that cut
+    # the stream, never a truncated answer presented as whole.
+    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup", supports=())])
+    pieces, outcome = await _stream_story(h)
+    assert outcome.status == "failed" and outcome.error_class == "network"
+    assert "stream cut" in outcome.detail and "no fallback continued" in outcome.detail
+    assert any(isinstance(p, str) for p in pieces)  # part of the answer had been sent
     assert (await h.story("s"))[-1][0] == "ReplyFailed"
 
 
