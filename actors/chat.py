@@ -237,6 +237,10 @@ class _Attempt:
         """Text of this turn already reached the caller: no retry into a different answer."""
         self.continued = False
         """A fallback continued a cut answer (its usage covers only its part)."""
+        self.resume: Literal["prefill", "restart"] = "prefill"
+        """How a model carries on a stream the caller has begun to read: given the text so
+        far as an assistant prefill, or asked again from the start, its answer passed on
+        only after it has repeated that text exactly."""
         self.usage: StreamEnd | None = None
         """What the last call's provider said of its answer (finish_reason, usage)."""
         self.bound: TextBound | None = None
@@ -612,12 +616,14 @@ class ChatService:
     ) -> AsyncIterator[str | tuple[str, ReplyCompleted | ReplyFailed]]:
         """Try the route's models in order; yields text, and (deployment, final event) last.
 
-        A stream cut after text reached the caller goes on where it stopped: the next model
-        of the chain that takes an assistant prefill gets the text so far as one, and the
-        caller receives only its continuation, so it reads one answer. With no such model,
-        or when each refuses, the turn fails with the error that cut it (never a truncated
-        answer presented as whole). After context_too_long, only models with a larger
-        context window are asked."""
+        A stream cut after text reached the caller goes on where it stopped, and the caller
+        receives only the continuation, so it reads one answer: the next model of the chain
+        gets the text so far as an assistant prefill if it takes one; if it does not (or
+        refuses the prefill with a 400), it is asked again from the start and its answer is
+        passed on only once it has repeated the text already sent, exactly. When no model
+        manages, the turn fails with the error that cut the stream (never a truncated answer
+        presented as whole, never the prefill's 400). After context_too_long, only models
+        with a larger context window are asked."""
         last_error: ModelError | None = None
         cut: ModelError | None = None
         """The error that cut a stream the caller had begun to read: the turn's real error."""
@@ -628,13 +634,12 @@ class ChatService:
         for model in route.chain:
             if too_long_at >= 0 and too_long_at and self.router.window(model) <= too_long_at:
                 continue  # it would not take the prompt either
-            if attempt.streamed and not self.router.serves(model, attempt.needs | {"prefill"}):
-                continue  # it cannot continue the answer the caller has begun to read
             last_model = model
+            if attempt.streamed:
+                prefills = self.router.serves(model, attempt.needs | {"prefill"})
+                attempt.resume = "prefill" if prefills else "restart"
             try:
-                async for piece in self._call_model(
-                    model, conversation, attempt, route.in_reply_to
-                ):
+                async for piece in self._resumed(model, conversation, attempt, route.in_reply_to):
                     if isinstance(piece, tuple):
                         deployment, latency_ms = piece
                         text = "".join(attempt.text)
@@ -673,7 +678,7 @@ class ChatService:
                     cut = cut or exc
                     if exc.error_class == "content_policy":
                         break
-                    continue  # the next model that takes a prefill carries on
+                    continue  # the next model of the chain carries on
                 if exc.error_class == "context_too_long":
                     too_long_at = self.router.window(model)
                 if self._rule(exc.error_class).then == "fail":
@@ -682,7 +687,7 @@ class ChatService:
             last_error = ModelError(
                 cut.error_class,
                 f"{cut.message} (after {len(''.join(attempt.text))} characters had been "
-                "sent; no fallback continued the answer"
+                "sent, no fallback continued the answer"
                 + (f": {last_error.message}" if last_error is not cut and last_error else "")
                 + ")",
             )
@@ -755,6 +760,22 @@ class ChatService:
             return True  # waiting that long is worse than falling back
         return state.attempt_number >= self._rule(error.error_class).attempts
 
+    async def _resumed(
+        self, model: str, conversation: Sequence[ChatMessage], attempt: _Attempt, in_reply_to: str
+    ) -> AsyncIterator[str | tuple[str, float]]:
+        """_call_model; for a stream the caller has begun to read, a model that refuses the
+        assistant prefill (a 400) is asked again from the start."""
+        try:
+            async for piece in self._call_model(model, conversation, attempt, in_reply_to):
+                yield piece
+        except ModelError as exc:
+            refused = exc.error_class == "bad_request" and attempt.resume == "prefill"
+            if not (attempt.streamed and refused):
+                raise
+            attempt.resume = "restart"
+            async for piece in self._call_model(model, conversation, attempt, in_reply_to):
+                yield piece
+
     async def _call_model(
         self, model: str, conversation: Sequence[ChatMessage], attempt: _Attempt, in_reply_to: str
     ) -> AsyncIterator[str | tuple[str, float]]:
@@ -770,7 +791,8 @@ class ChatService:
         async for try_ in retrying:
             with try_:
                 number += 1
-                needs = attempt.needs | ({"prefill"} if attempt.streamed else set())
+                prefilled = attempt.streamed and attempt.resume == "prefill"
+                needs = attempt.needs | ({"prefill"} if prefilled else set())
                 deployment = self.router.pick(model, needs)
                 if deployment is None:
                     raise ModelError("network", f"model {model!r} has no deployment")
@@ -791,10 +813,15 @@ class ChatService:
         breaker = self.router.breakers[deployment.name]
         started = time.perf_counter()
         outcome, detail, retry_after = "ok", "", 0.0
-        prefill = "".join(attempt.text) if attempt.streamed else ""
+        sent = "".join(attempt.text) if attempt.streamed else ""
+        prefill = sent if attempt.resume == "prefill" else ""
+        skip: str | None = sent if sent and not prefill else None
+        """A restart's answer must repeat this (what the caller has) before it is passed on."""
+        held = ""
         if prefill:
             # The caller has read `prefill`: this model is asked to continue it.
             conversation = [*conversation, ChatMessage(role="assistant", content=prefill)]
+        if sent:
             attempt.continued = True
         try:
             if not attempt.streamed:
@@ -802,7 +829,7 @@ class ChatService:
             attempt.usage = None
             try:
                 options = attempt.options
-                if not prefill or attempt.bound is None:
+                if not sent or attempt.bound is None:
                     attempt.bound = TextBound(options.max_tokens, options.stop)
                 bound = attempt.bound
                 with breaker.calling():
@@ -814,6 +841,19 @@ class ChatService:
                                 if not isinstance(piece, str):
                                     attempt.usage = piece
                                     continue
+                                if skip is not None:  # a restart: it must repeat `skip` first
+                                    held += piece
+                                    if not (skip.startswith(held) or held.startswith(skip)):
+                                        raise ModelError(
+                                            "malformed_response",
+                                            "its answer from the start differs from the text "
+                                            "already sent",
+                                        )
+                                    if len(held) < len(skip):
+                                        continue
+                                    piece, skip = held[len(skip) :], None
+                                    if not piece:
+                                        continue
                                 text = bound.feed(piece)
                                 if text:
                                     attempt.streamed = True
@@ -821,6 +861,11 @@ class ChatService:
                                     yield text
                                 if bound.finish is not None:
                                     break  # cut: the rest is not asked for
+                        if skip is not None:
+                            raise ModelError(
+                                "malformed_response",
+                                "its answer from the start is shorter than the text already sent",
+                            )
                         tail = bound.close()
                         if tail:
                             attempt.streamed = True
@@ -844,7 +889,12 @@ class ChatService:
                 else:
                     attempt.finish = "stop"
                 if prefill:
-                    detail = f"continued a cut answer from its first {len(prefill)} characters"
+                    detail = f"continued a cut answer from its first {len(sent)} characters"
+                elif sent:
+                    detail = (
+                        f"restarted a cut answer; its first {len(sent)} characters repeated "
+                        "the text already sent, the rest was passed on"
+                    )
             except pybreaker.CircuitBreakerError as exc:
                 cause = exc.__context__
                 if isinstance(cause, ModelError):

@@ -293,13 +293,39 @@ async def test_a_stream_cut_mid_answer_is_continued_by_a_fallback_from_a_prefill
     assert final.content == whole and final.fallback
 
 
-async def test_a_cut_stream_no_fallback_can_continue_fails_with_the_cut_not_a_short_reply() -> None:
-    # The backup cannot take an assistant prefill: the turn fails with the error that cut
-    # the stream, never a truncated answer presented as whole.
+async def test_a_cut_stream_is_restarted_on_a_fallback_without_prefill_and_sent_once() -> None:
+    # The backup takes no assistant prefill: it is asked from the start, and what it says
+    # is passed on only after it has repeated the text the caller already has.
     h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup", supports=())])
+    pieces, outcome = await _stream_story(h)
+    whole = (await Harness([healthy()]).ask("tell me a story")).reply
+    assert outcome.status == "ok" and "".join(pieces) == whole == outcome.reply
+    calls = [p for t, p in await h.story("s") if t == "ModelCalled"]
+    assert calls[-1].outcome == "ok" and calls[-1].detail.startswith("restarted a cut answer")
+
+
+class _Different:
+    """A provider whose answer is not the one the cut model had begun."""
+
+    name = "other"
+
+    async def stream(self, messages: Any, options: Any = None) -> Any:
+        for word in ("Something", " else", " entirely."):
+            yield word
+
+    async def complete(self, messages: Any, options: Any = None) -> Completion:
+        return Completion(content="Something else entirely.", model="other")
+
+
+async def test_a_cut_stream_no_fallback_can_continue_fails_with_the_cut_not_a_short_reply() -> None:
+    # The backup refuses a prefill and its answer from the start differs: the turn fails
+    # with the error that cut the stream, never a truncated answer presented as whole.
+    h = Harness([healthy(faults=("stream_cut",)), healthy("backup-a", "backup", supports=())])
+    h.service.providers = {**h.service.providers, "backup-a": _Different()}  # type: ignore[dict-item]
     pieces, outcome = await _stream_story(h)
     assert outcome.status == "failed" and outcome.error_class == "network"
     assert "stream cut" in outcome.detail and "no fallback continued" in outcome.detail
+    assert "differs from the text already sent" in outcome.detail
     assert any(isinstance(p, str) for p in pieces)  # part of the answer had been sent
     assert (await h.story("s"))[-1][0] == "ReplyFailed"
 
