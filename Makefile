@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-load bench check schema clean browser
+.PHONY: install run demo test test-load test-failover bench check schema clean browser
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ test-load: $(STAMP)  ## the steady-rate load test for LOAD_TEST_S seconds (10 mi
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+test-failover: $(STAMP)  ## the 16 failover cases with the issue's own waits (20 s first token, 60 s down)
+	FAILOVER_PROFILE=full $(BIN)/python -m pytest -q tests/faults/test_failover.py
 
 check: $(STAMP)  ## lint, format, types, the layer rule, and the checked-in event schema
 	$(BIN)/ruff check .

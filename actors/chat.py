@@ -46,6 +46,7 @@ from events import (
     ReplyFailed,
     RouteDecided,
     SentimentScored,
+    ToolCall,
 )
 
 CACHE_DEPLOYMENT = "cache"
@@ -72,10 +73,21 @@ class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    response_format: dict[str, Any] | None = None
+    """OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema", ...}."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI's tools: the functions the model may call."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def needs(self) -> frozenset[str]:
         """The deployment capabilities these options use (actors.router.CAPABILITIES)."""
-        return frozenset()
+        needs = set()
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            needs.add("json_mode")
+        if self.tools:
+            needs.add("tools")
+        return frozenset(needs)
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +161,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """Fan-out with merge "all": every member's answer, in the order asked."""
     message_id: str = ""
     """The reply's message id (what feedback refers to)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The function calls the model asked for (finish_reason "tool_calls")."""
 
 
 def count_tokens(text: str) -> int:
@@ -291,8 +305,9 @@ class ChatService:
         """The turn, yielding reply text as the model produces it, and the outcome last."""
         meta = request.meta
         context.admit(meta)
-        if not request.messages or request.messages[-1].role != "user":
-            raise ValueError("the last message of a request must be the user's")
+        if not request.messages or request.messages[-1].role not in ("user", "tool"):
+            raise ValueError("the last message of a request must be the user's or a tool's")
+        new_message = request.messages[-1]
         async with context.lock:
             begun = self.clock.now()  # when what precedes the model calls happened
             state = context.state
@@ -339,11 +354,17 @@ class ChatService:
                             content=old.content,
                             role=old.role,  # type: ignore[arg-type]
                             tokens=count_tokens(old.content),
+                            tool_calls=old.tool_calls,
+                            tool_call_id=old.tool_call_id,
                         )
                     )
             payloads += [checked, decision]
             received = MessageReceived(
-                message_id=message_id, content=verdict.text, tokens=count_tokens(verdict.text)
+                message_id=message_id,
+                content=verdict.text,
+                tokens=count_tokens(verdict.text),
+                role="tool" if new_message.role == "tool" else "user",
+                tool_call_id=new_message.tool_call_id,
             )
             score = max(-1.0, min(1.0, self.sentiment.score(verdict.text)))
             payloads += [
@@ -357,12 +378,13 @@ class ChatService:
             ]
             conversation = [
                 *state.prompt(),
-                *(
-                    ChatMessage(role=m.role, content=m.content)
-                    for m in request.messages[:-1]
-                    if state.version == 0
+                *(m for m in request.messages[:-1] if state.version == 0),
+                ChatMessage(
+                    role=new_message.role,
+                    content=verdict.text,
+                    message_id=message_id,
+                    tool_call_id=new_message.tool_call_id,
                 ),
-                ChatMessage(role="user", content=verdict.text, message_id=message_id),
             ]
             if request.knowledge:
                 conversation.insert(
@@ -384,7 +406,13 @@ class ChatService:
                     )
                 )
             scope, vector = "", None
-            bounded = request.options.max_tokens is not None or request.options.stop
+            options = request.options
+            bounded = (
+                options.max_tokens is not None
+                or options.stop
+                or options.response_format
+                or options.tools
+            )
             cacheable = request.use_cache and not bounded and len(request.fanout) <= 1
             if self.cache is not None and cacheable:
                 started = time.perf_counter()
@@ -440,11 +468,16 @@ class ChatService:
                 current_model=state.model,
                 requested=request.model or state.config.get("model", ""),
                 tenant_id=meta.tenant_id,
+                needs=request.options.needs(),
             )
             if len(request.fanout) > 1:
                 routes = [
                     self.router.route(
-                        in_reply_to=message_id, text=verdict.text, depth=depth, requested=model
+                        in_reply_to=message_id,
+                        text=verdict.text,
+                        depth=depth,
+                        requested=model,
+                        needs=request.options.needs(),
                     )
                     for model in request.fanout
                 ]
@@ -523,6 +556,7 @@ class ChatService:
             events=refs(events),
             message_id=final.message_id,
             finish_reason=final.finish_reason,
+            tool_calls=final.tool_calls,
         )
 
     async def _fan_out(
@@ -666,6 +700,7 @@ class ChatService:
                                 ),
                                 deployment=deployment,
                                 finish_reason=attempt.finish,
+                                tool_calls=attempt.usage.tool_calls if attempt.usage else (),
                                 # Answered by a fallback of the chain, not the routed model.
                                 fallback=model != route.chain[0],
                             ),
@@ -877,6 +912,7 @@ class ChatService:
                             finish_reason=completion.finish_reason,
                             prompt_tokens=completion.prompt_tokens or None,
                             completion_tokens=completion.completion_tokens or None,
+                            tool_calls=completion.tool_calls,
                         )
                         text = bound.feed(completion.content) + bound.close()
                         if text:

@@ -125,10 +125,21 @@ def evolve(state: ContextState, event: Envelope[Any], digest: str | None = None)
         case ContextCreated(title=title):
             state = msgspec.structs.replace(state, title=title)
         case MessageReceived(message_id=message_id, content=content, role=role):
-            message = ChatMessage(role=role, content=content, message_id=message_id)
+            message = ChatMessage(
+                role=role,
+                content=content,
+                message_id=message_id,
+                tool_calls=event.payload.tool_calls,
+                tool_call_id=event.payload.tool_call_id,
+            )
             state = msgspec.structs.replace(state, messages=(*state.messages, message))
         case ReplyCompleted(message_id=message_id, content=content, model=model, fallback=fallback):
-            message = ChatMessage(role="assistant", content=content, message_id=message_id)
+            message = ChatMessage(
+                role="assistant",
+                content=content,
+                message_id=message_id,
+                tool_calls=event.payload.tool_calls,
+            )
             state = msgspec.structs.replace(
                 state,
                 messages=(*state.messages, message),

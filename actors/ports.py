@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from events import Envelope
+from events import Envelope, ToolCall
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -16,6 +16,10 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     content: str
     message_id: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant message: the function calls it asked for."""
+    tool_call_id: str = ""
+    """A `tool` message: the call whose result it is."""
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +30,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +41,8 @@ class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The function calls the model asked for, whole (a stream's deltas put together)."""
 
 
 class ModelError(Exception):

@@ -20,14 +20,28 @@ class ContextCreated(msgspec.Struct, frozen=True, kw_only=True):
     title: str = ""
 
 
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call a model asked for (OpenAI's tool_calls entry): the caller runs it
+    and sends its result back as a `tool` message with the same id."""
+
+    id: NonEmpty
+    name: NonEmpty
+    arguments: str = "{}"
+    """The arguments as the model wrote them: JSON text, not checked against the schema."""
+
+
 class MessageReceived(msgspec.Struct, frozen=True, kw_only=True):
-    """A message entered the context: the user's, a system prompt, or earlier history
-    a stateless (OpenAI-style) request carried along."""
+    """A message entered the context: the user's, a tool's result, a system prompt, or
+    earlier history a stateless (OpenAI-style) request carried along."""
 
     message_id: NonEmpty
     content: str
-    role: Literal["user", "system", "assistant"] = "user"
+    role: Literal["user", "system", "assistant", "tool"] = "user"
     tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tool_call_id: str = ""
+    """A tool's result: the id of the call it answers."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Earlier history: the calls an assistant message asked for."""
 
 
 class ReplyCompleted(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,8 +56,11 @@ class ReplyCompleted(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     finish_reason: str = "stop"
     deployment: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The function calls the model asked for (finish_reason "tool_calls")."""
     fallback: bool = False
-    """True when every routed model failed and the offline demo model answered instead."""
+    """Answered by a fallback: a later model of the chain, or (every routed model failed) the
+    offline demo model."""
 
 
 class ReplyFailed(msgspec.Struct, frozen=True, kw_only=True):

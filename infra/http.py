@@ -12,8 +12,9 @@ import csv
 import hashlib
 import io
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,14 @@ from actors.context import (
 )
 from actors.ports import ChatMessage, EventSink
 from actors.whatif import WHATIF_TYPES, WhatIfPolicy, whatif
-from events import FeedbackGiven, ProjectionsRebuilt, ReplyRewritten, UserForgotten, decode
+from events import (
+    FeedbackGiven,
+    ProjectionsRebuilt,
+    ReplyRewritten,
+    ToolCall,
+    UserForgotten,
+    decode,
+)
 from events.standalone import standalone
 from infra.audit import verify
 from infra.clock import SystemClock, new_trace_id, parse_traceparent
@@ -115,13 +123,24 @@ class ContentPart(BaseModel):
     text: str | None = Field(default=None, max_length=1_000_000)
 
 
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
 class InMessage(BaseModel):
     """One message as OpenAI's API takes it. Content may be a string or a list of parts;
-    text parts are joined, other parts (images, audio, files) are refused."""
+    text parts are joined, other parts (images, audio, files) are refused. An assistant
+    message may carry the tool calls it asked for; a `tool` message answers one."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class StreamOptions(BaseModel):
@@ -151,12 +170,14 @@ OPENAI_PARAMETERS: dict[str, str] = {
     "prompt_cache_options": "refused",
     "moderation": "refused (chat-llm's sanitizer checks input; see [sanitizer])",
     "n": "refused above 1 (one choice per request; fan-out is chat-llm's `fanout`)",
-    "tools": "refused when not empty (tool calls are not supported yet)",
-    "tool_choice": "refused unless `none`",
-    "parallel_tool_calls": "accepted without tools (it has nothing to change)",
-    "functions": "refused (deprecated; tool calls are not supported yet)",
-    "function_call": "refused unless `none`",
-    "response_format": "refused unless type `text` (no JSON mode yet)",
+    "tools": "honoured: carried to a model that declares tools (the demo model calls a forced "
+    "tool); the calls come back as tool_calls, streamed as a delta, and are in the events",
+    "tool_choice": "honoured: none, auto, required or a named function; needs tools",
+    "parallel_tool_calls": "forwarded with tools",
+    "functions": "refused (deprecated by OpenAI: use tools)",
+    "function_call": "refused unless `none` (deprecated by OpenAI: use tool_choice)",
+    "response_format": "honoured: json_object and json_schema are carried to a model that "
+    "declares json_mode (the demo model answers in JSON); a model without it is a 400",
     "logprobs": "refused when true",
     "top_logprobs": "refused (needs logprobs)",
     "logit_bias": "refused when not empty",
@@ -170,6 +191,17 @@ OPENAI_PARAMETERS: dict[str, str] = {
 }
 """Every parameter of OpenAI's chat completions (docs/openai-chat-parameters.txt lists
 them) and what chat-llm does with it: nothing is dropped silently."""
+
+
+ASKED_BY = {
+    "json_mode": "response_format",
+    "tools": "tools",
+    "logprobs": "logprobs",
+    "n": "n",
+    "vision": "messages",
+    "prefill": "messages",
+}
+"""The request parameter that asks for each deployment capability."""
 
 
 class CompletionIn(BaseModel):
@@ -235,16 +267,20 @@ class CompletionIn(BaseModel):
         """(parameter, why) for the first parameter chat-llm cannot honour as sent."""
         checks: list[tuple[str, bool, str]] = [
             ("n", (self.n or 1) > 1, "n > 1 is not supported (use the fanout extension)"),
-            ("tools", bool(self.tools), "tool calls are not supported yet"),
-            ("tool_choice", self.tool_choice not in (None, "none"), "tools are not supported"),
-            ("functions", self.functions is not None, "function calls are not supported"),
-            ("function_call", self.function_call not in (None, "none"), "not supported"),
+            ("tools", self._bad_tools() is not None, self._bad_tools() or ""),
+            ("tool_choice", self._bad_choice() is not None, self._bad_choice() or ""),
             (
-                "response_format",
-                self.response_format is not None
-                and self.response_format.get("type", "text") != "text",
-                "JSON mode and structured outputs are not supported yet",
+                "tools",
+                bool(self.tools) and len(self.fanout) > 1,
+                "tools cannot be combined with fanout",
             ),
+            ("functions", self.functions is not None, "deprecated by OpenAI: use tools"),
+            (
+                "function_call",
+                self.function_call not in (None, "none"),
+                "deprecated by OpenAI: use tool_choice",
+            ),
+            ("response_format", self._bad_format() is not None, self._bad_format() or ""),
             ("logprobs", bool(self.logprobs), "log probabilities are not supported"),
             ("top_logprobs", self.top_logprobs is not None, "log probabilities are not supported"),
             ("logit_bias", bool(self.logit_bias), "logit bias is not supported"),
@@ -278,9 +314,18 @@ class CompletionIn(BaseModel):
         ]
         for i, m in enumerate(self.messages):
             where = f"messages[{i}]"
-            if m.role in ("tool", "function"):
-                checks.append((where, True, f"role {m.role!r}: tool calls are not supported"))
-            extra = sorted(set(m.model_extra or {}) - {"name"})
+            if m.role == "function":
+                checks.append((where, True, "role 'function' is deprecated by OpenAI: use 'tool'"))
+            if m.role == "tool" and not m.tool_call_id:
+                checks.append((f"{where}.tool_call_id", True, "a tool message needs it"))
+            if m.tool_call_id and m.role != "tool":
+                checks.append((f"{where}.tool_call_id", True, "only a tool message has one"))
+            if m.tool_calls and m.role != "assistant":
+                checks.append((f"{where}.tool_calls", True, "only an assistant message has them"))
+            for j, call in enumerate(m.tool_calls or ()):
+                if not isinstance(call.function.get("name"), str):
+                    checks.append((f"{where}.tool_calls[{j}].function.name", True, "required"))
+            extra = sorted(set(m.model_extra or {}))
             if extra:
                 checks.append((f"{where}.{extra[0]}", True, "not supported"))
             if isinstance(m.content, list):
@@ -293,9 +338,58 @@ class CompletionIn(BaseModel):
                                 f"{part.type!r} parts are not supported",
                             )
                         )
-            elif m.content is None:
+            elif m.content is None and not m.tool_calls:
                 checks.append((f"{where}.content", True, "content is required"))
         return next(((name, why) for name, bad, why in checks if bad), None)
+
+    def _bad_tools(self) -> str | None:
+        """Why `tools` is not a list of functions as OpenAI takes it (None: it is)."""
+        names = []
+        for i, tool in enumerate(self.tools or ()):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict):
+                return f"tools[{i}]: only type function is supported"
+            name = function.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                return f"tools[{i}].function.name must be 1-64 letters, digits, _ or -"
+            if "parameters" in function and not isinstance(function["parameters"], dict):
+                return f"tools[{i}].function.parameters must be a JSON Schema object"
+            names.append(name)
+        if len(set(names)) != len(names):
+            return "function names must be unique"
+        return None
+
+    def _bad_choice(self) -> str | None:
+        """Why `tool_choice` is not one OpenAI takes with these tools (None: it is)."""
+        choice = self.tool_choice
+        if choice is None:
+            return None
+        if not self.tools:
+            return "tool_choice is only allowed when tools are given"
+        if isinstance(choice, str):
+            ok = choice in ("none", "auto", "required")
+            return None if ok else "must be none, auto, required or a function"
+        name = (choice.get("function") or {}).get("name")
+        known = {(t.get("function") or {}).get("name") for t in self.tools}
+        if choice.get("type") != "function" or name not in known:
+            return f"names no function of tools: {name!r}"
+        return None
+
+    def _bad_format(self) -> str | None:
+        """Why response_format is not one OpenAI takes (None: it is)."""
+        shape = self.response_format
+        if shape is None:
+            return None
+        kind = shape.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            return f"type must be text, json_object or json_schema, not {kind!r}"
+        if kind == "json_schema":
+            spec = shape.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                return "json_schema needs a json_schema object with a name"
+            if "schema" in spec and not isinstance(spec["schema"], dict):
+                return "json_schema.schema must be a JSON Schema object"
+        return None
 
     def text_of(self, message: InMessage) -> str:
         if isinstance(message.content, list):
@@ -318,6 +412,33 @@ class CompletionIn(BaseModel):
             safety_identifier=self.safety_identifier,
             prompt_cache_key=self.prompt_cache_key,
             prompt_cache_retention=self.prompt_cache_retention,
+            response_format=(
+                self.response_format
+                if self.response_format and self.response_format.get("type") != "text"
+                else None
+            ),
+            tools=self.tools or None,
+            tool_choice=self.tool_choice if self.tools else None,
+            parallel_tool_calls=self.parallel_tool_calls if self.tools else None,
+        )
+
+    def chat_messages(self) -> tuple[ChatMessage, ...]:
+        """The messages as the model sees them (developer messages are system ones)."""
+        return tuple(
+            ChatMessage(
+                role="system" if m.role == "developer" else m.role,
+                content=self.text_of(m),
+                tool_calls=tuple(
+                    ToolCall(
+                        id=c.id,
+                        name=str(c.function.get("name")),
+                        arguments=str(c.function.get("arguments") or "{}"),
+                    )
+                    for c in m.tool_calls or ()
+                ),
+                tool_call_id=m.tool_call_id or "",
+            )
+            for m in self.messages
         )
 
 
@@ -755,6 +876,15 @@ def build_api(
     def known_models() -> list[str]:
         return [AUTO_MODEL, *gateway.models]
 
+    def capabilities(model: str) -> frozenset[str]:
+        """What some deployment of `model` serves (the union over its deployments)."""
+        return frozenset().union(
+            *(d.capabilities for d in settings.deployments if d.model == model)
+        )
+
+    def serves(model: str, needs: frozenset[str]) -> bool:
+        return any(needs <= d.capabilities for d in settings.deployments if d.model == model)
+
     def model_not_found(name: str, where: str = "model") -> OpenAIError:
         return OpenAIError(
             404,
@@ -816,10 +946,30 @@ def build_api(
         for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
             if name and name not in known_models():
                 raise model_not_found(name, where)
-        if body.messages[-1].role != "user":
+        needs = body.options().needs()
+        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
+            if name and name != AUTO_MODEL and not serves(name, needs):
+                missing = sorted(needs - capabilities(name))
+                raise OpenAIError(
+                    400,
+                    f"{where}: the model {name!r} does not support {', '.join(missing)} "
+                    f"(asked for by {', '.join(ASKED_BY[n] for n in missing)})",
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                    param=ASKED_BY[missing[0]],
+                )
+        if needs and not any(serves(m, needs) for m in gateway.models):
             raise OpenAIError(
                 400,
-                "the last message must have role 'user'",
+                f"no model here supports {', '.join(sorted(needs))}",
+                "invalid_request_error",
+                "unsupported_parameter",
+                param=ASKED_BY[sorted(needs)[0]],
+            )
+        if body.messages[-1].role not in ("user", "tool"):
+            raise OpenAIError(
+                400,
+                "the last message must have role 'user' (or 'tool', a tool's result)",
                 "invalid_request_error",
                 "invalid_request",
             )
@@ -828,10 +978,7 @@ def build_api(
                 400, "invalid X-Context-Id", "invalid_request_error", "invalid_request"
             )
         context_id = x_context_id or clock.new_event_id()
-        messages = tuple(
-            ChatMessage(role="system" if m.role == "developer" else m.role, content=body.text_of(m))
-            for m in body.messages
-        )
+        messages = body.chat_messages()
         options = body.options()
         request = ChatRequest(
             meta=meta_for(who, context_id, end_user(body.user), traceparent),
@@ -889,7 +1036,15 @@ def build_api(
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": content},
+                        "message": {
+                            "role": "assistant",
+                            "content": content or (None if outcome.tool_calls else content),
+                            **(
+                                {"tool_calls": _tool_calls_out(outcome.tool_calls)}
+                                if outcome.tool_calls and i == 0
+                                else {}
+                            ),
+                        },
                         "finish_reason": (
                             outcome.finish_reason if content or not error else "error"
                         ),
@@ -1444,6 +1599,14 @@ def _as_http(exc: Exception) -> Exception:
     )
 
 
+def _tool_calls_out(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as OpenAI's API gives them."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
 def _chunk(
     completion_id: str,
     created: int,
@@ -1491,6 +1654,12 @@ async def _sse(
                 if error is not None:
                     yield _error_event(error.message, error.type, error.code)
                     return
+                if item.tool_calls:  # whole calls, as one delta (the SDKs put deltas together)
+                    calls = [
+                        {"index": i, **call}
+                        for i, call in enumerate(_tool_calls_out(item.tool_calls))
+                    ]
+                    yield _chunk(completion_id, created, item.model, {"tool_calls": calls}, None)
                 for index in range(max(len(item.choices), 1)):
                     yield _chunk(completion_id, created, item.model, {}, item.finish_reason, index)
                 if include_usage:  # as OpenAI sends it: no choices, the usage

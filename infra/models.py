@@ -19,6 +19,7 @@ import aiohttp
 from actors.chat import count_tokens
 from actors.ports import ChatMessage, Completion, ModelError, StreamEnd
 from actors.router import Deployment
+from events import ToolCall
 
 _OPENERS = (
     "Here is a short answer",
@@ -64,15 +65,30 @@ class DemoModel:
 
     async def stream(
         self, messages: Sequence[ChatMessage], options: Any = None
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[str | StreamEnd, None]:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         self._maybe_fail()
+        forced = forced_tool(options)
+        if forced is not None:
+            # A forced tool: a call with arguments filled from the user's words, no text.
+            last = next((m.content for m in reversed(messages) if m.role == "user"), "")
+            digest = hashlib.sha256("\x1f".join(m.content for m in messages).encode())
+            call = ToolCall(
+                id=f"call_{digest.hexdigest()[:24]}",
+                name=forced["name"],
+                arguments=json.dumps(_fill(forced.get("parameters") or {"type": "object"}, last)),
+            )
+            yield StreamEnd(finish_reason="tool_calls", tool_calls=(call,))
+            return
         prefill = ""
         if messages and messages[-1].role == "assistant":
             # Continue the message it is given: the rest of the answer it would have given.
             prefill, messages = messages[-1].content, messages[:-1]
         reply = self.reply_to(messages)
+        shape = getattr(options, "response_format", None) or {}
+        if shape.get("type") in ("json_object", "json_schema"):
+            reply = json_reply(reply, shape)
         rest = reply[len(prefill) :] if reply.startswith(prefill) else " " + reply
         words = rest.split(" ")
         for i, word in enumerate(words):
@@ -84,13 +100,64 @@ class DemoModel:
                 yield piece
 
     async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
-        content = "".join([piece async for piece in self.stream(messages)])
+        pieces = [piece async for piece in self.stream(messages, options)]
+        content = "".join(p for p in pieces if isinstance(p, str))
+        end = next((p for p in pieces if isinstance(p, StreamEnd)), StreamEnd())
         return Completion(
             content=content,
             model=self.name,
             prompt_tokens=sum(count_tokens(m.content) for m in messages),
-            completion_tokens=count_tokens(content),
+            completion_tokens=count_tokens(content)
+            + sum(count_tokens(c.arguments) for c in end.tool_calls),
+            finish_reason=end.finish_reason,
+            tool_calls=end.tool_calls,
         )
+
+
+def forced_tool(options: Any) -> dict[str, Any] | None:
+    """The function a request forces (tool_choice "required": the first tool; or one named),
+    as its `function` object; None when the model may answer in text."""
+    tools = getattr(options, "tools", None) or []
+    choice = getattr(options, "tool_choice", None)
+    functions = [t.get("function") or {} for t in tools if t.get("type") == "function"]
+    if not functions or choice in (None, "auto", "none"):
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return next((f for f in functions if f.get("name") == name), None)
+    return functions[0]
+
+
+def json_reply(text: str, response_format: dict[str, Any]) -> str:
+    """The demo model's answer in JSON mode: {"answer": text} for json_object; for
+    json_schema, an object with every property of the schema, each filled from the answer
+    by its type (strings the text, numbers its word count, booleans true), so a client's
+    parser and validator can be tried offline."""
+    if response_format.get("type") != "json_schema":
+        return json.dumps({"answer": text})
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    return json.dumps(_fill(schema, text))
+
+
+def _fill(schema: Any, text: str) -> Any:
+    if not isinstance(schema, dict):
+        return text
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if kind == "object" or "properties" in schema:
+        return {name: _fill(sub, text) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_fill(schema.get("items") or {}, text)]
+    if kind in ("integer", "number"):
+        return len(text.split())
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
 
 
 def _classify_status(status: int, body: str, retry_after: str | None) -> ModelError:
@@ -145,6 +212,10 @@ _FORWARDED = (
     "safety_identifier",
     "prompt_cache_key",
     "prompt_cache_retention",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 )
 """GenerationOptions an OpenAI-compatible upstream takes, under the same names."""
 
@@ -191,7 +262,7 @@ class OpenAICompatibleModel:
     ) -> dict[str, object]:
         body: dict[str, object] = {
             "model": self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_message(m) for m in messages],
             "stream": stream,
         }
         if options is not None:  # what the caller asked of the generation, as OpenAI names it
@@ -217,6 +288,7 @@ class OpenAICompatibleModel:
         loop = asyncio.get_running_loop()
         finish: str | None = None
         usage: dict[str, Any] = {}
+        calls = _ToolCallDeltas()
         began = False
         try:
             async with asyncio.timeout(deployment.first_token_timeout_s) as deadline:
@@ -247,7 +319,12 @@ class OpenAICompatibleModel:
                             if chunk.get("usage"):
                                 usage = chunk["usage"]
                             choice = chunk["choices"][0] if chunk["choices"] else {}
-                            delta = (choice.get("delta") or {}).get("content") or ""
+                            said = choice.get("delta") or {}
+                            delta = said.get("content") or ""
+                            called = bool(said.get("tool_calls"))
+                            if called:
+                                calls.add(said["tool_calls"])
+                                began = True
                             if choice.get("finish_reason"):
                                 finish = str(choice["finish_reason"])
                         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -258,7 +335,7 @@ class OpenAICompatibleModel:
                             began = True
                             deadline.reschedule(None)  # the caller's time is not the upstream's
                             yield delta
-                        if delta or finish is not None:
+                        if delta or called or finish is not None:
                             # Once whole, only its usage and [DONE] may follow, and soon.
                             wait = _END_GRACE_S if finish is not None else stall_s
                             deadline.reschedule(loop.time() + wait)
@@ -286,6 +363,7 @@ class OpenAICompatibleModel:
             finish_reason=finish,
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            tool_calls=calls.whole(),
         )
 
     async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
@@ -303,6 +381,7 @@ class OpenAICompatibleModel:
         try:
             data = json.loads(raw)
             content = data["choices"][0]["message"]["content"] or ""
+            calls = _tool_calls(data["choices"][0]["message"].get("tool_calls"))
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise ModelError("malformed_response", f"bad completion: {exc!r}") from None
@@ -312,12 +391,66 @@ class OpenAICompatibleModel:
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", count_tokens(content))),
             finish_reason=data["choices"][0].get("finish_reason") or "stop",
+            tool_calls=calls,
         )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A message as OpenAI's API takes it, with its tool calls or the call it answers."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["content"] = m.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
+    """OpenAI's tool_calls list (whole, from a message) as events.ToolCall."""
+    calls: list[ToolCall] = []
+    for entry in raw or ():
+        function = entry.get("function") or {}
+        calls.append(
+            ToolCall(
+                id=str(entry.get("id") or f"call_{len(calls)}"),
+                name=str(function.get("name") or "?"),
+                arguments=str(function.get("arguments") or "{}"),
+            )
+        )
+    return tuple(calls)
+
+
+class _ToolCallDeltas:
+    """A stream's tool_calls deltas put together by index: the id and name come once, the
+    arguments in fragments."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, dict[str, Any]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas:
+            part = self.parts.setdefault(int(delta.get("index", 0)), {"arguments": ""})
+            if delta.get("id"):
+                part["id"] = delta["id"]
+            function = delta.get("function") or {}
+            if function.get("name"):
+                part["name"] = function["name"]
+            part["arguments"] += function.get("arguments") or ""
+
+    def whole(self) -> tuple[ToolCall, ...]:
+        return _tool_calls(
+            {"id": p.get("id"), "function": {"name": p.get("name"), "arguments": p["arguments"]}}
+            for _, p in sorted(self.parts.items())
+        )
 
 
 def _int_or_none(value: object) -> int | None:

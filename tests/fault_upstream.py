@@ -158,8 +158,8 @@ def app() -> web.Application:
         if not stream:
             if model in ("cut", "cut2"):
                 # Content-Length promises more than is sent: the body is cut.
-                response = web.StreamResponse(headers={"Content-Length": "4000",
-                                                       "Content-Type": "application/json"})  # fmt: skip
+                headers = {"Content-Length": "4000", "Content-Type": "application/json"}
+                response = web.StreamResponse(headers=headers)
                 await response.prepare(request)
                 await response.write(b'{"id": "chatcmpl-fault", "choices": [{"mess')
                 assert request.transport is not None
@@ -238,4 +238,5 @@ def app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(app(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    # Its hung handlers would hold a graceful stop for a minute: a test server stops at once.
+    web.run_app(app(), host="127.0.0.1", port=int(sys.argv[1]), print=None, shutdown_timeout=0.5)

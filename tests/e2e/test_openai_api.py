@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,11 @@ model = "demo-large"
 name = "flaky-a"
 model = "flaky"
 down = true
+
+[[deployments]]
+name = "plain-a"
+model = "plain"
+supports = []
 
 [[deployments]]
 name = "cut-stream-a"
@@ -429,9 +435,83 @@ def test_every_openai_parameter_is_honoured_or_refused_by_name(api: Service) -> 
         assert body["param"] == param and param in body["message"], body
 
     refused("n", n=2)
-    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-    refused("tools", tools=[tool], tool_choice={"type": "function", "function": {"name": "lookup"}})
-    refused("response_format", response_format={"type": "json_object"})
+    tool: Any = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+    forced: Any = {"type": "function", "function": {"name": "lookup"}}
+    refused(
+        "tool_choice", tools=[tool], tool_choice={"type": "function", "function": {"name": "x"}}
+    )
+    refused("tool_choice", tool_choice="required")  # without tools
+    refused("tools", tools=[{"type": "web_search"}])
+    with pytest.raises(openai.BadRequestError, match="'plain' does not support tools"):
+        c.chat.completions.create(model="plain", messages=ask, tools=[tool], tool_choice=forced)
+    # Tools: a forced call comes back as tool_calls, whole and streamed, from the demo model
+    # and through an OpenAI-compatible upstream (`loop`); the events keep it; the tool's
+    # result sent back gets an answer.
+    for model in ("demo-1", "loop"):
+        raw = c.chat.completions.with_raw_response.create(
+            model=model, messages=ask, tools=[tool], tool_choice=forced
+        )
+        called = raw.parse().choices[0]
+        assert called.finish_reason == "tool_calls" and called.message.content is None, model
+        [call] = called.message.tool_calls or []
+        assert call.function.name == "lookup" and call.id.startswith("call_")
+        assert json.loads(call.function.arguments) == {"query": ask[0]["content"]}
+    events = httpx.get(
+        f"{api.base}/v1/contexts/{raw.headers['x-context-id']}/events",
+        headers={"Authorization": f"Bearer {KEYS['dave']}"},
+    ).json()
+    reply = next(e["event"]["payload"] for e in events if e["type"] == "ReplyCompleted")
+    assert reply["tool_calls"] == [
+        {"id": call.id, "name": "lookup", "arguments": call.function.arguments}
+    ]
+    streamed_call = c.chat.completions.create(
+        model="demo-1", messages=ask, tools=[tool], tool_choice="required", stream=True
+    )
+    deltas = [ch.choices[0] for ch in streamed_call if ch.choices]
+    assert deltas[-1].finish_reason == "tool_calls"
+    [delta_call] = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert delta_call.function is not None and delta_call.function.name == "lookup"
+    history: Any = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"found": 3}'},
+    ]
+    answered_tool = c.chat.completions.create(model="demo-1", messages=history, tools=[tool])
+    assert answered_tool.choices[0].finish_reason == "stop"
+    assert answered_tool.choices[0].message.content
+    refused("response_format", response_format={"type": "xml"})
+    refused("response_format", response_format={"type": "json_schema"})  # no name, no schema
+    with pytest.raises(openai.BadRequestError, match="'plain' does not support json_mode"):
+        c.chat.completions.create(
+            model="plain", messages=ask, response_format={"type": "json_object"}
+        )
+    # JSON mode: the demo model answers in JSON, streamed and not; an OpenAI-compatible
+    # upstream (`loop`: this same stack) is sent response_format and answers in JSON too.
+    as_json = c.chat.completions.create(
+        model="demo-1", messages=ask, response_format={"type": "json_object"}
+    )
+    assert "event logs" in json.loads(as_json.choices[0].message.content or "")["answer"]
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "words": {"type": "integer"}},
+        "required": ["title", "words"],
+    }
+    shaped: Any = {"type": "json_schema", "json_schema": {"name": "summary", "schema": schema}}
+    for model in ("demo-1", "loop"):
+        structured = c.chat.completions.create(model=model, messages=ask, response_format=shaped)
+        answer = json.loads(structured.choices[0].message.content or "")
+        assert set(answer) == {"title", "words"} and isinstance(answer["words"], int), model
+    streamed = c.chat.completions.create(
+        model="demo-1", messages=ask, response_format=shaped, stream=True
+    )
+    text_of_stream = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert set(json.loads(text_of_stream)) == {"title", "words"}
     refused("logprobs", logprobs=True, top_logprobs=2)
     for bad, param in [
         ({"temperature": 2.5}, "temperature"),

@@ -111,3 +111,91 @@ async def test_a_stream_is_whole_at_its_finish_reason_even_without_done() -> Non
                 await provider.close()
     finally:
         await runner.cleanup()
+
+
+async def test_tools_are_forwarded_and_streamed_tool_call_deltas_come_back_whole() -> None:
+    """tools, tool_choice and response_format reach the upstream as sent; an assistant
+    message's tool calls and a tool result go as OpenAI takes them; tool_calls streamed in
+    fragments (id and name once, arguments in pieces) come back as one whole call, and the
+    same from a whole answer."""
+    import json
+
+    from aiohttp import web
+
+    from actors.chat import GenerationOptions
+    from actors.ports import StreamEnd
+    from events import ToolCall
+
+    bodies: list[dict[str, object]] = []
+
+    def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
+        body = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        call = {"index": 0, "id": "call_9", "type": "function", "function": {"name": "lookup"}}
+        if not body["stream"]:
+            whole = {**call, "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+            message = {"role": "assistant", "content": None, "tool_calls": [whole]}
+            return web.json_response(
+                {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+            )  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"role": "assistant", "tool_calls": [call]}))
+        for part in ('{"q"', ': "x"}'):
+            fragment = {"index": 0, "function": {"arguments": part}}
+            await response.write(chunk({"tool_calls": [fragment]}))
+        await response.write(chunk({}, "tool_calls") + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    options = GenerationOptions(
+        tools=[tool], tool_choice="required", response_format={"type": "json_object"}
+    )
+    earlier = ToolCall(id="call_1", name="lookup", arguments="{}")
+    messages = [
+        ChatMessage(role="user", content="find x"),
+        ChatMessage(role="assistant", content="", tool_calls=(earlier,)),
+        ChatMessage(role="tool", content='{"found": 0}', tool_call_id="call_1"),
+        ChatMessage(role="user", content="again"),
+    ]
+    provider = OpenAICompatibleModel(
+        Deployment(name="t", model="t", provider="openai", base_url=f"http://127.0.0.1:{port}/v1")
+    )
+    try:
+        items = [p async for p in provider.stream(messages, options)]
+        end = items[-1]
+        assert items[:-1] == [] and isinstance(end, StreamEnd)
+        assert end.finish_reason == "tool_calls"
+        assert end.tool_calls == (ToolCall(id="call_9", name="lookup", arguments='{"q": "x"}'),)
+        whole = await provider.complete(messages, options)
+        assert whole.finish_reason == "tool_calls" and whole.tool_calls == end.tool_calls
+    finally:
+        await provider.close()
+        await runner.cleanup()
+    sent = bodies[0]
+    assert sent["tools"] == [tool] and sent["tool_choice"] == "required"
+    assert sent["response_format"] == {"type": "json_object"}
+    assert sent["messages"][1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        ],
+    }
+    assert sent["messages"][2] == {
+        "role": "tool",
+        "content": '{"found": 0}',
+        "tool_call_id": "call_1",
+    }

@@ -3,12 +3,13 @@ and each error class is retried, circuit-broken and fallen back as configured.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from actors.chat import FALLBACK_NOTE, ChatRequest, ChatService, TurnOutcome
+from actors.chat import FALLBACK_NOTE, ChatRequest, ChatService, GenerationOptions, TurnOutcome
 from actors.context import ContextActor, RequestMeta
 from actors.limiter import LimitPolicy, RateLimiter
 from actors.ports import ChatMessage, Completion
@@ -599,3 +600,76 @@ async def test_each_event_of_a_turn_carries_when_it_happened() -> None:
     assert calls[1].occurred_at - calls[0].occurred_at >= timedelta(seconds=base / 2)
     assert calls[2].occurred_at - calls[1].occurred_at >= timedelta(seconds=base)
     assert reply.occurred_at >= calls[2].occurred_at
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+        },
+    },
+}
+
+
+async def test_a_forced_tool_call_is_answered_recorded_and_its_result_continues_the_turn() -> None:
+    h = Harness([healthy(), healthy("backup-a", "backup")])
+    meta = RequestMeta(
+        context_id="t", tenant_id="t1", user_id="u", trace_id="0" * 31 + "1", correlation_id="r"
+    )
+    options = GenerationOptions(
+        tools=[LOOKUP], tool_choice={"type": "function", "function": {"name": "lookup"}}
+    )
+    asked = ChatRequest(
+        meta=meta,
+        messages=(ChatMessage(role="user", content="find the latest invoices"),),
+        options=options,
+    )
+    outcome = await h.service.turn(h.context("t"), asked)
+    assert outcome.status == "ok" and outcome.finish_reason == "tool_calls"
+    [call] = outcome.tool_calls
+    assert call.name == "lookup" and call.id.startswith("call_")
+    assert json.loads(call.arguments) == {"query": "find the latest invoices", "limit": 4}
+    reply = (await h.story("t"))[-1][1]
+    assert reply.tool_calls == outcome.tool_calls  # the events keep the call
+    # The caller runs the tool and sends its result: the model sees the call and the result.
+    result = ChatRequest(
+        meta=meta,
+        messages=(ChatMessage(role="tool", content='{"invoices": 3}', tool_call_id=call.id),),
+        options=GenerationOptions(tools=[LOOKUP]),
+    )
+    seen: list[Any] = []
+    provider = h.service.providers["primary-a"]
+    original = provider.stream
+
+    def spying(messages: Any, options: Any = None) -> Any:
+        seen.extend(messages)
+        return original(messages, options)
+
+    provider.stream = spying  # type: ignore[method-assign]
+    after = await h.service.turn(h.context("t"), result)
+    assert after.status == "ok" and after.finish_reason == "stop" and not after.tool_calls
+    assert [(m.role, m.tool_call_id, m.tool_calls) for m in seen[-2:]] == [
+        ("assistant", "", (call,)),
+        ("tool", call.id, ()),
+    ]
+    received = [p for t, p in await h.story("t") if t == "MessageReceived"][-1]
+    assert received.role == "tool" and received.tool_call_id == call.id
+
+
+async def test_a_model_without_tools_is_not_routed_a_request_that_uses_them() -> None:
+    h = Harness([healthy(supports=()), healthy("backup-a", "backup")])
+    meta = RequestMeta(
+        context_id="c", tenant_id="t1", user_id="u", trace_id="0" * 31 + "1", correlation_id="r"
+    )
+    request = ChatRequest(
+        meta=meta,
+        messages=(ChatMessage(role="user", content="look it up"),),
+        options=GenerationOptions(tools=[LOOKUP], tool_choice="required"),
+    )
+    outcome = await h.service.turn(h.context("c"), request)
+    assert outcome.model == "backup" and outcome.tool_calls
+    route = next(p for t, p in await h.story("c") if t == "RouteDecided")
+    assert route.chain == ("backup",)

@@ -15,6 +15,7 @@ from events import (
     MessageReceived,
     ReplyCompleted,
     ReplyFailed,
+    ToolCall,
     decode,
     encode,
     registered_types,
@@ -30,6 +31,16 @@ PAYLOADS = [
     MessageReceived(message_id="m1", content="héllo ✓"),
     ReplyCompleted(message_id="r1", in_reply_to="m1", content="hi", model="demo-1", latency_ms=1.5),
     ReplyFailed(in_reply_to="m1", error_class="timeout", message="slow"),
+    ReplyCompleted(
+        message_id="r2",
+        in_reply_to="m2",
+        content="",
+        model="demo-1",
+        latency_ms=2.0,
+        finish_reason="tool_calls",
+        tool_calls=(ToolCall(id="call_1", name="lookup", arguments='{"q": "x"}'),),
+    ),
+    MessageReceived(message_id="m3", content='{"found": 1}', role="tool", tool_call_id="call_1"),
 ]
 
 
@@ -40,7 +51,7 @@ def test_every_type_round_trips_through_json(payload: object) -> None:
     # Plain JSON: any Kafka client can read it, and the type name sits at the top.
     as_json = json.loads(wire)
     assert as_json["type"] == type(payload).__name__
-    assert as_json["payload"] == msgspec.to_builtins(payload)
+    assert as_json["payload"] == json.loads(msgspec.json.encode(payload))
     assert decode(wire) == event
 
 
