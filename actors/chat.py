@@ -79,6 +79,12 @@ class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
     """OpenAI's tools: the functions the model may call."""
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    n: int | None = None
+    """OpenAI's n: this many independent answers (choices), each its own model call."""
+    choice: int = 0
+    """Which of the n choices a call is for (the demo model varies its answer by it)."""
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def needs(self) -> frozenset[str]:
         """The deployment capabilities these options use (actors.router.CAPABILITIES)."""
@@ -87,6 +93,10 @@ class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
             needs.add("json_mode")
         if self.tools:
             needs.add("tools")
+        if (self.n or 1) > 1:
+            needs.add("n")
+        if self.logprobs:
+            needs.add("logprobs")
         return frozenset(needs)
 
 
@@ -119,12 +129,13 @@ class Piece(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
-    """One fan-out member's answer."""
+    """One fan-out member's answer (or one of n choices)."""
 
     model: str
     content: str = ""
     fallback: bool = False
     error_class: str = ""
+    finish_reason: str = "stop"
 
 
 class EventRef(msgspec.Struct, frozen=True):
@@ -163,6 +174,9 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """The reply's message id (what feedback refers to)."""
     tool_calls: tuple[ToolCall, ...] = ()
     """The function calls the model asked for (finish_reason "tool_calls")."""
+    logprobs: list[dict[str, Any]] | None = None
+    """The answer's token log probabilities as the provider gave them (OpenAI's
+    logprobs.content), when asked for; not recorded in the events."""
 
 
 def count_tokens(text: str) -> int:
@@ -470,23 +484,33 @@ class ChatService:
                 tenant_id=meta.tenant_id,
                 needs=request.options.needs(),
             )
-            if len(request.fanout) > 1:
-                routes = [
-                    self.router.route(
-                        in_reply_to=message_id,
-                        text=verdict.text,
-                        depth=depth,
-                        requested=model,
-                        needs=request.options.needs(),
-                    )
-                    for model in request.fanout
-                ]
-                payloads += routes
+            n = request.options.n or 1
+            if len(request.fanout) > 1 or n > 1:
+                merge = request.merge
+                member_options = [request.options]
+                if n > 1:
+                    # n choices: n calls down the same route, side by side, each a member.
+                    routes = [route] * n
+                    payloads.append(route)
+                    merge = "all"
+                    member_options = [
+                        msgspec.structs.replace(request.options, n=None, choice=i) for i in range(n)
+                    ]
+                else:
+                    routes = [
+                        self.router.route(
+                            in_reply_to=message_id,
+                            text=verdict.text,
+                            depth=depth,
+                            requested=model,
+                            needs=request.options.needs(),
+                        )
+                        for model in request.fanout
+                    ]
+                    payloads += routes
                 at = {id(p): begun for p in payloads}
                 members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
-                async for item in self._fan_out(
-                    routes, conversation, request.merge, request.options
-                ):
+                async for item in self._fan_out(routes, conversation, merge, member_options):
                     if isinstance(item, Piece):
                         yield item
                     else:
@@ -498,7 +522,7 @@ class ChatService:
                 finals = [f for _, f, _ in members if f is not None]
                 payloads += finals
                 events = await context.record(payloads, meta, cause_after=message_id, at=at)
-                yield self._fan_out_outcome(meta, members, conversation, events, request.merge)
+                yield self._fan_out_outcome(meta, members, conversation, events, merge)
                 return
             payloads.append(route)
 
@@ -557,6 +581,7 @@ class ChatService:
             message_id=final.message_id,
             finish_reason=final.finish_reason,
             tool_calls=final.tool_calls,
+            logprobs=attempt.usage.logprobs if attempt.usage else None,
         )
 
     async def _fan_out(
@@ -564,14 +589,18 @@ class ChatService:
         routes: Sequence[RouteDecided],
         conversation: Sequence[ChatMessage],
         merge: str,
-        options: GenerationOptions | None = None,
+        options: Sequence[GenerationOptions] = (),
     ) -> AsyncIterator[Piece | list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]]]:
         """Run every route at once; yields pieces as they come ("all") or the winner's answer
-        ("first"), then each member's (deployment, final event or None if cancelled, attempt)."""
+        ("first"), then each member's (deployment, final event or None if cancelled, attempt).
+        `options`: every member's, or one for all."""
         queue: asyncio.Queue[Piece | tuple[int, str, ReplyCompleted | ReplyFailed | None]] = (
             asyncio.Queue()
         )
-        attempts = [_Attempt(options=options) for _ in routes]
+        attempts = [
+            _Attempt(options=options[i] if len(options) > 1 else next(iter(options), None))
+            for i in range(len(routes))
+        ]
 
         async def member(index: int, route: RouteDecided) -> None:
             deployment, final = "", None
@@ -626,7 +655,9 @@ class ChatService:
             )
         deployment, first = answers[0]
         choices = tuple(
-            Choice(model=f.model, content=f.content, fallback=f.fallback)
+            Choice(
+                model=f.model, content=f.content, fallback=f.fallback, finish_reason=f.finish_reason
+            )
             if isinstance(f, ReplyCompleted)
             else Choice(model=f.model if f else "", error_class=f.error_class if f else "cancelled")
             for _, f, _ in members
@@ -913,6 +944,7 @@ class ChatService:
                             prompt_tokens=completion.prompt_tokens or None,
                             completion_tokens=completion.completion_tokens or None,
                             tool_calls=completion.tool_calls,
+                            logprobs=completion.logprobs,
                         )
                         text = bound.feed(completion.content) + bound.close()
                         if text:

@@ -31,6 +31,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
     finish_reason: str = "stop"
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,6 +44,8 @@ class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     """The function calls the model asked for, whole (a stream's deltas put together)."""
+    logprobs: list[dict[str, Any]] | None = None
+    """OpenAI's logprobs.content of the whole answer, when asked for and given."""
 
 
 class ModelError(Exception):

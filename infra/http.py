@@ -169,7 +169,8 @@ OPENAI_PARAMETERS: dict[str, str] = {
     "prompt_cache_retention": "forwarded to the provider",
     "prompt_cache_options": "refused",
     "moderation": "refused (chat-llm's sanitizer checks input; see [sanitizer])",
-    "n": "refused above 1 (one choice per request; fan-out is chat-llm's `fanout`)",
+    "n": "honoured: n choices, each its own call down the route (a model that declares n); "
+    "not with fanout or tools",
     "tools": "honoured: carried to a model that declares tools (the demo model calls a forced "
     "tool); the calls come back as tool_calls, streamed as a delta, and are in the events",
     "tool_choice": "honoured: none, auto, required or a named function; needs tools",
@@ -178,8 +179,9 @@ OPENAI_PARAMETERS: dict[str, str] = {
     "function_call": "refused unless `none` (deprecated by OpenAI: use tool_choice)",
     "response_format": "honoured: json_object and json_schema are carried to a model that "
     "declares json_mode (the demo model answers in JSON); a model without it is a 400",
-    "logprobs": "refused when true",
-    "top_logprobs": "refused (needs logprobs)",
+    "logprobs": "honoured: carried to a model that declares logprobs, and its log "
+    "probabilities back (streamed: in the last chunk); a model without them is a 400",
+    "top_logprobs": "forwarded with logprobs (0..20)",
     "logit_bias": "refused when not empty",
     "modalities": "refused unless only `text`",
     "audio": "refused",
@@ -266,7 +268,11 @@ class CompletionIn(BaseModel):
     def refusal(self) -> tuple[str, str] | None:
         """(parameter, why) for the first parameter chat-llm cannot honour as sent."""
         checks: list[tuple[str, bool, str]] = [
-            ("n", (self.n or 1) > 1, "n > 1 is not supported (use the fanout extension)"),
+            (
+                "n",
+                (self.n or 1) > 1 and (bool(self.fanout) or bool(self.tools)),
+                "n > 1 cannot be combined with fanout or tools",
+            ),
             ("tools", self._bad_tools() is not None, self._bad_tools() or ""),
             ("tool_choice", self._bad_choice() is not None, self._bad_choice() or ""),
             (
@@ -281,8 +287,12 @@ class CompletionIn(BaseModel):
                 "deprecated by OpenAI: use tool_choice",
             ),
             ("response_format", self._bad_format() is not None, self._bad_format() or ""),
-            ("logprobs", bool(self.logprobs), "log probabilities are not supported"),
-            ("top_logprobs", self.top_logprobs is not None, "log probabilities are not supported"),
+            (
+                "top_logprobs",
+                self.top_logprobs is not None and not self.logprobs,
+                "top_logprobs needs logprobs: true",
+            ),
+            ("logprobs", bool(self.logprobs) and len(self.fanout) > 1, "not with fanout"),
             ("logit_bias", bool(self.logit_bias), "logit bias is not supported"),
             (
                 "modalities",
@@ -417,6 +427,9 @@ class CompletionIn(BaseModel):
                 if self.response_format and self.response_format.get("type") != "text"
                 else None
             ),
+            n=self.n if (self.n or 1) > 1 else None,
+            logprobs=self.logprobs or None,
+            top_logprobs=self.top_logprobs if self.logprobs else None,
             tools=self.tools or None,
             tool_choice=self.tool_choice if self.tools else None,
             parallel_tool_calls=self.parallel_tool_calls if self.tools else None,
@@ -1045,15 +1058,20 @@ def build_api(
                                 else {}
                             ),
                         },
-                        "finish_reason": (
-                            outcome.finish_reason if content or not error else "error"
+                        "finish_reason": finish if content or not error else "error",
+                        "logprobs": (
+                            {"content": outcome.logprobs, "refusal": None}
+                            if outcome.logprobs is not None and i == 0
+                            else None
                         ),
-                        "logprobs": None,
                         **({"model": model} if outcome.choices else {}),
                     }
-                    for i, (model, content, error) in enumerate(
-                        [(c.model, c.content, c.error_class) for c in outcome.choices]
-                        or [(outcome.model, outcome.reply, "")]
+                    for i, (model, content, error, finish) in enumerate(
+                        [
+                            (c.model, c.content, c.error_class, c.finish_reason)
+                            for c in outcome.choices
+                        ]
+                        or [(outcome.model, outcome.reply, "", outcome.finish_reason)]
                     )
                 ],
                 "usage": {
@@ -1614,13 +1632,16 @@ def _chunk(
     delta: dict[str, Any],
     finish: str | None,
     index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> str:
     body = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        ],
     }
     return f"data: {msgspec.json.encode(body).decode()}\n\n"
 
@@ -1654,6 +1675,15 @@ async def _sse(
                 if error is not None:
                     yield _error_event(error.message, error.type, error.code)
                     return
+                if item.logprobs is not None:  # the answer's, in one chunk before its end
+                    yield _chunk(
+                        completion_id,
+                        created,
+                        item.model,
+                        {},
+                        None,
+                        logprobs={"content": item.logprobs, "refusal": None},
+                    )
                 if item.tool_calls:  # whole calls, as one delta (the SDKs put deltas together)
                     calls = [
                         {"index": i, **call}
@@ -1661,7 +1691,9 @@ async def _sse(
                     ]
                     yield _chunk(completion_id, created, item.model, {"tool_calls": calls}, None)
                 for index in range(max(len(item.choices), 1)):
-                    yield _chunk(completion_id, created, item.model, {}, item.finish_reason, index)
+                    finish = item.choices[index].finish_reason if item.choices else None
+                    why = finish or item.finish_reason
+                    yield _chunk(completion_id, created, item.model, {}, why, index)
                 if include_usage:  # as OpenAI sends it: no choices, the usage
                     usage = {
                         "prompt_tokens": item.prompt_tokens,

@@ -44,10 +44,11 @@ class DemoModel:
         self._faults = list(faults)
         self._down = down
 
-    def reply_to(self, messages: Sequence[ChatMessage]) -> str:
+    def reply_to(self, messages: Sequence[ChatMessage], choice: int = 0) -> str:
+        """The answer; `choice` (one of n) picks another opener for the same conversation."""
         last = next((m.content for m in reversed(messages) if m.role == "user"), "")
         digest = hashlib.sha256("\x1f".join(m.content for m in messages).encode()).digest()
-        opener = _OPENERS[digest[0] % len(_OPENERS)]
+        opener = _OPENERS[(digest[0] + choice) % len(_OPENERS)]
         topic = " ".join(last.split()[:8]) or "(nothing)"
         turn = sum(1 for m in messages if m.role == "user")
         return f"{opener} (turn {turn}): you said \u201c{topic}\u201d."
@@ -85,7 +86,7 @@ class DemoModel:
         if messages and messages[-1].role == "assistant":
             # Continue the message it is given: the rest of the answer it would have given.
             prefill, messages = messages[-1].content, messages[:-1]
-        reply = self.reply_to(messages)
+        reply = self.reply_to(messages, getattr(options, "choice", 0))
         shape = getattr(options, "response_format", None) or {}
         if shape.get("type") in ("json_object", "json_schema"):
             reply = json_reply(reply, shape)
@@ -216,6 +217,8 @@ _FORWARDED = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
 )
 """GenerationOptions an OpenAI-compatible upstream takes, under the same names."""
 
@@ -289,6 +292,7 @@ class OpenAICompatibleModel:
         finish: str | None = None
         usage: dict[str, Any] = {}
         calls = _ToolCallDeltas()
+        logprobs: list[dict[str, Any]] = []
         began = False
         try:
             async with asyncio.timeout(deployment.first_token_timeout_s) as deadline:
@@ -309,6 +313,7 @@ class OpenAICompatibleModel:
                         data = raw[5:].strip()
                         if data == b"[DONE]":
                             done = True
+                            finish = finish or "stop"  # [DONE] ends it, finish_reason or not
                             continue
                         try:
                             chunk = json.loads(data)
@@ -321,6 +326,7 @@ class OpenAICompatibleModel:
                             choice = chunk["choices"][0] if chunk["choices"] else {}
                             said = choice.get("delta") or {}
                             delta = said.get("content") or ""
+                            logprobs += (choice.get("logprobs") or {}).get("content") or []
                             called = bool(said.get("tool_calls"))
                             if called:
                                 calls.add(said["tool_calls"])
@@ -364,6 +370,7 @@ class OpenAICompatibleModel:
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")),
             tool_calls=calls.whole(),
+            logprobs=logprobs or None,
         )
 
     async def complete(self, messages: Sequence[ChatMessage], options: Any = None) -> Completion:
@@ -382,6 +389,7 @@ class OpenAICompatibleModel:
             data = json.loads(raw)
             content = data["choices"][0]["message"]["content"] or ""
             calls = _tool_calls(data["choices"][0]["message"].get("tool_calls"))
+            logprobs = (data["choices"][0].get("logprobs") or {}).get("content")
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise ModelError("malformed_response", f"bad completion: {exc!r}") from None
@@ -392,6 +400,7 @@ class OpenAICompatibleModel:
             completion_tokens=int(usage.get("completion_tokens", count_tokens(content))),
             finish_reason=data["choices"][0].get("finish_reason") or "stop",
             tool_calls=calls,
+            logprobs=logprobs if isinstance(logprobs, list) else None,
         )
 
     async def close(self) -> None:

@@ -64,13 +64,74 @@ class Upstream:
         self.__init__()  # type: ignore[misc]
 
 
-def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+def _logprobs(tokens: list[str], first: int, top: int) -> dict[str, Any] | None:
+    """OpenAI's logprobs of `tokens` (the `first`-th token on), when asked (top >= 0):
+    token i has log probability -0.01 * (i + 1)."""
+    if top < 0:
+        return None
+    content = []
+    for i, token in enumerate(tokens, start=first):
+        logprob = round(-0.01 * (i + 1), 4)
+        alternatives = [{"token": token, "logprob": logprob, "bytes": None}]
+        alternatives += [
+            {"token": f"alt{k}", "logprob": logprob - k, "bytes": None} for k in range(1, top)
+        ]
+        content.append(
+            {"token": token, "logprob": logprob, "bytes": None, "top_logprobs": alternatives[:top]}
+        )
+    return {"content": content, "refusal": None}
+
+
+async def _tool_call(
+    request: web.Request, body: dict[str, Any], model: str, stream: bool
+) -> web.StreamResponse:
+    """A forced tool: a call to it with {"q": <the last user message>}; streamed, its id and
+    name in one delta and its arguments in three fragments, as OpenAI streams them."""
+    choice = body["tool_choice"]
+    tools = [t["function"]["name"] for t in body["tools"]]
+    name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]
+    last = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    arguments = json.dumps({"q": last})
+    call = {"id": "call_fault1", "type": "function", "function": {"name": name}}
+    if not stream:
+        whole = {**call, "function": {"name": name, "arguments": arguments}}
+        message = {"role": "assistant", "content": None, "tool_calls": [whole]}
+        return web.json_response(
+            {
+                "id": "chatcmpl-fault",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 5,
+                          "total_tokens": PROMPT_TOKENS + 5},
+            }
+        )  # fmt: skip
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "tool_calls": [{"index": 0, **call}]}))
+    third = len(arguments) // 3
+    for part in (arguments[:third], arguments[third : 2 * third], arguments[2 * third :]):
+        fragment = {"index": 0, "function": {"arguments": part}}
+        await response.write(_chunk(model, {"tool_calls": [fragment]}))
+    await response.write(_chunk(model, {}, "tool_calls"))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _chunk(
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> bytes:
     body = {
         "id": "chatcmpl-fault",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
     }
     return f"data: {json.dumps(body)}\n\n".encode()
 
@@ -155,6 +216,9 @@ def app() -> web.Application:
                           "invalid_request_error")  # fmt: skip
 
         tokens = TOKENS[prefill:]
+        top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else -1
+        if body.get("tools") and body.get("tool_choice") not in (None, "auto", "none"):
+            return await _tool_call(request, body, model, stream)
         if not stream:
             if model in ("cut", "cut2"):
                 # Content-Length promises more than is sent: the body is cut.
@@ -181,6 +245,7 @@ def app() -> web.Application:
                             "index": 0,
                             "message": {"role": "assistant", "content": text},
                             "finish_reason": "stop",
+                            "logprobs": _logprobs(tokens, prefill, top),
                         }
                     ],
                     "usage": {
@@ -206,7 +271,8 @@ def app() -> web.Application:
             if model == "malformed" and i == 20:
                 await response.write(b'data: {"choices": [{"delta": {"content": " to\n\n')
             text = token if i == 0 and not prefill else " " + token
-            await response.write(_chunk(model, {"content": text}))
+            logprobs = _logprobs([token], prefill + i, top)
+            await response.write(_chunk(model, {"content": text}, logprobs=logprobs))
         await response.write(_chunk(model, {}, "stop"))
         if usage_asked:
             await response.write(_usage(model, len(tokens)))

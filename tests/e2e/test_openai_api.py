@@ -434,7 +434,19 @@ def test_every_openai_parameter_is_honoured_or_refused_by_name(api: Service) -> 
         body: Any = caught.value.body
         assert body["param"] == param and param in body["message"], body
 
-    refused("n", n=2)
+    # n: that many choices, each its own answer, whole and streamed.
+    two = c.chat.completions.create(model="demo-1", messages=ask, n=2)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert len({ch.message.content for ch in two.choices}) == 2
+    assert all(ch.finish_reason == "stop" for ch in two.choices)
+    texts = ["", ""]
+    for ch in c.chat.completions.create(model="demo-1", messages=ask, n=2, stream=True):
+        for part in ch.choices:
+            texts[part.index] += part.delta.content or ""
+    assert texts == [ch.message.content for ch in two.choices]
+    with pytest.raises(openai.BadRequestError, match="'plain' does not support n"):
+        c.chat.completions.create(model="plain", messages=ask, n=2)
+    refused("n", n=2, extra_body={"fanout": ["demo-1", "demo-fast"]})
     tool: Any = {
         "type": "function",
         "function": {

@@ -10,6 +10,7 @@ Two profiles: "fast" (the default, in `make test`: waits of a second or two) and
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -71,7 +72,7 @@ CASES = {  # chat-llm model → (the upstream's fault, its fallbacks)
     "case16": ("e503-always", ["ok"]),
 }
 EXTRA = {  # fallbacks that are not cases: (upstream, context window, capabilities)
-    "ok": ("ok", 0, ["prefill"]),
+    "ok": ("ok", 0, ["prefill", "tools", "logprobs"]),
     "case12-same": ("ok-small", 4096, []),
     "case12-large": ("ok-large", 128_000, []),
     "case14-fallback": ("ok-noprefill", 0, ["prefill"]),
@@ -432,3 +433,61 @@ def test_case16_a_fallback_answer_reports_the_fallbacks_model_and_usage(
     calls = stack.calls(answer.context_id)
     assert outcomes(calls)[-1] == ("ok", "ok")
     assert {o for m, o in outcomes(calls) if m == "case16"} <= {"network", "circuit_open"}
+
+
+@MODES
+def test_logprobs_and_tool_call_deltas_are_carried_from_an_upstream_that_gives_them(
+    stack: Stack, stream: bool
+) -> None:
+    """Not a fault: what an OpenAI-compatible upstream answers beyond text comes through.
+    Log probabilities, asked with top_logprobs, for every token; a forced tool's call,
+    which the upstream streams as fragments, whole at the caller."""
+    stack.reset()
+    client = stack.client()
+    ask: Any = [{"role": "user", "content": "tell me with logprobs"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model="ok", messages=ask, logprobs=True, top_logprobs=2, stream=True
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        logprobs = [t for c in chunks if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content or []]  # fmt: skip
+    else:
+        whole = client.chat.completions.create(
+            model="ok", messages=ask, logprobs=True, top_logprobs=2
+        )
+        text = whole.choices[0].message.content or ""
+        assert whole.choices[0].logprobs is not None
+        logprobs = whole.choices[0].logprobs.content or []
+    assert text == WHOLE
+    assert [t.token for t in logprobs] == TOKENS
+    assert logprobs[2].logprob == -0.03 and len(logprobs[2].top_logprobs) == 2
+    # A model that does not declare logprobs is a 400 that names the parameter.
+    with pytest.raises(openai.BadRequestError, match="does not support logprobs"):
+        client.chat.completions.create(model="case3", messages=ask, logprobs=True)
+
+    tool: Any = {"type": "function", "function": {"name": "search", "parameters": {}}}
+    if stream:
+        deltas = [
+            c.choices[0]
+            for c in client.chat.completions.create(
+                model="ok", messages=ask, tools=[tool], tool_choice="required", stream=True
+            )
+            if c.choices
+        ]
+        calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
+        finish = deltas[-1].finish_reason
+        [call] = calls
+        assert call.function is not None
+        name, arguments = call.function.name, call.function.arguments
+    else:
+        answer = client.chat.completions.create(
+            model="ok", messages=ask, tools=[tool], tool_choice="required"
+        )
+        finish = answer.choices[0].finish_reason
+        [whole_call] = answer.choices[0].message.tool_calls or []
+        name, arguments = whole_call.function.name, whole_call.function.arguments
+    assert finish == "tool_calls" and name == "search"
+    assert json.loads(arguments or "") == {"q": "tell me with logprobs"}

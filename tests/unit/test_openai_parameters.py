@@ -82,6 +82,8 @@ def test_each_parameter_is_honoured_forwarded_or_refused_by_name(name: str) -> N
         body["stream"] = True
     if name in ("tool_choice", "parallel_tool_calls"):
         body["tools"] = SENT["tools"]  # each needs tools
+    if name == "top_logprobs":
+        body["logprobs"] = True
     request = CompletionIn.model_validate(body)
     refused = request.refusal()
     if handling.startswith("refused"):
