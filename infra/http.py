@@ -1198,7 +1198,11 @@ def build_api(
     async def configure(
         context_id: ContextId, body: ConfigIn, who: Annotated[Caller, Depends(caller)]
     ) -> dict[str, Any]:
-        """Per-context overrides: model, system_prompt."""
+        """Per-context overrides: model, system_prompt. An unknown model is a 404, now, not
+        a silent reroute at the next turn."""
+        model = body.overrides.get("model")
+        if model and model != AUTO_MODEL and model not in known_models():
+            raise model_not_found(model, "overrides.model")
         meta = meta_for(who, context_id, None, None)
         return await run_command(ContextCommand(meta=meta, configure=body.overrides))
 

@@ -539,6 +539,13 @@ def test_every_openai_parameter_is_honoured_or_refused_by_name(api: Service) -> 
         short = c.chat.completions.create(model="demo-1", messages=ask, **limit)  # type: ignore[call-overload]
         assert short.choices[0].finish_reason == "length"
         assert len((short.choices[0].message.content or "").split()) == 1
+    streamed_short = [
+        ch.choices[0]
+        for ch in c.chat.completions.create(model="demo-1", messages=ask, max_tokens=2, stream=True)
+        if ch.choices
+    ]
+    assert streamed_short[-1].finish_reason == "length"
+    assert len("".join(ch.delta.content or "" for ch in streamed_short).split()) == 2
     # stop ends the answer before the first stop sequence.
     whole = c.chat.completions.create(model="demo-1", messages=ask)
     text = whole.choices[0].message.content or ""
@@ -570,5 +577,12 @@ def test_every_openai_parameter_is_honoured_or_refused_by_name(api: Service) -> 
     # Models: `auto` is listed, and each can be retrieved.
     assert "auto" in {m.id for m in c.models.list()}
     assert c.models.retrieve("demo-1").id == "demo-1"
+    # A per-context override naming an unknown model is a 404 when it is set.
+    override = httpx.patch(
+        f"{api.base}/v1/contexts/dave-override/config",
+        json={"overrides": {"model": "gpt-nonexistent-9"}},
+        headers={"Authorization": f"Bearer {KEYS['dave']}"},
+    )
+    assert override.status_code == 404 and override.json()["error"]["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")
