@@ -85,6 +85,8 @@ class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
     """Which of the n choices a call is for (the demo model varies its answer by it)."""
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    extra: dict[str, Any] | None = None
+    """Parameters beyond OpenAI's, for an upstream that documents them (Deployment.extra_params)."""
 
     def needs(self) -> frozenset[str]:
         """The deployment capabilities these options use (actors.router.CAPABILITIES)."""

@@ -55,6 +55,9 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     context_window: int = 0
     """Tokens the model takes (prompt and answer); 0: not known. After a context_too_long
     error, the fallback chain skips models whose window is not larger."""
+    extra_params: tuple[str, ...] = ()
+    """Request parameters beyond OpenAI's that this upstream documents (vLLM's top_k, say):
+    a request to this model may send them, and they are forwarded as sent."""
     supports: tuple[str, ...] | None = None
     """What it serves beyond plain text (CAPABILITIES); unset: the provider's default (demo:
     everything it can fake offline; openai: tools, json_mode, logprobs, n)."""

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import logging
 import re
 import time
@@ -898,6 +899,27 @@ def build_api(
     def serves(model: str, needs: frozenset[str]) -> bool:
         return any(needs <= d.capabilities for d in settings.deployments if d.model == model)
 
+    def documented_extras(
+        raw_body: bytes, exc: ValidationError
+    ) -> tuple[CompletionIn, dict[str, Any]]:
+        """The request without the parameters beyond OpenAI's that the asked model's
+        deployments all document (Deployment.extra_params), and those parameters; re-raises
+        `exc` when any other error is in it or a parameter is documented by none."""
+        errors = exc.errors()
+        if not all(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in errors):
+            raise exc
+        try:
+            data = json.loads(raw_body)
+        except ValueError:
+            raise exc from None
+        model = data.get("model") if isinstance(data, dict) else None
+        deployments = [d for d in settings.deployments if d.model == model]
+        names = [str(e["loc"][0]) for e in errors]
+        if not deployments or not all(n in d.extra_params for n in names for d in deployments):
+            raise exc
+        extra = {n: data.pop(n) for n in names}
+        return CompletionIn.model_validate(data), extra
+
     def model_not_found(name: str, where: str = "model") -> OpenAIError:
         return OpenAIError(
             404,
@@ -929,8 +951,13 @@ def build_api(
         """OpenAI-compatible. Without X-Context-Id every request is a new context holding the
         whole conversation; with it, the context keeps the history and only the last
         message is new."""
+        raw_body = await raw.body()
+        extra: dict[str, Any] = {}
         try:
-            body = CompletionIn.model_validate_json(await raw.body())
+            try:
+                body = CompletionIn.model_validate_json(raw_body)
+            except ValidationError as exc:
+                body, extra = documented_extras(raw_body, exc)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -993,6 +1020,8 @@ def build_api(
         context_id = x_context_id or clock.new_event_id()
         messages = body.chat_messages()
         options = body.options()
+        if extra:
+            options = msgspec.structs.replace(options, extra=extra)
         request = ChatRequest(
             meta=meta_for(who, context_id, end_user(body.user), traceparent),
             messages=messages if x_context_id is None else messages[-1:],

@@ -273,6 +273,9 @@ class OpenAICompatibleModel:
                 value = getattr(options, name)
                 if value is not None and value != ():
                     body[name] = list(value) if isinstance(value, tuple) else value
+            for name, value in (getattr(options, "extra", None) or {}).items():
+                if name in self._deployment.extra_params and name not in body:
+                    body[name] = value
         return body
 
     async def stream(

@@ -171,7 +171,14 @@ def app() -> web.Application:
         if messages and messages[-1].get("role") == "assistant":
             prefill = len(str(messages[-1].get("content") or "").split())
         now = time.monotonic()
-        state.log.append({"model": model, "t": now - state.started, "prefill": prefill})
+        state.log.append(
+            {
+                "model": model,
+                "t": now - state.started,
+                "prefill": prefill,
+                "top_k": body.get("top_k"),
+            }
+        )
         count = state.seen[model] = state.seen.get(model, 0) + 1
         state.first.setdefault(model, now)
         stream = bool(body.get("stream"))

@@ -116,6 +116,7 @@ def _config(upstream: str) -> str:
             f"first_token_timeout_s = {p.first_token_timeout_s}",
             f"stall_timeout_s = {p.stall_timeout_s}",
             f"context_window = {window}",
+            "extra_params = " + ('["top_k"]' if model == "ok" else "[]"),
             f"supports = {supports!r}".replace("'", '"'),
             "",
         ]
@@ -491,3 +492,11 @@ def test_logprobs_and_tool_call_deltas_are_carried_from_an_upstream_that_gives_t
         name, arguments = whole_call.function.name, whole_call.function.arguments
     assert finish == "tool_calls" and name == "search"
     assert json.loads(arguments or "") == {"q": "tell me with logprobs"}
+
+    # A parameter beyond OpenAI's that the upstream documents (extra_params) is forwarded
+    # as sent; to a model whose deployments do not list it, it is an unknown parameter.
+    stack.reset()
+    client.chat.completions.create(model="ok", messages=ask, extra_body={"top_k": 5})
+    assert [r["top_k"] for r in stack.seen()] == [5]
+    with pytest.raises(openai.BadRequestError, match=r"unrecognized request argument.*top_k"):
+        client.chat.completions.create(model="case3", messages=ask, extra_body={"top_k": 5})
