@@ -23,10 +23,10 @@ from rich.progress import Progress
 
 from benchmarks.common import Result
 from events import encode
-from infra.broker import EmbeddedBroker
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import ensure_topics
 from infra.config import ClickHouseConfig
-from infra.kafka import ensure_topics
-from infra.store import AsyncStore, ClickHouseStore
 from streams.app import ProjectionWorker, WorkerSettings
 from streams.archive import archive_row
 from streams.ports import ProjectionBatch

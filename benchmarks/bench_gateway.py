@@ -23,8 +23,8 @@ import httpx
 
 from actors.ports import ChatMessage
 from benchmarks.common import Result, cpu_seconds, process_tree
-from infra.broker import EmbeddedBroker, free_port
-from infra.models import DemoModel
+from infra.adapters.kafka.broker import EmbeddedBroker, free_port
+from infra.adapters.models import DemoModel
 
 
 def pct(samples: list[float], q: float) -> float:

@@ -18,10 +18,10 @@ import numpy as np
 
 from actors.cache import ReplyCache
 from benchmarks.common import Result, best_rate, median_ms
+from infra.adapters.clickhouse.store import KB_TABLE, ClickHouseStore
+from infra.adapters.embeddings import MiniLMEmbedder
 from infra.config import ClickHouseConfig
-from infra.embeddings import MiniLMEmbedder
-from infra.knowledge import KB_COLUMNS, _search, insert_passages
-from infra.store import KB_TABLE, ClickHouseStore
+from infra.services.knowledge import KB_COLUMNS, _search, insert_passages
 
 SENTENCES = [
     f"Question {i}: how do I {verb} my {thing} on the {place}?"

@@ -10,9 +10,9 @@ from aiokafka import AIOKafkaProducer
 
 from benchmarks.common import Result
 from events import encode
-from infra.broker import EmbeddedBroker
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaEventSink, ensure_topics
 from infra.config import BrokerConfig
-from infra.kafka import KafkaEventSink, ensure_topics
 from tests.factories import make_event
 
 

@@ -17,9 +17,9 @@ from rich.progress import Progress
 from actors.history import point_in_time
 from benchmarks.common import Result
 from events import decode, encode
+from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.config import ClickHouseConfig
-from infra.rebuild import _pages, rebuild
-from infra.store import ClickHouseStore
+from infra.services.rebuild import _pages, rebuild
 from tests.factories import make_turn
 
 TENANT = "bench"

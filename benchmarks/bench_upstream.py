@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.bench_gateway import _launch, _stop, pct
 from benchmarks.common import Result, cpu_seconds, process_tree
-from infra.broker import free_port
+from infra.adapters.kafka.broker import free_port
 
 CONFIG = """
 [limits]

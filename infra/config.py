@@ -66,7 +66,7 @@ class TopicsConfig(_Section):
     ingest: str = topics.INGEST
     deadletter: str = topics.DEADLETTER
     observations: str = topics.OBSERVATIONS
-    """What the archive writer derives for the stateful detectors (infra/processors.py)."""
+    """What the archive writer derives for the stateful detectors (infra/services/processors.py)."""
     partitions: Positive = 4
 
 
@@ -93,7 +93,7 @@ class RayConfig(_Section):
     """Contexts a shard keeps in memory; the least recently used are rebuilt from the log."""
     shard_transport: Literal["socket", "ray"] = "socket"
     """How chat turns reach a shard: `socket`, a direct connection to the shard that Ray
-    placed (infra/shardlink.py), or `ray`, an actor call per turn (~4 ms more CPU a turn)."""
+    placed (infra/ray/shardlink.py), or `ray`, an actor call per turn (~4 ms more CPU a turn)."""
 
 
 class HttpConfig(_Section):

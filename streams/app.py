@@ -13,7 +13,7 @@ One loop reads the event log once and feeds every projection: the archive
 (every event, exact bytes), the facts behind conversation memory and analytics,
 anomalies and memory prunes. For the stateful detectors it derives one compact
 observation per finished turn and limiter decision and publishes them in batches to
-their own topic; the Faust processors (infra/processors.py) judge them with their state
+their own topic; the Faust processors (infra/services/processors.py) judge them with their state
 in changelog-backed tables and append their findings to the log as AnomalyDetected
 events, which come back through the projector as rows of the `anomalies` table.
 """

@@ -1,7 +1,7 @@
 """Streaming anomaly detectors (event time, pure: state in, state and findings out).
 
 Each detector family keeps its state per key in a small struct, so that a host can keep it
-anywhere: the Faust processors (infra/processors.py) keep it in tables backed by changelog
+anywhere: the Faust processors (infra/services/processors.py) keep it in tables backed by changelog
 topics, keyed as the observations topic is (events/observations.py), so it survives a
 restart and moves with its partition. `Detectors` keeps the same states in dictionaries
 (for tests, what-if replays and single-process use).

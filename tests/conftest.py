@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from infra.broker import EmbeddedBroker
+from infra.adapters.clickhouse.store import ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import ensure_topics
 from infra.config import Settings, load_config
-from infra.kafka import ensure_topics
-from infra.store import ClickHouseStore
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.broker import free_port
+from infra.adapters.kafka.broker import free_port
 
 CHATLLM = [sys.executable, "-m", "infra.cli"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.broker import EmbeddedBroker, free_port
+from infra.adapters.kafka.broker import EmbeddedBroker, free_port
 from tests.e2e.conftest import start_service, stop_service
 
 pytestmark = pytest.mark.e2e

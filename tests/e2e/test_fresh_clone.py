@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import free_port
+from infra.adapters.kafka.broker import free_port
 from tests.e2e.conftest import wait_until_up
 
 pytestmark = pytest.mark.e2e

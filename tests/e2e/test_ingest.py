@@ -16,7 +16,7 @@ import httpx
 import msgspec
 import pytest
 
-from infra.broker import free_port
+from infra.adapters.kafka.broker import free_port
 from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 LISTENER = """
 from pathlib import Path
-from infra.plugins import hookimpl
+from infra.services.plugins import hookimpl
 
 PLUGIN = {"name": "listener", "version": "1", "hooks": ["on_event"]}
 SEEN = Path(__file__).with_suffix(".seen")

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.http import hash_key
-from infra.security import ROUTE_SCOPES
+from infra.http.app import hash_key
+from infra.http.security import ROUTE_SCOPES
 from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -554,7 +554,7 @@ def test_the_cli_says_what_is_wrong_in_one_line(service: Service, tmp_path: Path
     missing = cli(service, "produce", str(tmp_path / "missing.jsonl"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().startswith("cannot read") and "No such file" in missing.stderr
-    from infra.broker import free_port
+    from infra.adapters.kafka.broker import free_port
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     for args in (["chat", "hi"], ["query", "stats"], ["audit", "verify"]):

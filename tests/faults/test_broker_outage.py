@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from events import topics
-from infra.broker import EmbeddedBroker
-from infra.kafka import ensure_topics
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import ensure_topics
 from tests.e2e.conftest import start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e

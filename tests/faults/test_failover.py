@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from benchmarks.bench_gateway import _launch, _stop
-from infra.broker import free_port
+from infra.adapters.kafka.broker import free_port
 from tests.e2e.conftest import Service, start_service, stop_service
 from tests.fault_upstream import PROMPT_TOKENS, TOKENS
 

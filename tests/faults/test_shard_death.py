@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from infra.broker import EmbeddedBroker
-from infra.gateway import Gateway, shard_index
-from infra.http import OpenAIError, _as_http
-from infra.kafka import KafkaStreamReader
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaStreamReader
+from infra.http.app import OpenAIError, _as_http
+from infra.ray.gateway import Gateway, shard_index
 from tests.conftest import Topics
 from tests.integration.test_ray_shards import ask, restarted, shards_with, transport
 

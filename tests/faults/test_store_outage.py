@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from events import encode
-from infra.broker import EmbeddedBroker
-from infra.store import AsyncStore, ClickHouseStore
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
 from streams.ports import ProjectionBatch
 from streams.projections import FACTS_TABLE, fold
 from tests.conftest import Topics

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from events import encode
-from infra.broker import EmbeddedBroker
+from infra.adapters.kafka.broker import EmbeddedBroker
 from streams.projections import fold
 from tests.conftest import Topics
 from tests.integration.test_archive_worker import produce, traffic
@@ -84,7 +84,7 @@ class WorkerProcess:
 COUNT_SCRIPT = """
 import json
 from infra.config import load_config
-from infra.store import ClickHouseStore
+from infra.adapters.clickhouse.store import ClickHouseStore
 
 from streams.projections import ANOMALIES_TABLE, FACTS_TABLE, PRUNES_TABLE
 

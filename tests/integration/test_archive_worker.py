@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from events import encode
 from events import topics as topic_names
-from infra.broker import EmbeddedBroker
-from infra.store import AsyncStore, ClickHouseStore
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
 from streams.app import ProjectionWorker, WorkerSettings
 from streams.projections import fold
 from tests.conftest import Topics
@@ -239,12 +239,12 @@ async def test_two_workers_share_the_partitions_and_count_each_event_once(
 async def test_memory_samples_and_turns_are_published_as_keyed_observations(
     broker: EmbeddedBroker, topics: Topics, store: ClickHouseStore
 ) -> None:
-    """What the stateful detectors judge (infra/processors.py) leaves the archive writer as
+    """What the stateful detectors judge (infra/services/processors.py) leaves the archive writer as
     keyed observation records: each process's memory samples, and each finished turn under
     its model's key and its tenant's."""
     from events.observations import decode_batch
+    from infra.adapters.kafka.clients import KafkaObservationSink
     from infra.config import BrokerConfig
-    from infra.kafka import KafkaObservationSink
 
     samples = iter([200.0, 210.0, 900.0] + [900.0] * 100)
     astore = AsyncStore(store)

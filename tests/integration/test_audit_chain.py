@@ -7,9 +7,9 @@ import pytest
 
 from actors.context import ContextActor, RequestMeta
 from events import ContextCreated, MessageReceived, encode
-from infra.audit import verify
-from infra.memory import InMemoryLog
-from infra.store import ClickHouseStore
+from infra.adapters.clickhouse.store import ClickHouseStore
+from infra.adapters.inmemory import InMemoryLog
+from infra.services.audit import verify
 from streams.archive import archive_row
 from tests.factories import FakeClock
 

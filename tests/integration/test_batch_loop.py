@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from infra.broker import EmbeddedBroker
+from infra.adapters.kafka.broker import EmbeddedBroker
 from streams.loop import BatchLoop, LoopSettings
 from tests.conftest import Topics
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from infra.broker import BrokerError, EmbeddedBroker
+from infra.adapters.kafka.broker import BrokerError, EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_the_broker_dies_with_a_killed_parent() -> None:
         [
             sys.executable,
             "-c",
-            "import time; from infra.broker import EmbeddedBroker;"
+            "import time; from infra.adapters.kafka.broker import EmbeddedBroker;"
             "b = EmbeddedBroker().start(); print(b._process.pid, flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,

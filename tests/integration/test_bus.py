@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from events import FeedbackGiven
-from infra.broker import EmbeddedBroker
-from infra.bus import EventBus
-from infra.kafka import KafkaStreamReader
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaStreamReader
+from infra.services.bus import EventBus
 from tests.conftest import Topics
 
 pytestmark = pytest.mark.integration

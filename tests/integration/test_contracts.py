@@ -12,12 +12,12 @@ import pytest
 
 from actors.ports import ChatMessage, EventSink, ModelProvider, StreamReader
 from events import Envelope, MemoryPruned, encode
-from infra.broker import EmbeddedBroker
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.inmemory import InMemoryLog, InMemoryProjections
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaEventSink, KafkaStreamReader
+from infra.adapters.models import DemoModel
 from infra.config import BrokerConfig
-from infra.kafka import KafkaEventSink, KafkaStreamReader
-from infra.memory import InMemoryLog, InMemoryProjections
-from infra.models import DemoModel
-from infra.store import AsyncStore, ClickHouseStore
 from streams.archive import ArchiveRow, archive_row
 from streams.ports import ProjectionBatch, ProjectionSink
 from streams.projections import (
@@ -280,7 +280,7 @@ async def test_model_answers_with_its_name_and_token_counts(model: ModelProvider
 
 @pytest.fixture(params=["hash", "minilm"])
 def embedder(request: pytest.FixtureRequest) -> Any:
-    from infra.embeddings import HashEmbedder, MiniLMEmbedder
+    from infra.adapters.embeddings import HashEmbedder, MiniLMEmbedder
 
     return HashEmbedder() if request.param == "hash" else MiniLMEmbedder()
 

@@ -15,9 +15,9 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from events import Envelope, encode
 from events import topics as topic_names
-from infra.broker import EmbeddedBroker
-from infra.kafka import LogUnavailable
-from infra.store import AsyncStore, ClickHouseStore
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import LogUnavailable
 from streams.app import ProjectionWorker
 from tests.conftest import Topics
 from tests.factories import make_event

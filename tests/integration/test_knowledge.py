@@ -13,10 +13,10 @@ import pytest
 
 from actors.cache import ReplyCache
 from actors.ports import ChatMessage
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.embeddings import MiniLMEmbedder
 from infra.config import KnowledgeConfig, KnowledgeSource
-from infra.embeddings import MiniLMEmbedder
-from infra.knowledge import KnowledgeBase
-from infra.store import AsyncStore, ClickHouseStore
+from infra.services.knowledge import KnowledgeBase
 from tests.unit.test_chat_service import Harness, healthy
 
 pytestmark = pytest.mark.integration

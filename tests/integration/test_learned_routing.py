@@ -14,8 +14,8 @@ import pytest
 
 from actors.context import ContextCommand
 from events import FeedbackGiven
-from infra.broker import EmbeddedBroker
-from infra.gateway import Gateway, shard_index
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.ray.gateway import Gateway, shard_index
 from tests.conftest import Topics
 from tests.integration.test_ray_shards import ask, shards_with
 from tests.integration.test_ray_shards import restarted as restarted_shard

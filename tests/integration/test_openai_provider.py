@@ -15,8 +15,8 @@ import pytest
 from actors.ports import ChatMessage
 from actors.router import Deployment
 from benchmarks.bench_gateway import _launch, _stop
-from infra.broker import free_port
-from infra.models import OpenAICompatibleModel
+from infra.adapters.kafka.broker import free_port
+from infra.adapters.models import OpenAICompatibleModel
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from infra.plugins import PluginHost, PluginRequest
+from infra.services.plugins import PluginHost, PluginRequest
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ SHOUT = next(
 assert "VERSION" in SHOUT
 
 BROKEN = """
-from infra.plugins import hookimpl
+from infra.services.plugins import hookimpl
 
 PLUGIN = {"name": "broken", "version": "0.1", "hooks": ["after_reply"]}
 
@@ -100,7 +100,7 @@ async def test_a_plugin_runs_a_workflow_step_and_its_failure_fails_the_step(
     tmp_path: Path,
 ) -> None:
     (tmp_path / "steps.py").write_text(
-        "from infra.plugins import hookimpl\n"
+        "from infra.services.plugins import hookimpl\n"
         'PLUGIN = {"name": "steps", "version": "1", "hooks": ["run_step"]}\n'
         "@hookimpl\n"
         "def run_step(params, step):\n"
@@ -134,7 +134,7 @@ async def test_a_hook_that_always_fails_disables_the_plugin_though_another_succe
     tmp_path: Path,
 ) -> None:
     (tmp_path / "half.py").write_text(
-        "from infra.plugins import hookimpl\n"
+        "from infra.services.plugins import hookimpl\n"
         'PLUGIN = {"name": "half", "version": "1", "hooks": ["before_reply", "after_reply"]}\n'
         "@hookimpl\n"
         "def before_reply(request):\n"

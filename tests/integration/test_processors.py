@@ -1,5 +1,5 @@
-"""The stateful detectors on Faust (infra/processors.py) against the real broker: state that
-comes back from the changelog after a SIGKILL, one key judged by one worker of a group,
+"""The stateful detectors on Faust (infra/services/processors.py) against the real broker:
+state that comes back from the changelog after a SIGKILL, one key judged by one worker of a group,
 state that moves with its partition, and bad records dead-lettered while the agents go on.
 
 Each worker is a real `chatllm worker --processors` process."""
@@ -23,11 +23,11 @@ from aiokafka import AIOKafkaProducer
 
 from events import Envelope, ReplyCompleted, encode, topics
 from events.observations import Observation, encode_batch
-from infra.broker import EmbeddedBroker
+from infra.adapters.inmemory import InMemoryProjections
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaStreamReader, partition_for
 from infra.config import ENV_PREFIX, Settings, settings_env
-from infra.kafka import KafkaStreamReader, partition_for
-from infra.memory import InMemoryProjections
-from infra.processors import read_status
+from infra.services.processors import read_status
 from tests.conftest import Topics, make_settings
 from tests.factories import make_event
 
@@ -199,8 +199,8 @@ def test_state_comes_back_from_the_changelog_after_a_sigkill(
 def test_two_workers_judge_a_key_once_by_its_owner(
     settings: Settings, workers: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    from infra.kafka import KafkaObservationSink
-    from infra.runtime import worker_settings
+    from infra.adapters.kafka.clients import KafkaObservationSink
+    from infra.wiring import worker_settings
     from streams.app import ProjectionWorker
 
     workers += [start_worker(settings, tmp_path / f"w{i}.log") for i in range(2)]
@@ -330,7 +330,7 @@ def test_the_end_of_a_partition_is_read_from_a_fetch(settings: Settings) -> None
     (infra/processors.fetched_highwaters), which this checks against what was written."""
     from aiokafka import TopicPartition
 
-    from infra.processors import fetched_highwaters
+    from infra.services.processors import fetched_highwaters
 
     async def run() -> tuple[int, dict[Any, int]]:
         producer = AIOKafkaProducer(

@@ -14,9 +14,9 @@ import pytest
 from actors.chat import ChatRequest, TurnOutcome
 from actors.context import ContextRejected, RequestMeta
 from actors.ports import ChatMessage
-from infra.broker import EmbeddedBroker
-from infra.gateway import Gateway, shard_index
-from infra.kafka import KafkaStreamReader
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaStreamReader
+from infra.ray.gateway import Gateway, shard_index
 from infra.runtime import start_shards
 from tests.conftest import Topics, make_settings
 
@@ -213,8 +213,8 @@ async def test_a_restarted_shard_still_enforces_the_limits_it_had(
 async def test_a_stale_second_writer_loses_and_writes_nothing(
     ray_runtime: Any, broker: EmbeddedBroker, topics: Topics
 ) -> None:
-    from infra.lease import LeaseLost, LeaseRegistry
-    from infra.shard import ChatShard
+    from infra.ray.lease import LeaseLost, LeaseRegistry
+    from infra.ray.shard import ChatShard
 
     settings = make_settings(
         broker=broker, topics=topics, ray__lease_ttl_s=3.0, limits__rate_per_s=0

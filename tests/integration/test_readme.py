@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from events import decode, encode
+from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.config import load_config
-from infra.store import ClickHouseStore
 from streams.archive import archive_row
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

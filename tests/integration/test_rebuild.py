@@ -12,9 +12,9 @@ import pytest
 
 from events import MemoryPruned, encode
 from infra import rebuild as rebuilding
-from infra.broker import EmbeddedBroker
-from infra.rebuild import RebuildError, rebuild
-from infra.store import ClickHouseStore
+from infra.adapters.clickhouse.store import ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.services.rebuild import RebuildError, rebuild
 from streams.archive import archive_row
 from streams.ports import ProjectionBatch
 from streams.projections import ANOMALIES_TABLE, FACTS_TABLE, PRUNES_TABLE, fold, project, table_of
@@ -126,7 +126,7 @@ async def test_a_rebuild_from_the_brokers_log(
     store: ClickHouseStore, broker: EmbeddedBroker, topics: Topics
 ) -> None:
     """The broker's log as the source (what its retention holds): the same projections."""
-    from infra.rebuild import BrokerSource
+    from infra.services.rebuild import BrokerSource
     from tests.integration.test_archive_worker import produce
 
     events = traffic()
@@ -154,7 +154,7 @@ async def test_a_rebuild_from_a_log_that_starts_after_the_archive_is_refused(
 ) -> None:
     """A log that lost its older events (retention, a broker that restarted empty) must not
     replace projections built from them: the rebuild refuses, and the tables are as before."""
-    from infra.rebuild import BrokerSource
+    from infra.services.rebuild import BrokerSource
     from tests.integration.test_archive_worker import produce
 
     events = traffic()

@@ -1,4 +1,4 @@
-"""The log comes back from the archive (infra/restore.py), on the real broker and chDB: an
+"""The log comes back from the archive (infra/services/restore.py), on the real broker and chDB: an
 empty log beside a full archive is noticed; re-published, every stream is back in version
 order, byte for byte, and the projection group starts after it."""
 
@@ -12,9 +12,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from events import encode
-from infra.broker import EmbeddedBroker
-from infra.restore import check_external_log, restore_embedded_log
-from infra.store import ClickHouseStore
+from infra.adapters.clickhouse.store import ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.services.restore import check_external_log, restore_embedded_log
 from tests.conftest import Topics
 from tests.integration.test_archive_worker import read_all
 from tests.integration.test_rebuild import project_live, traffic
@@ -47,7 +47,7 @@ def test_an_empty_log_beside_a_full_archive_is_noticed_then_restored(
     project_live(store, events)  # the archive holds them; the (new) log holds nothing
 
     # Step 1: an external broker in this state is reported, not silently used.
-    with caplog.at_level(logging.ERROR, logger="infra.restore"):
+    with caplog.at_level(logging.ERROR, logger="infra.services.restore"):
         lost = asyncio.run(check_external_log(store, broker.bootstrap_servers, topics.events))
     assert lost is False
     assert "the log was lost" in caplog.text

@@ -1,4 +1,4 @@
-"""The direct connection to a shard (infra/shardlink.py), attacked: a connection that does
+"""The direct connection to a shard (infra/ray/shardlink.py), attacked: a connection that does
 not show the shard's token, a malformed frame and an oversized one get nothing and break
 nothing else."""
 
@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from infra.broker import EmbeddedBroker
-from infra.gateway import Gateway, shard_index
-from infra.kafka import KafkaStreamReader
-from infra.shardlink import MAX_FRAME, _pack
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaStreamReader
+from infra.ray.gateway import Gateway, shard_index
+from infra.ray.shardlink import MAX_FRAME, _pack
 from tests.conftest import Topics
 from tests.faults.test_shard_death import slow_shards
 from tests.integration.test_ray_shards import ask, shards

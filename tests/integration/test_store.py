@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from events import encode
+from infra.adapters.clickhouse.store import ClickHouseStore, StoreError
 from infra.config import ClickHouseConfig
-from infra.store import ClickHouseStore, StoreError
 from streams.archive import archive_row
 from tests.factories import make_event
 
@@ -54,7 +54,8 @@ def test_a_second_chdb_path_in_one_process_is_a_clear_error(
 
 def test_a_path_held_by_another_process_is_a_clear_error(store: ClickHouseStore) -> None:
     code = (
-        "from infra.config import ClickHouseConfig\nfrom infra.store import ClickHouseStore\n"
+        "from infra.config import ClickHouseConfig\n"
+        "from infra.adapters.clickhouse.store import ClickHouseStore\n"
         f"ClickHouseStore(ClickHouseConfig(path={store.config.path!r})).open()"
     )
     result = subprocess.run(
@@ -68,7 +69,7 @@ async def test_search_filters_and_pages_through_any_size(store: ClickHouseStore)
     from datetime import timedelta
 
     from events import ReplyCompleted
-    from infra.store import AsyncStore, EventFilter
+    from infra.adapters.clickhouse.store import AsyncStore, EventFilter
     from tests.factories import BASE_TIME
 
     events = [make_event("ctx-a", v, n=v) for v in range(1, 6)]  # MessageReceived, users u1
@@ -141,7 +142,7 @@ async def test_a_large_export_holds_one_page_in_memory(store: ClickHouseStore) -
     number of events exported."""
     import tracemalloc
 
-    from infra.store import AsyncStore, EventFilter
+    from infra.adapters.clickhouse.store import AsyncStore, EventFilter
 
     events = [make_event(f"ctx-{i % 100}", i // 100 + 1, n=i + 1) for i in range(40_000)]
     store.insert_archive(

@@ -20,11 +20,11 @@ import pytest
 
 from actors.workflow import WorkflowSpec, parse_spec
 from events import Envelope
-from infra.broker import EmbeddedBroker
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.adapters.kafka.clients import KafkaEventSink, KafkaStreamReader
 from infra.config import BrokerConfig
-from infra.kafka import KafkaEventSink, KafkaStreamReader
-from infra.store import AsyncStore, ClickHouseStore
-from infra.workflows import (
+from infra.services.workflows import (
     ArchivedDocuments,
     Catalog,
     RunnerSettings,
@@ -209,7 +209,7 @@ import time
 from pathlib import Path
 
 from actors.workflow import WorkflowSpec
-from infra.workflows import python_step
+from infra.services.workflows import python_step
 
 LOG = Path(__file__).with_suffix(".log")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from actors.cache import ReplyCache, polarity, scope_key
 from actors.ports import ChatMessage
-from infra.embeddings import HashEmbedder
+from infra.adapters.embeddings import HashEmbedder
 from tests.unit.test_chat_service import Harness, healthy
 
 

@@ -15,9 +15,9 @@ from actors.limiter import LimitPolicy, RateLimiter
 from actors.ports import ChatMessage, Completion
 from actors.router import Band, Deployment, ModelRouter, RetryRule, RoutingPolicy
 from actors.sanitizer import Sanitizer, SanitizerPolicy
-from infra.memory import InMemoryLog
-from infra.models import DemoModel, provider_for
-from infra.sentiment import VaderScorer
+from infra.adapters.inmemory import InMemoryLog
+from infra.adapters.models import DemoModel, provider_for
+from infra.adapters.sentiment import VaderScorer
 from tests.factories import FakeClock
 
 POLICY = RoutingPolicy(

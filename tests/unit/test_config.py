@@ -169,7 +169,7 @@ def test_a_band_routing_to_an_unserved_model_is_named() -> None:
 
 
 def test_every_detector_setting_comes_from_the_anomalies_section() -> None:
-    from infra.processors import detector_config
+    from infra.services.processors import detector_config
 
     env = {"CHATLLM_ANOMALIES__WINDOW_S": "30", "CHATLLM_ANOMALIES__COOLDOWN_S": "5"}
     config = detector_config(load_config(env=env).settings)

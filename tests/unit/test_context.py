@@ -24,7 +24,7 @@ from events import (
     ReplyCompleted,
     ReplyFailed,
 )
-from infra.memory import InMemoryLog
+from infra.adapters.inmemory import InMemoryLog
 from tests.factories import FakeClock, make_event
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from infra.lease import Lease, LeasedSink, LeaseLost, LeaseRegistry
-from infra.memory import InMemoryLog
+from infra.adapters.inmemory import InMemoryLog
+from infra.ray.lease import Lease, LeasedSink, LeaseLost, LeaseRegistry
 from tests.factories import make_event
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.metrics import Metrics
+from infra.adapters.metrics import Metrics
 
 
 def _count(metrics: Metrics, processor: str) -> float:

@@ -1,6 +1,6 @@
 """Every OpenAI chat-completions parameter is honoured, forwarded or refused by name: the
 checked-in list (docs/openai-chat-parameters.txt) against the SDK's, and each parameter
-against the request model (infra/http.py)."""
+against the request model (infra/http/app.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from infra.http import OPENAI_PARAMETERS, CompletionIn
+from infra.http.app import OPENAI_PARAMETERS, CompletionIn
 
 LISTED = [
     line.strip()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infra.processors import build_app
+from infra.services.processors import build_app
 from tests.conftest import make_settings
 
 

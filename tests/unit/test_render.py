@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.ports import ChatMessage
-from infra.render import text_html, transcript_html
+from infra.services.render import text_html, transcript_html
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"'
 

@@ -1,4 +1,4 @@
-"""Every route of the API is either public or has its scope in infra/security.py: a new
+"""Every route of the API is either public or has its scope in infra/http/security.py: a new
 route cannot be forgotten (it would need `admin`, and this test says so)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from infra.config import load_config
-from infra.http import build_api
-from infra.security import PUBLIC, ROUTE_SCOPES
-from infra.workflows import Catalog
+from infra.http.app import build_api
+from infra.http.security import PUBLIC, ROUTE_SCOPES
+from infra.services.workflows import Catalog
 
 
 class _Unused:

@@ -8,7 +8,7 @@ import msgspec
 from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from infra.knowledge import KnowledgeBase, KnowledgeError
+from infra.services.knowledge import KnowledgeBase, KnowledgeError
 
 
 class IngestIn(BaseModel):

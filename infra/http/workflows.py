@@ -10,8 +10,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from actors.workflow import WorkflowError, order, summary
-from infra.store import AsyncStore
-from infra.workflows import Appender, Catalog, read_run, start_run
+from infra.adapters.clickhouse.store import AsyncStore
+from infra.services.workflows import Appender, Catalog, read_run, start_run
 
 RunId = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$", description="a run id (UUIDv7)")]
 WorkflowName = Annotated[str, Path(max_length=64)]

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events import topics
-from infra.kafka import partition_for
-from infra.store import ARCHIVE_TABLE, ClickHouseStore
+from infra.adapters.clickhouse.store import ARCHIVE_TABLE, ClickHouseStore
+from infra.adapters.kafka.clients import partition_for
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import ContextCommand, ContextView, RequestMeta
 from actors.ports import ChatMessage
-from infra.shardlink import ShardLink
+from infra.ray.shardlink import ShardLink
 
 
 def shard_index(tenant_id: str, shards: int) -> int:

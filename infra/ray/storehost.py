@@ -18,9 +18,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from infra import gcpolicy
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.metrics import Metrics
 from infra.config import Settings
-from infra.metrics import Metrics
-from infra.store import AsyncStore, ClickHouseStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class StoreHost:
         """`pids`: processes the memory detector samples besides this one and the shards."""
         import os
 
-        from infra.runtime import build_worker, memory_probe, open_store
+        from infra.wiring import build_worker, memory_probe, open_store
 
         # Below the request path: on a small machine the API, the shards and the broker
         # come first; projections only lag a little more while they are busy. Linux keeps
@@ -79,7 +79,7 @@ class StoreHost:
 
     async def restore(self, embedded: bool) -> int:
         """Bring an empty embedded log back from the archive (before any shard reads it)."""
-        from infra.runtime import recover_log
+        from infra.wiring import recover_log
 
         return await recover_log(
             self.settings, self.store, self.bootstrap_servers, embedded=embedded
@@ -161,7 +161,7 @@ class StoreHost:
         until: datetime | None,
         source: str,
     ) -> dict[str, Any]:
-        from infra.rebuild import BrokerSource, RebuildJob
+        from infra.services.rebuild import BrokerSource, RebuildJob
 
         if any(job.state == "running" for job in self._rebuilds.values()):
             raise RuntimeError("a rebuild is already running")

@@ -36,8 +36,8 @@ from typing import Any
 import msgspec
 
 from events.observations import MODEL, PROCESS, TENANT, Observation, decode_batch
+from infra.adapters.kafka.clients import KafkaEventSink
 from infra.config import Settings
-from infra.kafka import KafkaEventSink
 from streams.detectors import (
     DetectorConfig,
     Finding,

@@ -17,9 +17,9 @@ from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from infra.metrics import Metrics
-from infra.render import dashboard_html
-from infra.store import AsyncStore
+from infra.adapters.clickhouse.store import AsyncStore
+from infra.adapters.metrics import Metrics
+from infra.services.render import dashboard_html
 
 Format = Literal["json", "csv"]
 TenantPruner = Callable[[str, float | None, str], Awaitable[dict[str, int]]]

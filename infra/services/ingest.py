@@ -17,8 +17,8 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from events import DecodeError, topics
+from infra.adapters.kafka.clients import LogUnavailable
 from infra.config import Settings
-from infra.kafka import LogUnavailable
 from streams.ingest import TENANT_HEADER, tenant_hint, validate
 from streams.loop import DeadLetters
 

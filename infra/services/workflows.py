@@ -62,7 +62,7 @@ from events import (
     WorkflowStepStarted,
     decode,
 )
-from infra.clock import SystemClock, new_trace_id
+from infra.adapters.clock import SystemClock, new_trace_id
 from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)

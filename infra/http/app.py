@@ -47,25 +47,25 @@ from events import (
     decode,
 )
 from events.standalone import standalone
-from infra.audit import verify
-from infra.clock import SystemClock, new_trace_id, parse_traceparent
+from infra.adapters.clickhouse.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
+from infra.adapters.clock import SystemClock, new_trace_id, parse_traceparent
+from infra.adapters.kafka.clients import LogUnavailable
+from infra.adapters.metrics import Metrics
+from infra.adapters.tracing import hex_ids
 from infra.config import ConfigError, Settings
-from infra.history import UnknownContext, state_at
-from infra.ingest import Ingest
-from infra.kafka import LogUnavailable
-from infra.knowledge import KnowledgeBase
-from infra.knowledge_api import add_knowledge_routes
-from infra.metrics import Metrics
-from infra.plugins import PluginHost, PluginRequest
-from infra.queries import QueryError, TenantPruner, add_query_routes, check_moments
-from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
-from infra.render import CSP, transcript_html
-from infra.security import BodyLimit, KeyLimits, SecurityHeaders, needed_scope
-from infra.shardlink import ShardLinkLost
-from infra.store import ArchivedEvent, AsyncStore, ClickHouseStore, EventFilter
-from infra.tracing import hex_ids
-from infra.workflow_api import add_workflow_routes
-from infra.workflows import Catalog
+from infra.http.knowledge import add_knowledge_routes
+from infra.http.security import BodyLimit, KeyLimits, SecurityHeaders, needed_scope
+from infra.http.workflows import add_workflow_routes
+from infra.ray.shardlink import ShardLinkLost
+from infra.services.audit import verify
+from infra.services.history import UnknownContext, state_at
+from infra.services.ingest import Ingest
+from infra.services.knowledge import KnowledgeBase
+from infra.services.plugins import PluginHost, PluginRequest
+from infra.services.queries import QueryError, TenantPruner, add_query_routes, check_moments
+from infra.services.rebuild import PROJECTIONS, BrokerSource, RebuildError, RebuildJob
+from infra.services.render import CSP, transcript_html
+from infra.services.workflows import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -655,7 +655,7 @@ def build_api(
                 yield
 
     # FastAPI's own OpenTelemetry support makes the server span of each request, continuing
-    # the caller's traceparent, once a tracer provider is installed (infra/tracing.py).
+    # the caller's traceparent, once a tracer provider is installed (infra/adapters/tracing.py).
     # Without an OTLP endpoint it is switched off: asking on every request whether a
     # provider is installed cost 3% of the API process's CPU (py-spy).
     traced = bool(settings.tracing.otlp_endpoint)

@@ -8,7 +8,7 @@ from typing import Any
 
 from events import DecodeError, Envelope, decode
 from events.chain import Break, verify_stream
-from infra.store import ClickHouseStore
+from infra.adapters.clickhouse.store import ClickHouseStore
 
 PAGE = 20_000
 

@@ -35,7 +35,7 @@ import msgspec
 
 from actors.chat import ChatRequest, Piece, TurnOutcome
 from actors.context import ContextRejected, VersionConflict
-from infra.kafka import LogUnavailable
+from infra.adapters.kafka.clients import LogUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -115,8 +115,8 @@ async def _serve(
     """Serve the HTTP API until Ctrl-C or `stop`."""
     import uvicorn
 
-    from infra.http import build_api
-    from infra.tracing import setup_tracing
+    from infra.adapters.tracing import setup_tracing
+    from infra.http.app import build_api
 
     settings: Settings = stack.settings
     setup_tracing(settings.tracing.otlp_endpoint, "chatllm-api", settings.tracing.export_delay_ms)
@@ -249,7 +249,7 @@ def up(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> Non
     except KeyboardInterrupt:
         pass
     finally:
-        from infra.tracing import shutdown_tracing
+        from infra.adapters.tracing import shutdown_tracing
 
         _stop_processes(others)
         stack.stop()
@@ -365,7 +365,7 @@ def worker(
         )
         raise typer.Exit(2)
     if processors:
-        from infra.processors import run_worker
+        from infra.services.processors import run_worker
 
         if not settings.anomalies.enabled:
             err.print("[red]anomalies.enabled is false: there is nothing to detect[/red]")
@@ -373,8 +373,8 @@ def worker(
         level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
         run_worker(settings, settings.broker.bootstrap_servers, level[settings.log.level])
         return
-    from infra.runtime import build_worker, open_store, workflow_catalog, workflow_runner
-    from infra.store import AsyncStore
+    from infra.adapters.clickhouse.store import AsyncStore
+    from infra.wiring import build_worker, open_store, workflow_catalog, workflow_runner
 
     store = open_store(settings)
     astore = AsyncStore(store)
@@ -463,14 +463,14 @@ def new_key(
     """Make a new API key: prints the key once, and the config entry that stores only its hash."""
     import secrets
 
-    from infra.security import SCOPES
+    from infra.http.security import SCOPES
 
     unknown = sorted(set(scope) - set(SCOPES))
     if unknown:
         err.print(f"[red]unknown scope(s) {unknown}: {', '.join(SCOPES)}[/red]")
         raise typer.Exit(2)
 
-    from infra.http import hash_key
+    from infra.http.app import hash_key
 
     key = "sk-chatllm-" + secrets.token_urlsafe(24)
     err.print("[bold]API key (shown once, store it now):[/bold]")
@@ -677,7 +677,7 @@ def audit_verify(
             offline=True,
         )
     except _Unreachable:
-        from infra.audit import verify
+        from infra.services.audit import verify
 
         settings = _load(config, profile).settings
         with _local_store(settings) as store:
@@ -960,7 +960,7 @@ def _local_store(settings: Settings) -> Iterator[Any]:
     """The configured ClickHouse opened by this process, for commands that work without a
     running service. chDB allows one process per data path: while `chatllm up` runs on it,
     this says so in one line."""
-    from infra.store import ClickHouseStore, StoreError
+    from infra.adapters.clickhouse.store import ClickHouseStore, StoreError
 
     try:
         store = ClickHouseStore(settings.clickhouse).open()
@@ -1393,7 +1393,7 @@ def replay_rebuild(
     the configured ClickHouse."""
     from datetime import datetime
 
-    from infra.rebuild import PROJECTIONS, BrokerSource, RebuildError, rebuild
+    from infra.services.rebuild import PROJECTIONS, BrokerSource, RebuildError, rebuild
 
     chosen = sorted(PROJECTIONS) if everything else projection
     if not chosen:
@@ -1414,7 +1414,7 @@ def replay_rebuild(
         started = None
     if started is None:
         # No service: the archive is ours to read (chDB allows one process per path).
-        from infra.runtime import open_store
+        from infra.wiring import open_store
 
         try:
             moments = [datetime.fromisoformat(t) if t else None for t in (since, until)]
@@ -1635,8 +1635,8 @@ def workflow_list(
             **where,  # type: ignore[arg-type]
         )
     except _Unreachable:
-        from infra.runtime import workflow_catalog
-        from infra.workflow_api import listing
+        from infra.http.workflows import listing
+        from infra.wiring import workflow_catalog
 
         settings = _load(config, profile).settings
         who = tenant or settings.tenant
@@ -1827,7 +1827,7 @@ DEMO_SCRIPT = [
 @app.command()
 def demo(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> None:
     """Start a throw-away embedded stack, drive a scripted workload, print the audit trail."""
-    from infra.broker import free_port
+    from infra.adapters.kafka.broker import free_port
 
     _load(config, profile)  # reports a bad config before anything starts
     workdir = Path(tempfile.mkdtemp(prefix="chatllm-demo-"))

@@ -42,16 +42,16 @@ from events import Envelope, FeedbackGiven, UserForgotten, topics
 from events.chain import payload_digest
 from events.erasure import erase
 from infra import gcpolicy
-from infra.clock import SystemClock
+from infra.adapters.clock import SystemClock
+from infra.adapters.embeddings import MiniLMEmbedder
+from infra.adapters.kafka.clients import KafkaEventSink, KafkaStreamReader
+from infra.adapters.models import DemoModel, provider_for
+from infra.adapters.sentiment import VaderScorer
+from infra.adapters.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
 from infra.config import Settings
-from infra.embeddings import MiniLMEmbedder
-from infra.gateway import shard_index
-from infra.kafka import KafkaEventSink, KafkaStreamReader
-from infra.lease import Lease, LeasedSink
-from infra.models import DemoModel, provider_for
-from infra.sentiment import VaderScorer
-from infra.shardlink import ShardServer
-from infra.tracing import hex_ids, remote_parent, setup_tracing, shutdown_tracing, tracer
+from infra.ray.gateway import shard_index
+from infra.ray.lease import Lease, LeasedSink
+from infra.ray.shardlink import ShardServer
 from streams.projections import topic_of
 
 log = logging.getLogger(__name__)

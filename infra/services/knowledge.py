@@ -32,9 +32,9 @@ from actors.knowledge import (
 )
 from events import KnowledgeIngested
 from events.standalone import standalone
-from infra.clock import SystemClock
+from infra.adapters.clickhouse.store import KB_TABLE, AsyncStore, ClickHouseStore
+from infra.adapters.clock import SystemClock
 from infra.config import KnowledgeConfig, KnowledgeSource
-from infra.store import KB_TABLE, AsyncStore, ClickHouseStore
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A plugin is a module that declares itself and implements some hooks:
 
     import msgspec
-    from infra.plugins import hookimpl
+    from infra.services.plugins import hookimpl
 
     PLUGIN = {"name": "shout", "version": "1.0", "hooks": ["after_reply"]}
 
@@ -49,7 +49,7 @@ import pluggy
 
 from events import Envelope, PluginChanged
 from events.standalone import standalone
-from infra.clock import SystemClock
+from infra.adapters.clock import SystemClock
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from events import DecodeError, Envelope, Event, decode, topics
 from events.standalone import standalone
-from infra.clock import SystemClock
+from infra.adapters.clock import SystemClock
+from infra.adapters.kafka.clients import KafkaEventSink
 from infra.config import BrokerConfig
-from infra.kafka import KafkaEventSink
-from infra.rebuild import BrokerSource
+from infra.services.rebuild import BrokerSource
 from streams.bus import Dispatcher, Filter, Handler, HandlerFailure, Subscription
 from streams.loop import BatchLoop, LoopHealth, LoopSettings
 
