@@ -470,7 +470,7 @@ def new_key(
         err.print(f"[red]unknown scope(s) {unknown}: {', '.join(SCOPES)}[/red]")
         raise typer.Exit(2)
 
-    from infra.http.app import hash_key
+    from infra.http.security import hash_key
 
     key = "sk-chatllm-" + secrets.token_urlsafe(24)
     err.print("[bold]API key (shown once, store it now):[/bold]")

@@ -10,6 +10,7 @@ every route is listed).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
@@ -213,3 +214,8 @@ class BodyLimit:
             }
         )  # fmt: skip
         await send({"type": "http.response.body", "body": body})
+
+
+def hash_key(key: str) -> str:
+    """How API keys are stored: SHA-256 hex of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()

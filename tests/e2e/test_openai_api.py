@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from infra.client import ChatClient
-from infra.http.app import hash_key
+from infra.http.security import hash_key
 from tests.e2e.conftest import Service, start_service, stop_service
 
 pytestmark = pytest.mark.e2e

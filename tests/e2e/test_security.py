@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.http.app import hash_key
-from infra.http.security import ROUTE_SCOPES
+from infra.http.security import ROUTE_SCOPES, hash_key
 from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ import pytest
 
 from infra.adapters.kafka.broker import EmbeddedBroker
 from infra.adapters.kafka.clients import KafkaStreamReader
-from infra.http.app import OpenAIError, _as_http
+from infra.http.errors import OpenAIError, as_http
 from infra.ray.gateway import Gateway, shard_index
 from tests.conftest import Topics
 from tests.integration.test_ray_shards import ask, restarted, shards_with, transport
@@ -48,7 +48,7 @@ async def test_a_shard_killed_mid_turn(
     ray_runtime.kill(owner, no_restart=False)
     with pytest.raises(Exception) as failed:
         await turn
-    answer = _as_http(failed.value)  # what the HTTP caller gets
+    answer = as_http(failed.value)  # what the HTTP caller gets
     assert isinstance(answer, OpenAIError) and answer.status == 503
     assert "stopped during the request" in answer.message
 

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from actors.context import ContextView
 from infra.config import load_config
-from infra.http.app import build_api, hash_key
+from infra.http.app import build_api
+from infra.http.security import hash_key
 
 QUERY_ONLY = "sk-query-only"
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from infra.http.app import OPENAI_PARAMETERS, CompletionIn
+from infra.http.schemas import OPENAI_PARAMETERS, CompletionIn
 
 LISTED = [
     line.strip()
