@@ -49,7 +49,7 @@ def _start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         **os.environ,
         "CHATLLM_HTTP__PORT": str(port),
         "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
-        "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
+        "CHATLLM_STREAMS__DATADIR": str(workdir),
         "CHATLLM_LIMITS__USER": "",  # measure the path, not the limits
         "CHATLLM_LIMITS__TENANT": "",
         "CHATLLM_LIMITS__RATE_PER_S": "0",

@@ -1,4 +1,4 @@
-"""The envelope every event shares (see DESIGN.md, "Events")."""
+"""The envelope every event shares (README.md, "Events"; docs/events.schema.json)."""
 
 from __future__ import annotations
 

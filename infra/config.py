@@ -117,8 +117,9 @@ class ModelConfig(_Section):
 
 
 class StreamsConfig(_Section):
-    datadir: str = ".chatllm/faust"
-    """The processors' working directory; the embedded broker logs beside it."""
+    datadir: str = ".chatllm"
+    """The stack's local working directory: the API processes' turn counters (api/), the
+    anomaly processors' state and status (processors/), the embedded broker's log file."""
     batch_size: Positive = 1000
     batch_within_s: PositiveFloat = 0.2
     session_timeout_s: PositiveFloat = 6.0

@@ -136,7 +136,7 @@ def start_processors(settings: Settings, bootstrap_servers: str) -> Any:
         f"{ENV_PREFIX}CONFIG": os.devnull,
         f"{ENV_PREFIX}BROKER__BOOTSTRAP_SERVERS": bootstrap_servers,
     }
-    log_dir = Path(settings.streams.datadir).parent
+    log_dir = Path(settings.streams.datadir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "processors.log", "ab") as out:
         return subprocess.Popen(
@@ -424,7 +424,7 @@ class Stack:
 
         import ray
 
-        broker, bootstrap = start_broker(settings, Path(settings.streams.datadir).parent)
+        broker, bootstrap = start_broker(settings, Path(settings.streams.datadir))
         owns_ray = False
         try:
             prepare_topics(settings, bootstrap)

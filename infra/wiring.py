@@ -183,7 +183,7 @@ def rss_mb(pid: int) -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_probe(pids_of: dict[str, int], hosts: list[Any]) -> Callable[[], dict[str, float]]:
+def rss_probe(pids_of: dict[str, int], hosts: list[Any]) -> Callable[[], dict[str, float]]:
     """{process: RSS MiB} of the named processes and the shard actors (`hosts` is read at
     each sample: it may be filled in later)."""
 
@@ -224,7 +224,7 @@ def build_worker(
         appender=appender,
         new_event_id=SystemClock().new_event_id,
         observations=observations,
-        memory_probe=probe,
+        rss_probe=probe,
         pruner=astore.prune_counts,
     )
     return worker, appender

@@ -138,7 +138,7 @@ class ProjectionWorker:
     """The projection processor around its sink (run it with `async with w.running()`).
 
     `observations` publishes what the stateful detectors judge (turns, limit decisions and,
-    with `memory_probe` returning {process: RSS in MiB}, memory samples); `appender` and
+    with `rss_probe` returning {process: RSS in MiB}, memory samples); `appender` and
     `new_event_id` append the worker's own events (ingest, memory prunes); `pruner` counts
     what a memory prune removes.
     """
@@ -152,7 +152,7 @@ class ProjectionWorker:
         appender: EventAppender | None = None,
         new_event_id: Callable[[], str] | None = None,
         observations: ObservationSink | None = None,
-        memory_probe: Callable[[], dict[str, float]] | None = None,
+        rss_probe: Callable[[], dict[str, float]] | None = None,
         pruner: Pruner | None = None,
     ) -> None:
         self.settings = settings
@@ -161,7 +161,7 @@ class ProjectionWorker:
         self.appender = appender
         self.new_event_id = new_event_id
         self.observations = observations
-        self.memory_probe = memory_probe
+        self.rss_probe = rss_probe
         self.pruner = pruner
         self.written = 0
         self.observed = 0
@@ -191,7 +191,7 @@ class ProjectionWorker:
         jobs = [self._loop.run()]
         if s.ingest_topic and self.appender is not None:
             jobs.append(self._ingest.run())
-        if s.memory_sample_s > 0 and self.memory_probe is not None and self.observations:
+        if s.memory_sample_s > 0 and self.rss_probe is not None and self.observations:
             jobs.append(every(s.memory_sample_s, self._sample_memory))
         if s.prune_interval_s > 0 and self.pruner is not None:
             jobs.append(every(s.prune_interval_s, self._scheduled_prune))
@@ -238,11 +238,11 @@ class ProjectionWorker:
         await self._publish([o for e in events for o in observations_of(e)])
 
     async def _sample_memory(self) -> None:
-        if self.observations is None or self.memory_probe is None:
+        if self.observations is None or self.rss_probe is None:
             return
         now = datetime.now(UTC)
         tenant = self.settings.system_tenant
-        samples = await asyncio.to_thread(self.memory_probe)
+        samples = await asyncio.to_thread(self.rss_probe)
         await self._publish(
             [memory_observation(tenant, p, rss, now) for p, rss in sorted(samples.items())]
         )

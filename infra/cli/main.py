@@ -211,7 +211,7 @@ def api_processes(settings: Settings) -> int:
 
 def api_metrics_dir(settings: Settings) -> Path:
     """Where the API processes of one `chatllm up` share their turn counters."""
-    return Path(settings.streams.datadir).parent / "api"
+    return Path(settings.streams.datadir) / "api"
 
 
 def _run(coroutine: Any) -> Any:
@@ -1833,7 +1833,7 @@ def demo(config: Path | None = ConfigOpt, profile: str | None = ProfileOpt) -> N
     workdir = Path(tempfile.mkdtemp(prefix="chatllm-demo-"))
     overrides = {
         "clickhouse.path": str(workdir / "chdb"),
-        "streams.datadir": str(workdir / "faust"),
+        "streams.datadir": str(workdir),
         "http.port": free_port(),
     }
     settings = load_config(config, profile, overrides=overrides).settings

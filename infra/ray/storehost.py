@@ -43,7 +43,7 @@ class StoreHost:
         """`pids`: processes the memory detector samples besides this one and the shards."""
         import os
 
-        from infra.wiring import build_worker, memory_probe, open_store
+        from infra.wiring import build_worker, open_store, rss_probe
 
         # Below the request path: on a small machine the API, the shards and the broker
         # come first; projections only lag a little more while they are busy. Linux keeps
@@ -57,7 +57,7 @@ class StoreHost:
         self.astore = AsyncStore(self.store)
         self.metrics = Metrics(turns=False)
         self._shards: list[Any] = list(shards or [])
-        probe = memory_probe({**(pids or {}), "store": _pid()}, self._shards)
+        probe = rss_probe({**(pids or {}), "store": _pid()}, self._shards)
         self.metrics.processes(probe)
         self.worker, self.appender = build_worker(
             settings, bootstrap_servers, self.astore, metrics=self.metrics, probe=probe

@@ -73,7 +73,7 @@ def processors_id(settings: Settings) -> str:
 
 
 def status_dir(settings: Settings) -> Path:
-    return Path(settings.streams.datadir).parent / "processors" / "status"
+    return Path(settings.streams.datadir) / "processors" / "status"
 
 
 async def fetched_highwaters(bootstrap_servers: str, partitions: list[Any]) -> dict[Any, int]:
@@ -178,7 +178,7 @@ def build_app(
     _patch_highwaters()
     _patch_fetch_wait()
     s = settings.streams
-    datadir = Path(settings.streams.datadir).parent / "processors" / "faust"
+    datadir = Path(settings.streams.datadir) / "processors" / "faust"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         processors_id(settings),

@@ -42,7 +42,7 @@ def start_service(
         "PYTHONUNBUFFERED": "1",
         "CHATLLM_HTTP__PORT": str(port),
         "CHATLLM_CLICKHOUSE__PATH": str(workdir / "chdb"),
-        "CHATLLM_STREAMS__DATADIR": str(workdir / "faust"),
+        "CHATLLM_STREAMS__DATADIR": str(workdir),
         "CHATLLM_RAY__NAMESPACE": f"chatllm-e2e-{port}",
         # One API process unless a test asks for more (the default: one per two cores): the
         # suite starts many stacks on two cores. test_api_processes and test_sigterm run

@@ -40,7 +40,7 @@ def worker_env(
         "CHATLLM_TOPICS__EVENTS": topics.events,
         "CHATLLM_TOPICS__DEADLETTER": topics.deadletter,
         "CHATLLM_CLICKHOUSE__PATH": str(tmp_path / "chdb"),
-        "CHATLLM_STREAMS__DATADIR": str(tmp_path / "faust"),
+        "CHATLLM_STREAMS__DATADIR": str(tmp_path),
         "CHATLLM_STREAMS__SESSION_TIMEOUT_S": "3.0",
         "CHATLLM_STREAMS__HEARTBEAT_INTERVAL_S": "0.5",
         "CHATLLM_STREAMS__REBALANCE_TIMEOUT_S": "1.0",

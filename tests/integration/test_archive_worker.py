@@ -261,7 +261,7 @@ async def test_memory_samples_and_turns_are_published_as_keyed_observations(
         observations=KafkaObservationSink(
             broker.bootstrap_servers, topics.observations, BrokerConfig()
         ),
-        memory_probe=lambda: {"api": next(samples)},
+        rss_probe=lambda: {"api": next(samples)},
     )
     turn = make_turn(7, latency_ms=123.0)
     try:

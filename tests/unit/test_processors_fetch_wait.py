@@ -10,7 +10,7 @@ from tests.conftest import make_settings
 
 
 async def test_the_worker_consumer_fetches_with_the_configured_wait(tmp_path: Path) -> None:
-    settings = make_settings(datadir=tmp_path / "faust", **{"streams.fetch_wait_s": 0.3})
+    settings = make_settings(datadir=tmp_path, **{"streams.fetch_wait_s": 0.3})
     app, _ = build_app(settings, "127.0.0.1:9")  # nothing connects until it starts
     consumer = app.consumer._thread._create_worker_consumer(app.transport)
     try:
