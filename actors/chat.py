@@ -9,28 +9,29 @@ completely or not at all, and the request path waits for the broker once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
-import pybreaker
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-)
 
 from actors.cache import ReplyCache, scope_key
+from actors.calls import (
+    FALLBACK_NOTE,
+    GenerationOptions,
+    ModelCalls,
+    TextBound,
+    _Attempt,
+    count_tokens,
+)
 from actors.context import ContextActor, RequestMeta
 from actors.knowledge import Retrieved, knowledge_prompt
 from actors.limiter import RateLimiter
-from actors.ports import ChatMessage, ModelError, ModelProvider, SentimentScorer, StreamEnd
-from actors.router import REQUEST_ERRORS, Deployment, ModelRouter, RetryRule
-from actors.sanitizer import Sanitizer
+from actors.ports import ChatMessage, ModelProvider, SentimentScorer
+from actors.router import ModelRouter
+from actors.sanitizer import Sanitizer, Verdict
 from events import (
     CacheHit,
     ContextCreated,
@@ -39,7 +40,6 @@ from events import (
     InputChecked,
     KnowledgeUsed,
     MessageReceived,
-    ModelCalled,
     PassageRef,
     RateLimitChecked,
     ReplyCompleted,
@@ -51,55 +51,6 @@ from events import (
 
 CACHE_DEPLOYMENT = "cache"
 """The deployment of a reply the reply cache gave (a CacheHit event says which one)."""
-FALLBACK_NOTE = "[fallback: every routed model failed; this answer is from the offline demo model] "
-
-
-class GenerationOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """What the caller asked of the generation (OpenAI's parameters). `max_tokens` and `stop`
-    are enforced by the service for every provider; all are carried to a provider that
-    takes them (an OpenAI-compatible upstream); the offline demo model has nothing to
-    sample, so the sampling ones do not change its answer."""
-
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    user: str | None = None
-    reasoning_effort: str | None = None
-    verbosity: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    response_format: dict[str, Any] | None = None
-    """OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema", ...}."""
-    tools: list[dict[str, Any]] | None = None
-    """OpenAI's tools: the functions the model may call."""
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    n: int | None = None
-    """OpenAI's n: this many independent answers (choices), each its own model call."""
-    choice: int = 0
-    """Which of the n choices a call is for (the demo model varies its answer by it)."""
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    extra: dict[str, Any] | None = None
-    """Parameters beyond OpenAI's, for an upstream that documents them (Deployment.extra_params)."""
-
-    def needs(self) -> frozenset[str]:
-        """The deployment capabilities these options use (actors.router.CAPABILITIES)."""
-        needs = set()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            needs.add("json_mode")
-        if self.tools:
-            needs.add("tools")
-        if (self.n or 1) > 1:
-            needs.add("n")
-        if self.logprobs:
-            needs.add("logprobs")
-        return frozenset(needs)
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,66 +132,6 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     logprobs.content), when asked for; not recorded in the events."""
 
 
-def count_tokens(text: str) -> int:
-    """A cheap token estimate (whitespace words); enough for limits and usage reports."""
-    return len(text.split())
-
-
-class TextBound:
-    """Cuts a reply as it streams: at `max_tokens` (counted as count_tokens counts), or just
-    before the first `stop` sequence (held back until it cannot be one). `finish` says why
-    it was cut ("length" or "stop"); after that, nothing more passes."""
-
-    def __init__(self, max_tokens: int | None, stop: Sequence[str]) -> None:
-        self.max_tokens = max_tokens
-        self.stop = tuple(s for s in stop if s)
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.pending = ""
-        self.out = ""
-        self.finish: str | None = None
-
-    def feed(self, piece: str) -> str:
-        """What of `piece` may go out now."""
-        if self.finish is not None:
-            return ""
-        self.pending += piece
-        cuts = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            text, self.pending = self.pending[: min(cuts)], ""
-            passed = self._words(text)
-            if self.finish is None:
-                self.finish = "stop"
-            return passed
-        keep = min(self.hold, len(self.pending))
-        text = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return self._words(text)
-
-    def close(self) -> str:
-        """The end of the answer: what was held back (it was no stop sequence)."""
-        if self.finish is not None:
-            return ""
-        text, self.pending = self.pending, ""
-        return self._words(text)
-
-    def _words(self, text: str) -> str:
-        if self.max_tokens is None or not text:
-            self.out += text
-            return text
-        whole = self.out + text
-        if count_tokens(whole) <= self.max_tokens:
-            self.out = whole
-            return text
-        import re
-
-        ends = [m.end() for m in re.finditer(r"\S+", whole)]
-        cut = ends[self.max_tokens - 1] if self.max_tokens > 0 else 0
-        passed = whole[len(self.out) : max(cut, len(self.out))]
-        self.out += passed
-        self.finish, self.pending = "length", ""
-        return passed
-
-
 def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
     # VADER's conventional thresholds on the compound score.
     if score >= 0.05:
@@ -250,35 +141,41 @@ def sentiment_label(score: float) -> Literal["positive", "neutral", "negative"]:
     return "neutral"
 
 
-class _Attempt:
-    """The state of the model calls of one turn: events so far, streamed text so far."""
+@dataclass
+class _Turn:
+    """One turn as its stages pass it on: what was asked, the context as it was, the
+    events so far, and the conversation the model will see."""
 
-    def __init__(self, live: bool = True, options: GenerationOptions | None = None) -> None:
-        self.events: list[Event] = []
-        self.at: dict[int, datetime] = {}
-        """When events of the turn happened, by id (those not here: when recorded)."""
-        self.text: list[str] = []
-        self.options = options or GenerationOptions()
-        self.finish = "stop"
-        """Why the answer ended: "length" when max_tokens cut it, else "stop"."""
-        self.live = live
-        """Text reaches the caller as it comes (a stream); otherwise only the whole reply."""
-        self.streamed = False
-        """Text of this turn already reached the caller: no retry into a different answer."""
-        self.continued = False
-        """A fallback continued a cut answer (its usage covers only its part)."""
-        self.resume: Literal["prefill", "restart"] = "prefill"
-        """How a model carries on a stream the caller has begun to read: given the text so
-        far as an assistant prefill, or asked again from the start, its answer passed on
-        only after it has repeated that text exactly."""
-        self.usage: StreamEnd | None = None
-        """What the last call's provider said of its answer (finish_reason, usage)."""
-        self.bound: TextBound | None = None
-        self.needs: frozenset[str] = self.options.needs()
-        """The capabilities the request uses (a deployment must serve them all)."""
+    context: ContextActor
+    request: ChatRequest
+    state: Any
+    message_id: str
+    begun: datetime
+    verdict: Verdict
+    payloads: list[Event]
+    conversation: list[ChatMessage] = field(default_factory=list)
+    scope: str = ""
+    """The reply cache's scope ("" when the cache may not answer this turn)."""
+    vector: Any = None
+
+    @property
+    def depth(self) -> int:
+        """How many user messages came before this one."""
+        return sum(1 for m in self.conversation if m.role == "user") - 1
 
 
-class ChatService:
+@dataclass
+class _Recorded:
+    """One answer's end: its final event, where it came from, the turn's events as the log
+    acknowledged them, and the calls' state."""
+
+    final: ReplyCompleted | ReplyFailed
+    deployment: str
+    events: Sequence[Envelope[Any]]
+    attempt: _Attempt
+
+
+class ChatService(ModelCalls):
     """The turn workflow of one shard; collaborators arrive through __init__."""
 
     def __init__(
@@ -318,264 +215,320 @@ class ChatService:
     async def stream(
         self, context: ContextActor, request: ChatRequest, live: bool = True
     ) -> AsyncIterator[str | Piece | TurnOutcome]:
-        """The turn, yielding reply text as the model produces it, and the outcome last."""
-        meta = request.meta
-        context.admit(meta)
+        """The turn, yielding reply text as the model produces it, and the outcome last.
+        Its stages: the input check and the rate limit (_admit), what the message brings to
+        the context (_receive), the reply cache (_from_cache), the route, then the models
+        (_fan_out_turn for fan-out and n choices, _call_turn for one answer)."""
+        context.admit(request.meta)
         if not request.messages or request.messages[-1].role not in ("user", "tool"):
             raise ValueError("the last message of a request must be the user's or a tool's")
-        new_message = request.messages[-1]
         async with context.lock:
-            begun = self.clock.now()  # when what precedes the model calls happened
-            state = context.state
-            message_id = self.clock.new_event_id()
-            verdict = self.sanitizer.check(request.messages[-1].content)
-            checked = InputChecked(
-                message_id=message_id,
-                verdict="allow" if verdict.allowed else "block",
-                reasons=verdict.reasons,
-                length=len(request.messages[-1].content),
-                policy_version=self.sanitizer.policy.version,
-            )
-            if not verdict.allowed:
-                events = await context.record([checked], meta)
-                yield TurnOutcome(
-                    status="blocked",
-                    context_id=meta.context_id,
-                    error_class="input_rejected",
-                    detail="; ".join(verdict.reasons),
-                    events=refs(events),
-                )
+            turn = await self._admit(context, request)
+            if isinstance(turn, TurnOutcome):
+                yield turn
                 return
-            decision = self.limiter.check(meta.tenant_id, meta.user_id)
-            if not decision.allowed:
-                events = await context.record([checked, decision], meta)
-                yield TurnOutcome(
-                    status="denied",
-                    context_id=meta.context_id,
-                    error_class="rate_limited",
-                    detail=f"rate limit {decision.limit} reached",
-                    retry_after_s=decision.retry_after_s,
-                    events=refs(events),
-                )
+            self._receive(turn)
+            cached = False
+            async for item in self._from_cache(turn):
+                cached = True
+                yield item
+            if cached:
                 return
-
-            payloads: list[Event] = []
-            if state.version == 0:
-                payloads.append(ContextCreated(title=request.title))
-                # A stateless request brings its history along: it becomes the context's start.
-                for i, old in enumerate(request.messages[:-1]):
-                    payloads.append(
-                        MessageReceived(
-                            message_id=f"{message_id}-h{i}",
-                            content=old.content,
-                            role=old.role,  # type: ignore[arg-type]
-                            tokens=count_tokens(old.content),
-                            tool_calls=old.tool_calls,
-                            tool_call_id=old.tool_call_id,
-                        )
-                    )
-            payloads += [checked, decision]
-            received = MessageReceived(
-                message_id=message_id,
-                content=verdict.text,
-                tokens=count_tokens(verdict.text),
-                role="tool" if new_message.role == "tool" else "user",
-                tool_call_id=new_message.tool_call_id,
-            )
-            score = max(-1.0, min(1.0, self.sentiment.score(verdict.text)))
-            payloads += [
-                received,
-                SentimentScored(
-                    message_id=message_id,
-                    label=sentiment_label(score),
-                    score=round(score, 4),
-                    scorer=self.sentiment.name,
-                ),
-            ]
-            conversation = [
-                *state.prompt(),
-                *(m for m in request.messages[:-1] if state.version == 0),
-                ChatMessage(
-                    role=new_message.role,
-                    content=verdict.text,
-                    message_id=message_id,
-                    tool_call_id=new_message.tool_call_id,
-                ),
-            ]
-            if request.knowledge:
-                conversation.insert(
-                    len(conversation) - 1,
-                    ChatMessage(role="system", content=knowledge_prompt(request.knowledge)),
-                )
-                payloads.append(
-                    KnowledgeUsed(
-                        in_reply_to=message_id,
-                        passages=tuple(
-                            PassageRef(
-                                source=p.source,
-                                document=p.document,
-                                chunk=p.chunk,
-                                score=round(p.score, 4),
-                            )
-                            for p in request.knowledge
-                        ),
-                    )
-                )
-            scope, vector = "", None
-            options = request.options
-            bounded = (
-                options.max_tokens is not None
-                or options.stop
-                or options.response_format
-                or options.tools
-            )
-            cacheable = request.use_cache and not bounded and len(request.fanout) <= 1
-            if self.cache is not None and cacheable:
-                started = time.perf_counter()
-                scope = scope_key(
-                    meta.tenant_id,
-                    conversation[:-1],
-                    request.model or state.config.get("model", ""),
-                )
-                # The embedding runs outside the loop (onnxruntime lets go of the GIL).
-                vector = await asyncio.to_thread(self.cache.vector, verdict.text)
-                hit = self.cache.lookup(scope, verdict.text, vector, self.clock.monotonic())
-                if hit is not None:
-                    reply = ReplyCompleted(
-                        message_id=self.clock.new_event_id(),
-                        in_reply_to=message_id,
-                        content=hit.entry.reply,
-                        model=hit.entry.model,
-                        latency_ms=(time.perf_counter() - started) * 1000,
-                        prompt_tokens=sum(count_tokens(m.content) for m in conversation),
-                        completion_tokens=count_tokens(hit.entry.reply),
-                        deployment=CACHE_DEPLOYMENT,
-                    )
-                    payloads += [
-                        CacheHit(
-                            in_reply_to=message_id,
-                            kind=hit.kind,
-                            similarity=hit.similarity,
-                            cached_message_id=hit.entry.message_id,
-                            cached_prompt=hit.entry.prompt[:500],
-                            embedder=self.cache.embedder.name,
-                        ),
-                        reply,
-                    ]
-                    events = await context.record(payloads, meta, cause_after=message_id)
-                    yield reply.content
-                    yield TurnOutcome(
-                        status="ok",
-                        context_id=meta.context_id,
-                        reply=reply.content,
-                        model=reply.model,
-                        deployment=CACHE_DEPLOYMENT,
-                        prompt_tokens=reply.prompt_tokens,
-                        completion_tokens=reply.completion_tokens,
-                        events=refs(events),
-                        message_id=reply.message_id,
-                    )
-                    return
-            depth = sum(1 for m in conversation if m.role == "user") - 1
             route = self.router.route(
-                in_reply_to=message_id,
-                text=verdict.text,
-                depth=depth,
-                current_model=state.model,
-                requested=request.model or state.config.get("model", ""),
-                tenant_id=meta.tenant_id,
+                in_reply_to=turn.message_id,
+                text=turn.verdict.text,
+                depth=turn.depth,
+                current_model=turn.state.model,
+                requested=request.model or turn.state.config.get("model", ""),
+                tenant_id=request.meta.tenant_id,
                 needs=request.options.needs(),
             )
-            n = request.options.n or 1
-            if len(request.fanout) > 1 or n > 1:
-                merge = request.merge
-                member_options = [request.options]
-                if n > 1:
-                    # n choices: n calls down the same route, side by side, each a member.
-                    routes = [route] * n
-                    payloads.append(route)
-                    merge = "all"
-                    member_options = [
-                        msgspec.structs.replace(request.options, n=None, choice=i) for i in range(n)
-                    ]
-                else:
-                    routes = [
-                        self.router.route(
-                            in_reply_to=message_id,
-                            text=verdict.text,
-                            depth=depth,
-                            requested=model,
-                            needs=request.options.needs(),
-                        )
-                        for model in request.fanout
-                    ]
-                    payloads += routes
-                at = {id(p): begun for p in payloads}
-                members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
-                async for item in self._fan_out(routes, conversation, merge, member_options):
-                    if isinstance(item, Piece):
-                        yield item
-                    else:
-                        members = item
-                for _, _, member_attempt in members:
-                    payloads += member_attempt.events
-                    at |= member_attempt.at
-                payloads += self.router.take_circuit_events()
-                finals = [f for _, f, _ in members if f is not None]
-                payloads += finals
-                events = await context.record(payloads, meta, cause_after=message_id, at=at)
-                yield self._fan_out_outcome(meta, members, conversation, events, merge)
+            if len(request.fanout) > 1 or (request.options.n or 1) > 1:
+                async for member_item in self._fan_out_turn(turn, route):
+                    yield member_item
                 return
-            payloads.append(route)
+            recorded: _Recorded | None = None
+            async for piece in self._call_turn(turn, route, live):
+                if isinstance(piece, _Recorded):
+                    recorded = piece
+                else:
+                    yield piece
+        assert recorded is not None
+        yield self._outcome(turn, recorded)
 
-            attempt = _Attempt(live, request.options)
-            # Each event carries when it happened: the audit trail shows the waits between
-            # a turn's attempts (the reply and what follows it: when it is recorded).
-            attempt.at.update((id(p), begun) for p in payloads)
-            final: ReplyCompleted | ReplyFailed | None = None
-            deployment_used = ""
-            try:
-                async for piece in self._call_chain(route, conversation, attempt):
-                    if isinstance(piece, tuple):
-                        deployment_used, final = piece
-                    else:
-                        yield piece
-            finally:
-                payloads += attempt.events
-            assert final is not None
-            payloads += self.router.take_circuit_events()
-            payloads.append(final)
-            events = await context.record(payloads, meta, cause_after=message_id, at=attempt.at)
-            if scope and isinstance(final, ReplyCompleted) and not final.fallback:
-                assert self.cache is not None
-                self.cache.put(
-                    scope,
-                    verdict.text,
-                    final.content,
-                    final.model,
-                    final.message_id,
-                    vector,
-                    self.clock.monotonic(),
+    async def _admit(self, context: ContextActor, request: ChatRequest) -> _Turn | TurnOutcome:
+        """The input check and the rate limit: the turn goes on, or its refusal (recorded)."""
+        meta = request.meta
+        begun = self.clock.now()  # when what precedes the model calls happened
+        message_id = self.clock.new_event_id()
+        text = request.messages[-1].content
+        verdict = self.sanitizer.check(text)
+        checked = InputChecked(
+            message_id=message_id,
+            verdict="allow" if verdict.allowed else "block",
+            reasons=verdict.reasons,
+            length=len(text),
+            policy_version=self.sanitizer.policy.version,
+        )
+        if not verdict.allowed:
+            events = await context.record([checked], meta)
+            return TurnOutcome(
+                status="blocked",
+                context_id=meta.context_id,
+                error_class="input_rejected",
+                detail="; ".join(verdict.reasons),
+                events=refs(events),
+            )
+        decision = self.limiter.check(meta.tenant_id, meta.user_id)
+        if not decision.allowed:
+            events = await context.record([checked, decision], meta)
+            return TurnOutcome(
+                status="denied",
+                context_id=meta.context_id,
+                error_class="rate_limited",
+                detail=f"rate limit {decision.limit} reached",
+                retry_after_s=decision.retry_after_s,
+                events=refs(events),
+            )
+        return _Turn(
+            context=context,
+            request=request,
+            state=context.state,
+            message_id=message_id,
+            begun=begun,
+            verdict=verdict,
+            payloads=[checked, decision],
+        )
+
+    def _receive(self, turn: _Turn) -> None:
+        """What the message brings: a new context's start (and a stateless request's
+        history), the message itself with its sentiment, the knowledge passages; and the
+        conversation the model will see."""
+        request, state, message_id = turn.request, turn.state, turn.message_id
+        new_message, text = request.messages[-1], turn.verdict.text
+        start: list[Event] = []
+        if state.version == 0:
+            start.append(ContextCreated(title=request.title))
+            # A stateless request brings its history along: it becomes the context's start.
+            for i, old in enumerate(request.messages[:-1]):
+                start.append(
+                    MessageReceived(
+                        message_id=f"{message_id}-h{i}",
+                        content=old.content,
+                        role=old.role,  # type: ignore[arg-type]
+                        tokens=count_tokens(old.content),
+                        tool_calls=old.tool_calls,
+                        tool_call_id=old.tool_call_id,
+                    )
                 )
+        score = max(-1.0, min(1.0, self.sentiment.score(text)))
+        turn.payloads[:0] = start
+        turn.payloads += [
+            MessageReceived(
+                message_id=message_id,
+                content=text,
+                tokens=count_tokens(text),
+                role="tool" if new_message.role == "tool" else "user",
+                tool_call_id=new_message.tool_call_id,
+            ),
+            SentimentScored(
+                message_id=message_id,
+                label=sentiment_label(score),
+                score=round(score, 4),
+                scorer=self.sentiment.name,
+            ),
+        ]
+        turn.conversation = [
+            *state.prompt(),
+            *(m for m in request.messages[:-1] if state.version == 0),
+            ChatMessage(
+                role=new_message.role,
+                content=text,
+                message_id=message_id,
+                tool_call_id=new_message.tool_call_id,
+            ),
+        ]
+        if request.knowledge:
+            turn.conversation.insert(
+                len(turn.conversation) - 1,
+                ChatMessage(role="system", content=knowledge_prompt(request.knowledge)),
+            )
+            turn.payloads.append(
+                KnowledgeUsed(
+                    in_reply_to=message_id,
+                    passages=tuple(
+                        PassageRef(
+                            source=p.source,
+                            document=p.document,
+                            chunk=p.chunk,
+                            score=round(p.score, 4),
+                        )
+                        for p in request.knowledge
+                    ),
+                )
+            )
 
-        prompt_tokens = sum(count_tokens(m.content) for m in conversation)
+    async def _from_cache(self, turn: _Turn) -> AsyncIterator[str | TurnOutcome]:
+        """The reply cache's answer, recorded, when it has one (the text, then the outcome);
+        nothing when it has none. Sets the turn's cache scope and vector either way, so a
+        model's answer can be put in the cache afterwards."""
+        request, meta, options = turn.request, turn.request.meta, turn.request.options
+        bounded = (
+            options.max_tokens is not None
+            or options.stop
+            or options.response_format
+            or options.tools
+        )
+        cacheable = request.use_cache and not bounded and len(request.fanout) <= 1
+        if self.cache is None or not cacheable:
+            return
+        started = time.perf_counter()
+        text, conversation = turn.verdict.text, turn.conversation
+        turn.scope = scope_key(
+            meta.tenant_id, conversation[:-1], request.model or turn.state.config.get("model", "")
+        )
+        # The embedding runs outside the loop (onnxruntime lets go of the GIL).
+        turn.vector = await asyncio.to_thread(self.cache.vector, text)
+        hit = self.cache.lookup(turn.scope, text, turn.vector, self.clock.monotonic())
+        if hit is None:
+            return
+        reply = ReplyCompleted(
+            message_id=self.clock.new_event_id(),
+            in_reply_to=turn.message_id,
+            content=hit.entry.reply,
+            model=hit.entry.model,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            prompt_tokens=sum(count_tokens(m.content) for m in conversation),
+            completion_tokens=count_tokens(hit.entry.reply),
+            deployment=CACHE_DEPLOYMENT,
+        )
+        turn.payloads += [
+            CacheHit(
+                in_reply_to=turn.message_id,
+                kind=hit.kind,
+                similarity=hit.similarity,
+                cached_message_id=hit.entry.message_id,
+                cached_prompt=hit.entry.prompt[:500],
+                embedder=self.cache.embedder.name,
+            ),
+            reply,
+        ]
+        events = await turn.context.record(turn.payloads, meta, cause_after=turn.message_id)
+        yield reply.content
+        yield TurnOutcome(
+            status="ok",
+            context_id=meta.context_id,
+            reply=reply.content,
+            model=reply.model,
+            deployment=CACHE_DEPLOYMENT,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            events=refs(events),
+            message_id=reply.message_id,
+        )
+
+    async def _fan_out_turn(
+        self, turn: _Turn, route: RouteDecided
+    ) -> AsyncIterator[Piece | TurnOutcome]:
+        """Fan-out (several models at once) or n choices (n calls down one route): every
+        member's pieces as they come, then the recorded outcome."""
+        request, options = turn.request, turn.request.options
+        n = options.n or 1
+        merge = request.merge
+        member_options = [options]
+        if n > 1:
+            # n choices: n calls down the same route, side by side, each a member.
+            routes = [route] * n
+            turn.payloads.append(route)
+            merge = "all"
+            member_options = [msgspec.structs.replace(options, n=None, choice=i) for i in range(n)]
+        else:
+            routes = [
+                self.router.route(
+                    in_reply_to=turn.message_id,
+                    text=turn.verdict.text,
+                    depth=turn.depth,
+                    requested=model,
+                    needs=options.needs(),
+                )
+                for model in request.fanout
+            ]
+            turn.payloads += routes
+        at = {id(p): turn.begun for p in turn.payloads}
+        members: list[tuple[str, ReplyCompleted | ReplyFailed | None, _Attempt]] = []
+        async for item in self._fan_out(routes, turn.conversation, merge, member_options):
+            if isinstance(item, Piece):
+                yield item
+            else:
+                members = item
+        for _, _, member_attempt in members:
+            turn.payloads += member_attempt.events
+            at |= member_attempt.at
+        turn.payloads += self.router.take_circuit_events()
+        turn.payloads += [f for _, f, _ in members if f is not None]
+        meta = request.meta
+        events = await turn.context.record(turn.payloads, meta, cause_after=turn.message_id, at=at)
+        yield self._fan_out_outcome(meta, members, turn.conversation, events, merge)
+
+    async def _call_turn(
+        self, turn: _Turn, route: RouteDecided, live: bool
+    ) -> AsyncIterator[str | _Recorded]:
+        """One answer down the route's chain: its pieces, then what was recorded (the turn's
+        events, acknowledged by the log; the answer put in the cache when it may be)."""
+        turn.payloads.append(route)
+        attempt = _Attempt(live, turn.request.options)
+        # Each event carries when it happened: the audit trail shows the waits between
+        # a turn's attempts (the reply and what follows it: when it is recorded).
+        attempt.at.update((id(p), turn.begun) for p in turn.payloads)
+        final: ReplyCompleted | ReplyFailed | None = None
+        deployment_used = ""
+        try:
+            async for piece in self._call_chain(route, turn.conversation, attempt):
+                if isinstance(piece, tuple):
+                    deployment_used, final = piece
+                else:
+                    yield piece
+        finally:
+            turn.payloads += attempt.events
+        assert final is not None
+        turn.payloads += self.router.take_circuit_events()
+        turn.payloads.append(final)
+        events = await turn.context.record(
+            turn.payloads, turn.request.meta, cause_after=turn.message_id, at=attempt.at
+        )
+        if turn.scope and isinstance(final, ReplyCompleted) and not final.fallback:
+            assert self.cache is not None
+            self.cache.put(
+                turn.scope,
+                turn.verdict.text,
+                final.content,
+                final.model,
+                final.message_id,
+                turn.vector,
+                self.clock.monotonic(),
+            )
+        yield _Recorded(final=final, deployment=deployment_used, events=events, attempt=attempt)
+
+    def _outcome(self, turn: _Turn, recorded: _Recorded) -> TurnOutcome:
+        """What the caller gets of one answer, once its events are acknowledged."""
+        final, meta, events = recorded.final, turn.request.meta, recorded.events
         if isinstance(final, ReplyFailed):
-            yield TurnOutcome(
+            return TurnOutcome(
                 status="failed",
                 context_id=meta.context_id,
                 error_class=final.error_class,
                 detail=final.message,
                 model=final.model,
-                prompt_tokens=prompt_tokens,
+                prompt_tokens=sum(count_tokens(m.content) for m in turn.conversation),
                 events=refs(events),
             )
-            return
-        yield TurnOutcome(
+        usage = recorded.attempt.usage
+        return TurnOutcome(
             status="ok",
             context_id=meta.context_id,
             reply=final.content,
             model=final.model,
-            deployment=deployment_used,
+            deployment=recorded.deployment,
             fallback=final.fallback,
             prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
@@ -583,7 +536,7 @@ class ChatService:
             message_id=final.message_id,
             finish_reason=final.finish_reason,
             tool_calls=final.tool_calls,
-            logprobs=attempt.usage.logprobs if attempt.usage else None,
+            logprobs=usage.logprobs if usage else None,
         )
 
     async def _fan_out(
@@ -678,329 +631,16 @@ class ChatService:
             message_id=first.message_id,
         )
 
-    async def _call_chain(
-        self, route: RouteDecided, conversation: Sequence[ChatMessage], attempt: _Attempt
-    ) -> AsyncIterator[str | tuple[str, ReplyCompleted | ReplyFailed]]:
-        """Try the route's models in order; yields text, and (deployment, final event) last.
 
-        A stream cut after text reached the caller goes on where it stopped, and the caller
-        receives only the continuation, so it reads one answer: the next model of the chain
-        gets the text so far as an assistant prefill if it takes one; if it does not (or
-        refuses the prefill with a 400), it is asked again from the start and its answer is
-        passed on only once it has repeated the text already sent, exactly. When no model
-        manages, the turn fails with the error that cut the stream (never a truncated answer
-        presented as whole, never the prefill's 400). After context_too_long, only models
-        with a larger context window are asked."""
-        last_error: ModelError | None = None
-        cut: ModelError | None = None
-        """The error that cut a stream the caller had begun to read: the turn's real error."""
-        last_model = route.chain[0] if route.chain else ""
-        too_long_at = -1
-        """The context window of the model that found the prompt too long (-1: none did)."""
-        policy = self.router.policy
-        for model in route.chain:
-            if too_long_at >= 0 and too_long_at and self.router.window(model) <= too_long_at:
-                continue  # it would not take the prompt either
-            last_model = model
-            if attempt.streamed:
-                prefills = self.router.serves(model, attempt.needs | {"prefill"})
-                attempt.resume = "prefill" if prefills else "restart"
-            try:
-                async for piece in self._resumed(model, conversation, attempt, route.in_reply_to):
-                    if isinstance(piece, tuple):
-                        deployment, latency_ms = piece
-                        text = "".join(attempt.text)
-                        usage = attempt.usage if not attempt.continued else None
-                        yield (
-                            deployment,
-                            ReplyCompleted(
-                                message_id=self.clock.new_event_id(),
-                                in_reply_to=route.in_reply_to,
-                                content=text,
-                                model=model,
-                                latency_ms=latency_ms,
-                                prompt_tokens=(
-                                    usage.prompt_tokens
-                                    if usage is not None and usage.prompt_tokens is not None
-                                    else sum(count_tokens(m.content) for m in conversation)
-                                ),
-                                completion_tokens=(
-                                    usage.completion_tokens
-                                    if usage is not None
-                                    and usage.completion_tokens is not None
-                                    and attempt.finish != "length"
-                                    else count_tokens(text)
-                                ),
-                                deployment=deployment,
-                                finish_reason=attempt.finish,
-                                tool_calls=attempt.usage.tool_calls if attempt.usage else (),
-                                # Answered by a fallback of the chain, not the routed model.
-                                fallback=model != route.chain[0],
-                            ),
-                        )
-                        return
-                    yield piece
-            except ModelError as exc:
-                last_error = exc
-                if attempt.streamed:
-                    cut = cut or exc
-                    if exc.error_class == "content_policy":
-                        break
-                    continue  # the next model of the chain carries on
-                if exc.error_class == "context_too_long":
-                    too_long_at = self.router.window(model)
-                if self._rule(exc.error_class).then == "fail":
-                    break
-        if cut is not None:
-            last_error = ModelError(
-                cut.error_class,
-                f"{cut.message} (after {len(''.join(attempt.text))} characters had been "
-                "sent, no fallback continued the answer"
-                + (f": {last_error.message}" if last_error is not cut and last_error else "")
-                + ")",
-            )
-        if last_error is None:
-            last_error = ModelError(
-                "network", f"no model of the chain {list(route.chain)} serves this request"
-            )
-        if (
-            policy.demo_fallback
-            and not attempt.streamed
-            and self._rule(last_error.error_class).then != "fail"
-        ):
-            started = time.perf_counter()
-            text = FALLBACK_NOTE
-            yield FALLBACK_NOTE
-            async for demo_piece in self.fallback.stream(conversation):
-                if isinstance(demo_piece, str):
-                    text += demo_piece
-                    yield demo_piece
-            yield (
-                self.fallback.name,
-                ReplyCompleted(
-                    message_id=self.clock.new_event_id(),
-                    in_reply_to=route.in_reply_to,
-                    content=text,
-                    model=self.fallback.name,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    prompt_tokens=sum(count_tokens(m.content) for m in conversation),
-                    completion_tokens=count_tokens(text),
-                    deployment=self.fallback.name,
-                    fallback=True,
-                ),
-            )
-            return
-        yield (
-            "",
-            ReplyFailed(
-                in_reply_to=route.in_reply_to,
-                error_class=last_error.error_class,
-                message=last_error.message,
-                model=last_model,  # the last model asked, not the chain's last
-            ),
-        )
-
-    def _rule(self, error_class: str) -> RetryRule:
-        return self.router.policy.retries.get(error_class, RetryRule())
-
-    def _wait(self, state: RetryCallState) -> float:
-        policy = self.router.policy
-        error = state.outcome.exception() if state.outcome else None
-        if (
-            isinstance(error, ModelError)
-            and error.error_class == "rate_limited"
-            and error.retry_after_s
-        ):
-            return min(error.retry_after_s, policy.retry_after_cap_s)
-        # Exponential with equal jitter: never less than half the step (a retry that comes
-        # back at once only hammers a provider that just failed), never more than the cap.
-        step = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (state.attempt_number - 1))
-        return step / 2 + random.uniform(0, step / 2)
-
-    def _stop(self, state: RetryCallState) -> bool:
-        error = state.outcome.exception() if state.outcome else None
-        if not isinstance(error, ModelError):
-            return True
-        if (
-            error.error_class == "rate_limited"
-            and error.retry_after_s > self.router.policy.retry_after_cap_s
-        ):
-            return True  # waiting that long is worse than falling back
-        return state.attempt_number >= self._rule(error.error_class).attempts
-
-    async def _resumed(
-        self, model: str, conversation: Sequence[ChatMessage], attempt: _Attempt, in_reply_to: str
-    ) -> AsyncIterator[str | tuple[str, float]]:
-        """_call_model; for a stream the caller has begun to read, a model that refuses the
-        assistant prefill (a 400) is asked again from the start."""
-        try:
-            async for piece in self._call_model(model, conversation, attempt, in_reply_to):
-                yield piece
-        except ModelError as exc:
-            refused = exc.error_class == "bad_request" and attempt.resume == "prefill"
-            if not (attempt.streamed and refused):
-                raise
-            attempt.resume = "restart"
-            async for piece in self._call_model(model, conversation, attempt, in_reply_to):
-                yield piece
-
-    async def _call_model(
-        self, model: str, conversation: Sequence[ChatMessage], attempt: _Attempt, in_reply_to: str
-    ) -> AsyncIterator[str | tuple[str, float]]:
-        """One model with its retry rule; yields text, and (deployment, latency_ms) on success."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, ModelError) and not attempt.streamed),
-            stop=self._stop,
-            wait=self._wait,
-            sleep=self.sleep,
-            reraise=True,
-        )
-        number = 0
-        async for try_ in retrying:
-            with try_:
-                number += 1
-                prefilled = attempt.streamed and attempt.resume == "prefill"
-                needs = attempt.needs | ({"prefill"} if prefilled else set())
-                deployment = self.router.pick(model, needs)
-                if deployment is None:
-                    raise ModelError("network", f"model {model!r} has no deployment")
-                async for piece in self._one_call(
-                    deployment, conversation, attempt, in_reply_to, number
-                ):
-                    yield piece
-
-    async def _one_call(
-        self,
-        deployment: Deployment,
-        conversation: Sequence[ChatMessage],
-        attempt: _Attempt,
-        in_reply_to: str,
-        number: int,
-    ) -> AsyncIterator[str | tuple[str, float]]:
-        provider = self.providers[deployment.name]
-        breaker = self.router.breakers[deployment.name]
-        started = time.perf_counter()
-        outcome, detail, retry_after = "ok", "", 0.0
-        sent = "".join(attempt.text) if attempt.streamed else ""
-        prefill = sent if attempt.resume == "prefill" else ""
-        skip: str | None = sent if sent and not prefill else None
-        """A restart's answer must repeat this (what the caller has) before it is passed on."""
-        held = ""
-        if prefill:
-            # The caller has read `prefill`: this model is asked to continue it.
-            conversation = [*conversation, ChatMessage(role="assistant", content=prefill)]
-        if sent:
-            attempt.continued = True
-        try:
-            if not attempt.streamed:
-                attempt.text.clear()  # a failed try's partial text is no part of the answer
-            attempt.usage = None
-            try:
-                options = attempt.options
-                if not sent or attempt.bound is None:
-                    attempt.bound = TextBound(options.max_tokens, options.stop)
-                bound = attempt.bound
-                with breaker.calling():
-                    if attempt.live:
-                        async with contextlib.aclosing(
-                            provider.stream(conversation, options=options)
-                        ) as pieces:
-                            async for piece in pieces:
-                                if not isinstance(piece, str):
-                                    attempt.usage = piece
-                                    continue
-                                if skip is not None:  # a restart: it must repeat `skip` first
-                                    held += piece
-                                    if not (skip.startswith(held) or held.startswith(skip)):
-                                        raise ModelError(
-                                            "malformed_response",
-                                            "its answer from the start differs from the text "
-                                            "already sent",
-                                        )
-                                    if len(held) < len(skip):
-                                        continue
-                                    piece, skip = held[len(skip) :], None
-                                    if not piece:
-                                        continue
-                                text = bound.feed(piece)
-                                if text:
-                                    attempt.streamed = True
-                                    attempt.text.append(text)
-                                    yield text
-                                if bound.finish is not None:
-                                    break  # cut: the rest is not asked for
-                        if skip is not None:
-                            raise ModelError(
-                                "malformed_response",
-                                "its answer from the start is shorter than the text already sent",
-                            )
-                        tail = bound.close()
-                        if tail:
-                            attempt.streamed = True
-                            attempt.text.append(tail)
-                            yield tail
-                    else:  # nobody reads pieces: one whole answer costs the upstream less
-                        completion = await provider.complete(conversation, options=options)
-                        attempt.usage = StreamEnd(
-                            finish_reason=completion.finish_reason,
-                            prompt_tokens=completion.prompt_tokens or None,
-                            completion_tokens=completion.completion_tokens or None,
-                            tool_calls=completion.tool_calls,
-                            logprobs=completion.logprobs,
-                        )
-                        text = bound.feed(completion.content) + bound.close()
-                        if text:
-                            attempt.text.append(text)
-                            yield text
-                if bound.finish == "length":
-                    attempt.finish = "length"
-                elif attempt.usage is not None and attempt.usage.finish_reason:
-                    attempt.finish = attempt.usage.finish_reason
-                else:
-                    attempt.finish = "stop"
-                if prefill:
-                    detail = f"continued a cut answer from its first {len(sent)} characters"
-                elif sent:
-                    detail = (
-                        f"restarted a cut answer; its first {len(sent)} characters repeated "
-                        "the text already sent, the rest was passed on"
-                    )
-            except pybreaker.CircuitBreakerError as exc:
-                cause = exc.__context__
-                if isinstance(cause, ModelError):
-                    raise cause from None  # the failure that tripped the breaker
-                raise ModelError("circuit_open", f"circuit of {deployment.name} is open") from None
-        except ModelError as exc:
-            outcome, detail, retry_after = exc.error_class, exc.message, exc.retry_after_s
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome, detail = "cancelled", "another fan-out member answered first"
-            raise
-        finally:
-            latency_ms = (time.perf_counter() - started) * 1000
-            attempt.events.append(
-                ModelCalled(
-                    in_reply_to=in_reply_to,
-                    model=deployment.model,
-                    deployment=deployment.name,
-                    attempt=number,
-                    outcome=outcome,
-                    latency_ms=round(latency_ms, 3),
-                    detail=detail[:500],
-                    retry_after_s=retry_after,
-                )
-            )
-            # A breaker that changed state on this call says so right after it, in order.
-            attempt.events.extend(self.router.take_circuit_events())
-            if outcome not in REQUEST_ERRORS and outcome not in ("circuit_open", "cancelled"):
-                adjusted = self.limiter.observe_upstream(
-                    outcome, latency_ms, deployment.name, tuple(self.router.deployments)
-                )
-                if adjusted is not None:
-                    attempt.events.append(adjusted)
-            ended = self.clock.now()
-            attempt.at.update((id(e), ended) for e in attempt.events if id(e) not in attempt.at)
-        yield (deployment.name, latency_ms)
-
-
-__all__ = ["ChatRequest", "ChatService", "Choice", "Piece", "RateLimitChecked", "TurnOutcome"]
+__all__ = [
+    "FALLBACK_NOTE",
+    "ChatRequest",
+    "ChatService",
+    "Choice",
+    "GenerationOptions",
+    "Piece",
+    "RateLimitChecked",
+    "TextBound",
+    "TurnOutcome",
+    "count_tokens",
+]

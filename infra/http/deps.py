@@ -32,6 +32,7 @@ from infra.config import Settings
 from infra.http.errors import OpenAIError, as_http, own_message
 from infra.http.queries import TenantPruner
 from infra.http.schemas import (
+    ASKED_BY,
     AUTO_MODEL,
     IDENT,
     Caller,
@@ -287,3 +288,70 @@ class Api:
             stream="admin",
         )
         await self.admin_log.append([event])
+
+    def completion_request(self, raw_body: bytes) -> tuple[CompletionIn, dict[str, Any]]:
+        """A chat completion request, checked: every parameter valid, honoured or refused by
+        name, every model known and able to serve what is asked; with the parameters beyond
+        OpenAI's that the asked model documents. Raises OpenAIError (400, 404) otherwise."""
+        extra: dict[str, Any] = {}
+        try:
+            try:
+                body = CompletionIn.model_validate_json(raw_body)
+            except ValidationError as exc:
+                body, extra = self.documented_extras(raw_body, exc)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise OpenAIError(
+                    400,
+                    f"unrecognized request argument supplied: {where}",
+                    "invalid_request_error",
+                    "unknown_parameter",
+                    param=where,
+                ) from None
+            raise OpenAIError(
+                400,
+                f"invalid request: {where}: {first['msg']}",
+                "invalid_request_error",
+                "invalid_request",
+                param=where,
+            ) from None
+        refused = body.refusal()
+        if refused is not None:
+            name, why = refused
+            raise OpenAIError(
+                400, f"{name}: {why}", "invalid_request_error", "unsupported_parameter",
+                param=name,
+            )  # fmt: skip
+        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
+            if name and name not in self.known_models():
+                raise self.model_not_found(name, where)
+        needs = body.options().needs()
+        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
+            if name and name != AUTO_MODEL and not self.serves(name, needs):
+                missing = sorted(needs - self.capabilities(name))
+                raise OpenAIError(
+                    400,
+                    f"{where}: the model {name!r} does not support {', '.join(missing)} "
+                    f"(asked for by {', '.join(ASKED_BY[n] for n in missing)})",
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                    param=ASKED_BY[missing[0]],
+                )
+        if needs and not any(self.serves(m, needs) for m in self.gateway.models):
+            raise OpenAIError(
+                400,
+                f"no model here supports {', '.join(sorted(needs))}",
+                "invalid_request_error",
+                "unsupported_parameter",
+                param=ASKED_BY[sorted(needs)[0]],
+            )
+        if body.messages[-1].role not in ("user", "tool"):
+            raise OpenAIError(
+                400,
+                "the last message must have role 'user' (or 'tool', a tool's result)",
+                "invalid_request_error",
+                "invalid_request",
+            )
+        return body, extra

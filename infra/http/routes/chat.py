@@ -6,17 +6,14 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 
 from actors.chat import ChatRequest, TurnOutcome
 from actors.ports import ChatMessage
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError, as_http, outcome_error
 from infra.http.schemas import (
-    ASKED_BY,
     AUTO_MODEL,
     Caller,
-    CompletionIn,
     ContextId,
     MessageIn,
     TurnOut,
@@ -36,11 +33,6 @@ def add_routes(app: FastAPI, api: Api) -> None:
     run_turn = api.run_turn
     observe_turn = api.observe_turn
     meta_for = api.meta_for
-    known_models = api.known_models
-    capabilities = api.capabilities
-    serves = api.serves
-    documented_extras = api.documented_extras
-    model_not_found = api.model_not_found
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
@@ -52,68 +44,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
         """OpenAI-compatible. Without X-Context-Id every request is a new context holding the
         whole conversation; with it, the context keeps the history and only the last
         message is new."""
-        raw_body = await raw.body()
-        extra: dict[str, Any] = {}
-        try:
-            try:
-                body = CompletionIn.model_validate_json(raw_body)
-            except ValidationError as exc:
-                body, extra = documented_extras(raw_body, exc)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            if first["type"] == "extra_forbidden":
-                raise OpenAIError(
-                    400,
-                    f"unrecognized request argument supplied: {where}",
-                    "invalid_request_error",
-                    "unknown_parameter",
-                    param=where,
-                ) from None
-            raise OpenAIError(
-                400,
-                f"invalid request: {where}: {first['msg']}",
-                "invalid_request_error",
-                "invalid_request",
-                param=where,
-            ) from None
-        refused = body.refusal()
-        if refused is not None:
-            name, why = refused
-            raise OpenAIError(
-                400, f"{name}: {why}", "invalid_request_error", "unsupported_parameter",
-                param=name,
-            )  # fmt: skip
-        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
-            if name and name not in known_models():
-                raise model_not_found(name, where)
-        needs = body.options().needs()
-        for where, name in [("model", body.model), *(("fanout", m) for m in body.fanout)]:
-            if name and name != AUTO_MODEL and not serves(name, needs):
-                missing = sorted(needs - capabilities(name))
-                raise OpenAIError(
-                    400,
-                    f"{where}: the model {name!r} does not support {', '.join(missing)} "
-                    f"(asked for by {', '.join(ASKED_BY[n] for n in missing)})",
-                    "invalid_request_error",
-                    "unsupported_parameter",
-                    param=ASKED_BY[missing[0]],
-                )
-        if needs and not any(serves(m, needs) for m in gateway.models):
-            raise OpenAIError(
-                400,
-                f"no model here supports {', '.join(sorted(needs))}",
-                "invalid_request_error",
-                "unsupported_parameter",
-                param=ASKED_BY[sorted(needs)[0]],
-            )
-        if body.messages[-1].role not in ("user", "tool"):
-            raise OpenAIError(
-                400,
-                "the last message must have role 'user' (or 'tool', a tool's result)",
-                "invalid_request_error",
-                "invalid_request",
-            )
+        body, extra = api.completion_request(await raw.body())
         if x_context_id is not None and not valid_ident(x_context_id):
             raise OpenAIError(
                 400, "invalid X-Context-Id", "invalid_request_error", "invalid_request"
@@ -171,53 +102,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             error.headers.update(headers)
             raise error
         return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": outcome.model,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {
-                            "role": "assistant",
-                            "content": content or (None if outcome.tool_calls else content),
-                            **(
-                                {"tool_calls": tool_calls_out(outcome.tool_calls)}
-                                if outcome.tool_calls and i == 0
-                                else {}
-                            ),
-                        },
-                        "finish_reason": finish if content or not error else "error",
-                        "logprobs": (
-                            {"content": outcome.logprobs, "refusal": None}
-                            if outcome.logprobs is not None and i == 0
-                            else None
-                        ),
-                        **({"model": model} if outcome.choices else {}),
-                    }
-                    for i, (model, content, error, finish) in enumerate(
-                        [
-                            (c.model, c.content, c.error_class, c.finish_reason)
-                            for c in outcome.choices
-                        ]
-                        or [(outcome.model, outcome.reply, "", outcome.finish_reason)]
-                    )
-                ],
-                "usage": {
-                    "prompt_tokens": outcome.prompt_tokens,
-                    "completion_tokens": outcome.completion_tokens,
-                    "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-                },
-                "chatllm": {
-                    "context_id": context_id,
-                    "message_id": outcome.message_id,
-                    "deployment": outcome.deployment,
-                    "fallback": outcome.fallback,
-                    "events": [r.model_dump() for r in refs(outcome)],
-                    "api_process": api_process,
-                },
-            },
+            completion_json(outcome, completion_id, created, context_id, api_process),
             headers={**headers, "X-Chatllm-Fallback": str(outcome.fallback).lower()},
         )
 
@@ -251,3 +136,53 @@ def add_routes(app: FastAPI, api: Api) -> None:
             message_id=outcome.message_id,
             events=refs(outcome),
         )
+
+
+def completion_json(
+    outcome: TurnOutcome, completion_id: str, created: int, context_id: str, api_process: int
+) -> dict[str, Any]:
+    """A whole answer as OpenAI's chat.completion object, with chat-llm's own part."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": outcome.model,
+        "choices": [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": content or (None if outcome.tool_calls else content),
+                    **(
+                        {"tool_calls": tool_calls_out(outcome.tool_calls)}
+                        if outcome.tool_calls and i == 0
+                        else {}
+                    ),
+                },
+                "finish_reason": finish if content or not error else "error",
+                "logprobs": (
+                    {"content": outcome.logprobs, "refusal": None}
+                    if outcome.logprobs is not None and i == 0
+                    else None
+                ),
+                **({"model": model} if outcome.choices else {}),
+            }
+            for i, (model, content, error, finish) in enumerate(
+                [(c.model, c.content, c.error_class, c.finish_reason) for c in outcome.choices]
+                or [(outcome.model, outcome.reply, "", outcome.finish_reason)]
+            )
+        ],
+        "usage": {
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        },
+        "chatllm": {
+            "context_id": context_id,
+            "message_id": outcome.message_id,
+            "deployment": outcome.deployment,
+            "fallback": outcome.fallback,
+            "events": [r.model_dump() for r in refs(outcome)],
+            "api_process": api_process,
+        },
+    }
