@@ -18,7 +18,8 @@ import numpy as np
 
 from actors.cache import ReplyCache
 from benchmarks.common import Result, best_rate, median_ms
-from infra.adapters.clickhouse.store import KB_TABLE, ClickHouseStore
+from infra.adapters.clickhouse.migrations import KB_TABLE
+from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.embeddings import MiniLMEmbedder
 from infra.config import ClickHouseConfig
 from infra.services.knowledge import KB_COLUMNS, _search, insert_passages

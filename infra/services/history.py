@@ -6,7 +6,8 @@ from datetime import datetime, timedelta
 
 from actors.history import RELEVANT_TENANT_TYPES, PointInTime, point_in_time
 from events import decode
-from infra.adapters.clickhouse.store import AsyncStore, EventFilter
+from infra.adapters.clickhouse.reads import EventFilter
+from infra.adapters.clickhouse.store import AsyncStore
 
 TENANT_LOOKBACK = timedelta(days=1)
 """How far before the moment the tenant's limiter and breaker events are read: the limiter's

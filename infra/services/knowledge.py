@@ -32,7 +32,8 @@ from actors.knowledge import (
 )
 from events import KnowledgeIngested
 from events.standalone import standalone
-from infra.adapters.clickhouse.store import KB_TABLE, AsyncStore, ClickHouseStore
+from infra.adapters.clickhouse.migrations import KB_TABLE
+from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
 from infra.adapters.clock import SystemClock
 from infra.config import KnowledgeConfig, KnowledgeSource
 

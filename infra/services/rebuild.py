@@ -26,7 +26,8 @@ from typing import Any, Literal
 import msgspec
 
 from events import DecodeError, decode
-from infra.adapters.clickhouse.store import ClickHouseStore, as_utc, time_range
+from infra.adapters.clickhouse.reads import as_utc, time_range
+from infra.adapters.clickhouse.store import ClickHouseStore
 from streams.archive import ARCHIVE_TABLE
 from streams.projections import (
     ANOMALIES_TABLE,

@@ -69,7 +69,8 @@ async def test_search_filters_and_pages_through_any_size(store: ClickHouseStore)
     from datetime import timedelta
 
     from events import ReplyCompleted
-    from infra.adapters.clickhouse.store import AsyncStore, EventFilter
+    from infra.adapters.clickhouse.reads import EventFilter
+    from infra.adapters.clickhouse.store import AsyncStore
     from tests.factories import BASE_TIME
 
     events = [make_event("ctx-a", v, n=v) for v in range(1, 6)]  # MessageReceived, users u1
@@ -142,7 +143,8 @@ async def test_a_large_export_holds_one_page_in_memory(store: ClickHouseStore) -
     number of events exported."""
     import tracemalloc
 
-    from infra.adapters.clickhouse.store import AsyncStore, EventFilter
+    from infra.adapters.clickhouse.reads import EventFilter
+    from infra.adapters.clickhouse.store import AsyncStore
 
     events = [make_event(f"ctx-{i % 100}", i // 100 + 1, n=i + 1) for i in range(40_000)]
     store.insert_archive(

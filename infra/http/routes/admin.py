@@ -14,7 +14,8 @@ from events import (
     UserForgotten,
     decode,
 )
-from infra.adapters.clickhouse.store import ClickHouseStore, EventFilter
+from infra.adapters.clickhouse.reads import EventFilter
+from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.config import ConfigError
 from infra.http.deps import Api
 from infra.http.errors import as_http

@@ -10,7 +10,8 @@ import msgspec
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from infra.adapters.clickhouse.store import ArchivedEvent, AsyncStore, EventFilter
+from infra.adapters.clickhouse.reads import ArchivedEvent, EventFilter
+from infra.adapters.clickhouse.store import AsyncStore
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError
 from infra.http.queries import QueryError, check_moments
