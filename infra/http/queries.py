@@ -108,14 +108,15 @@ def add_query_routes(
         """Conversation memory: one row per conversation (a request and its reply), newest
         first, with tags, sentiment, duration and token usage."""
         check_moments(since, until)
-        rows = await store.call(
-            "memory",
-            who.tenant_id,
-            context_id=context,
-            since=since,
-            until=until,
-            limit=limit,
-            offset=offset,
+        rows = await store.call_with(
+            lambda s: s.memory(
+                who.tenant_id,
+                context_id=context,
+                since=since,
+                until=until,
+                limit=limit,
+                offset=offset,
+            )
         )
         return rows_as(rows, format_)
 
@@ -123,7 +124,9 @@ def add_query_routes(
     async def memory_stats(who: Who, since: Since = None, until: Until = None) -> Any:
         """{total, by_context, avg_duration_ms, sentiment_breakdown, tokens} of the memory."""
         check_moments(since, until)
-        return _plain_tree(await store.call("memory_stats", who.tenant_id, since, until))
+        return _plain_tree(
+            await store.call_with(lambda s: s.memory_stats(who.tenant_id, since, until))
+        )
 
     @api.post("/v1/memory/prune", tags=["query"])
     async def prune_memory(who: Who, body: PruneIn | None = None) -> Any:
@@ -145,7 +148,7 @@ def add_query_routes(
         """Rollups per bucket (a minute by default): requests, latency p50/p95/p99, tokens,
         errors by class, model usage, fallbacks, rate-limit denials, circuit openings."""
         check_moments(since, until)
-        rows = await store.call("analytics", who.tenant_id, since, until, bucket_s)
+        rows = await store.call_with(lambda s: s.analytics(who.tenant_id, since, until, bucket_s))
         return rows_as(rows, format_)
 
     @api.get("/v1/analytics/conversations", tags=["query"])
@@ -153,7 +156,9 @@ def add_query_routes(
         """Average response time, satisfaction from feedback (0..1), topic distribution and
         the most frequent kinds of follow-up."""
         check_moments(since, until)
-        return await store.call("conversation_analytics", who.tenant_id, since, until)
+        return await store.call_with(
+            lambda s: s.conversation_analytics(who.tenant_id, since, until)
+        )
 
     @api.get("/v1/analytics/quality", response_model=None, tags=["query"])
     async def quality(
@@ -165,7 +170,7 @@ def add_query_routes(
         """Reply quality from feedback, per model and topic: count, thumbs, mean rating and
         the satisfied share (what learned routing optimises)."""
         check_moments(since, until)
-        rows = await store.call("quality", who.tenant_id, since, until)
+        rows = await store.call_with(lambda s: s.quality(who.tenant_id, since, until))
         return rows_as(rows, format_)
 
     @api.get("/v1/anomalies", response_model=None, tags=["query"])
@@ -178,7 +183,7 @@ def add_query_routes(
     ) -> Response:
         """What the detectors found, newest first, with the threshold and observed value."""
         check_moments(since, until)
-        rows = await store.call("anomalies", who.tenant_id, since, until, limit)
+        rows = await store.call_with(lambda s: s.anomalies(who.tenant_id, since, until, limit))
         return rows_as(rows, format_)
 
     @api.get("/v1/live", tags=["query"])

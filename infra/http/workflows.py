@@ -54,7 +54,7 @@ def add_workflow_routes(
     async def workflows(who: Who) -> dict[str, Any]:
         """The workflows this service knows (and files that failed to load, with why), with
         each one's run counts and per-step metrics."""
-        return listing(catalog, await store.call("workflow_metrics", who.tenant_id))
+        return listing(catalog, await store.call_with(lambda s: s.workflow_metrics(who.tenant_id)))
 
     @api.post("/v1/workflows/{name}/runs", status_code=202, tags=["workflows"])
     async def run(name: WorkflowName, body: RunIn, who: Who) -> dict[str, Any]:
@@ -81,9 +81,7 @@ def add_workflow_routes(
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> list[dict[str, Any]]:
         """The newest runs, from the analytics projection."""
-        found: list[dict[str, Any]] = await store.call(
-            "workflow_runs", who.tenant_id, workflow, limit
-        )
+        found = await store.call_with(lambda s: s.workflow_runs(who.tenant_id, workflow, limit))
         return [{**r, "started_at": r["started_at"].isoformat()} for r in found]
 
     @api.get("/v1/workflows/runs/{run_id}", tags=["workflows"])

@@ -114,9 +114,6 @@ class StoreHost:
 
     # -- the read side (what RemoteStore forwards)
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await self.astore.call(method, *args, **kwargs)
-
     async def call_with(self, fn: Callable[[ClickHouseStore], T]) -> T:
         return await self.astore.call_with(fn)
 
@@ -204,9 +201,6 @@ class RemoteStore(AsyncStore):
             if isinstance(cause, Exception):
                 raise cause from None
             raise
-
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._remote(self.host.call.remote(method, args, kwargs))
 
     async def call_with(self, fn: Callable[[ClickHouseStore], T]) -> T:
         result: T = await self._remote(self.host.call_with.remote(fn))

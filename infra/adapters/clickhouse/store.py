@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
@@ -254,20 +255,17 @@ class AsyncStore:
         await self._run(self.store.write, batch)
 
     async def prune_counts(self, before: datetime) -> dict[str, int]:
-        counts: dict[str, int] = await self.call("prune_counts", before)
+        counts: dict[str, int] = await self.call_with(lambda s: s.prune_counts(before))
         return counts
 
     async def call_with(self, fn: Callable[[ClickHouseStore], T]) -> T:
         """Run `fn(store)` on the store's thread."""
         return await self._run(fn, self.store)
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one of the store's query methods (memory, analytics, ...) on its thread."""
-        fn = getattr(self.store, method)
-        return await self._run(lambda: fn(*args, **kwargs))
-
     async def stream_events(self, tenant_id: str, stream_id: str) -> list[ArchivedEvent]:
-        found: list[ArchivedEvent] = await self.call("stream_events", tenant_id, stream_id)
+        found: list[ArchivedEvent] = await self.call_with(
+            lambda s: s.stream_events(tenant_id, stream_id)
+        )
         return found
 
     async def search(
@@ -278,7 +276,7 @@ class AsyncStore:
         remaining = limit
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
-            page = await self.call("search_page", where, after, size)
+            page = await self.call_with(partial(_search_page, where=where, after=after, size=size))
             if not page:
                 return
             yield page
@@ -290,3 +288,12 @@ class AsyncStore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _search_page(
+    store: ClickHouseStore,
+    where: EventFilter,
+    after: tuple[datetime, str] | None,
+    size: int,
+) -> list[ArchivedEvent]:
+    return store.search_page(where, after, size)

@@ -73,7 +73,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
         """Erase a user's content from the archive and every projection of the caller's
         tenant (a data-protection request). The audit chain still verifies; the erasure is
         itself recorded as a UserForgotten event."""
-        erased = await store.call("forget_user", who.tenant_id, body.user_id)
+        erased = await store.call_with(lambda s: s.forget_user(who.tenant_id, body.user_id))
         # The live state too: the shard's contexts (transcripts, titles) and its cache.
         try:
             await gateway.forget(who.tenant_id, body.user_id)
