@@ -17,7 +17,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from events import DecodeError, topics
-from infra.adapters.kafka.clients import LogUnavailable
+from infra.adapters.kafka.clients import LogUnavailable, new_consumer, new_producer
 from infra.config import Settings
 from streams.ingest import TENANT_HEADER, tenant_hint, validate
 from streams.loop import DeadLetters
@@ -72,7 +72,7 @@ class Ingest:
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
             if self._producer is None:
-                producer = AIOKafkaProducer(
+                producer = new_producer(
                     bootstrap_servers=self.bootstrap_servers,
                     acks="all",
                     max_request_size=self.settings.broker.max_request_bytes,
@@ -127,7 +127,7 @@ class Ingest:
     # ---- dead letters -------------------------------------------------------------------
 
     async def _read_dead_letters(self) -> list[Any]:
-        consumer = AIOKafkaConsumer(
+        consumer = new_consumer(
             bootstrap_servers=self.bootstrap_servers,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from events.observations import MODEL, PROCESS, TENANT, Observation, decode_batch
-from infra.adapters.kafka.clients import KafkaEventSink
+from infra.adapters.kafka.clients import KafkaEventSink, new_consumer
 from infra.config import Settings
 from streams.detectors import (
     DetectorConfig,
@@ -78,9 +78,9 @@ def status_dir(settings: Settings) -> Path:
 
 async def fetched_highwaters(bootstrap_servers: str, partitions: list[Any]) -> dict[Any, int]:
     """Each partition's end as a fetch reports it (one fetch from each partition's start)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    probe = AIOKafkaConsumer(
+    probe = new_consumer(
         bootstrap_servers=bootstrap_servers,
         enable_auto_commit=False,
         fetch_max_wait_ms=10,

@@ -28,6 +28,7 @@ import msgspec
 from events import DecodeError, decode
 from infra.adapters.clickhouse.reads import as_utc, time_range
 from infra.adapters.clickhouse.store import ClickHouseStore
+from infra.adapters.kafka.clients import new_consumer
 from streams.archive import ARCHIVE_TABLE
 from streams.projections import (
     ANOMALIES_TABLE,
@@ -258,9 +259,9 @@ class BrokerSource:
         thread.join()
 
     async def _read(self, pages: queue.Queue[list[str] | BaseException | None]) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
-        consumer = AIOKafkaConsumer(
+        consumer = new_consumer(
             bootstrap_servers=self.bootstrap_servers,
             enable_auto_commit=False,
             fetch_max_wait_ms=100,

@@ -25,7 +25,7 @@ from typing import Any
 
 from events import topics
 from infra.adapters.clickhouse.store import ARCHIVE_TABLE, ClickHouseStore
-from infra.adapters.kafka.clients import partition_for
+from infra.adapters.kafka.clients import new_consumer, new_producer, partition_for
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,9 @@ def archived_records(
 
 async def log_is_empty(bootstrap_servers: str, topic: str) -> bool:
     """Whether the topic holds no record at all (a broker that has lost its log)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    consumer = new_consumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
     await consumer.start()
     try:
         await consumer.topics()
@@ -103,14 +103,13 @@ async def republish(
     progress: Callable[[int, int], None] | None = None,
 ) -> Restored:
     """Append every archived event to `topic` again (its bytes as archived, key = stream)."""
-    from aiokafka import AIOKafkaProducer
 
     total = archived_count(store)
     done = Restored()
     if total == 0:
         return done
     started = time.perf_counter()
-    producer = AIOKafkaProducer(
+    producer = new_producer(
         bootstrap_servers=bootstrap_servers,
         acks="all",
         linger_ms=5,
@@ -145,12 +144,12 @@ async def republish(
 
 async def commit_at(bootstrap_servers: str, group: str, topic: str, ends: dict[int, int]) -> None:
     """Commit `group`'s offsets on `topic` at `ends` (what it has already seen)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
     from aiokafka.structs import OffsetAndMetadata
 
     if not ends:
         return
-    consumer = AIOKafkaConsumer(
+    consumer = new_consumer(
         bootstrap_servers=bootstrap_servers, group_id=group, enable_auto_commit=False
     )
     await consumer.start()

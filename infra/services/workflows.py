@@ -63,6 +63,7 @@ from events import (
     decode,
 )
 from infra.adapters.clock import SystemClock, new_trace_id
+from infra.adapters.kafka.clients import new_consumer
 from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
@@ -643,7 +644,7 @@ class WorkflowRunner:
     # -- consuming
 
     async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+        from aiokafka import ConsumerRebalanceListener
         from aiokafka.errors import CommitFailedError, IllegalStateError
 
         s = self.settings
@@ -666,7 +667,7 @@ class WorkflowRunner:
                     else:
                         consumer.seek(tp, committed)
 
-        self._consumer = consumer = AIOKafkaConsumer(
+        self._consumer = consumer = new_consumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.group,
             client_id=f"{s.group}-runner",

@@ -25,9 +25,27 @@ class LogUnavailable(RuntimeError):
     """The broker did not acknowledge an append in time; nothing is acknowledged to the caller."""
 
 
+def new_consumer(*topics: str, bootstrap_servers: str, **options: Any) -> AIOKafkaConsumer:
+    """An aiokafka consumer. Every Kafka client of infra is made here (new_consumer,
+    new_producer, new_admin): one place for what all of them share, such as the security
+    settings a production cluster asks for. (streams/loop.py makes the batch loop's own:
+    streams may not import infra.)"""
+    return AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap_servers, **options)
+
+
+def new_producer(*, bootstrap_servers: str, **options: Any) -> AIOKafkaProducer:
+    """An aiokafka producer (see new_consumer)."""
+    return AIOKafkaProducer(bootstrap_servers=bootstrap_servers, **options)
+
+
+def new_admin(*, bootstrap_servers: str, **options: Any) -> AIOKafkaAdminClient:
+    """An aiokafka admin client (see new_consumer)."""
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **options)
+
+
 async def ensure_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = new_admin(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -69,7 +87,7 @@ class KafkaEventSink:
     async def start(self) -> None:
         async with self._lock:
             if not self._started:
-                self._producer = AIOKafkaProducer(**self._options)
+                self._producer = new_producer(**self._options)
                 try:
                     await self._producer.start()
                 except BaseException as exc:
@@ -184,7 +202,7 @@ class KafkaStreamReader:
         self._partitions: list[int] | None = None
 
     async def _consumer(self) -> Any:
-        consumer = AIOKafkaConsumer(
+        consumer = new_consumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
