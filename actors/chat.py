@@ -176,7 +176,9 @@ class _Recorded:
 
 
 class ChatService(ModelCalls):
-    """The turn workflow of one shard; collaborators arrive through __init__."""
+    """The turn workflow of one shard; collaborators arrive through __init__. Long as a class:
+    its methods are the turn's stages in the order stream() calls them, none over 70 lines;
+    the model calls are ModelCalls'."""
 
     def __init__(
         self,

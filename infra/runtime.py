@@ -212,7 +212,8 @@ def absolute_paths(settings: Settings) -> Settings:
 class Stack:
     """Everything `chatllm up` runs, started in dependency order: the broker (a child), Ray,
     the store host (an actor: ClickHouse and the projection worker), the shards (actors);
-    this process keeps HTTP and the hop to the shard."""
+    this process keeps HTTP and the hop to the shard. Long as a class: its methods are the
+    start and stop steps, in order, each short; read start() top to bottom."""
 
     settings: Settings
     bootstrap_servers: str

@@ -135,7 +135,9 @@ Pruner = Callable[[datetime], Awaitable[dict[str, int]]]
 
 
 class ProjectionWorker:
-    """The projection processor around its sink (run it with `async with w.running()`).
+    """The projection processor around its sink (run it with `async with w.running()`). Long
+    as a class: a batch's steps (decode, archive, project, observe, dead-letter) are its
+    methods, each short.
 
     `observations` publishes what the stateful detectors judge (turns, limit decisions and,
     with `rss_probe` returning {process: RSS in MiB}, memory samples); `appender` and

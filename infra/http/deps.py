@@ -66,7 +66,8 @@ async def before_reply(
 @dataclass
 class Api:
     """What the routes share: the API's collaborators (build_api's arguments) and the steps
-    more than one route takes (who calls, a turn, a context command, read-your-writes)."""
+    more than one route takes (who calls, a turn, a context command, read-your-writes). Long
+    as a class of short methods: each is one step a route takes, shared by several."""
 
     gateway: Any
     store: AsyncStore

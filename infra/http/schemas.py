@@ -132,7 +132,7 @@ ASKED_BY = {
 class CompletionIn(BaseModel):
     """OpenAI's chat completion request. Each parameter is honoured, forwarded to the
     provider, or refused with a 400 that names it (OPENAI_PARAMETERS); an unknown one is a
-    400 too."""
+    400 too. Long as a class: one field per OpenAI parameter, and the checks of each."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(default="", max_length=200)

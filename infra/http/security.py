@@ -24,6 +24,8 @@ PUBLIC = frozenset(
 """Routes that need no key: liveness, Prometheus, the API's own description, the model
 list, and the dashboard's page (it holds no data; what it shows comes from /v1/live)."""
 
+# One table rather than a scope on each route: closed by default, it is what an operator
+# reads to see what a key of each scope may do, and the test walks it against the routes.
 ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/chat/completions"): "chat",
     ("POST", "/v1/contexts/{context_id}/messages"): "chat",

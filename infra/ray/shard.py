@@ -120,7 +120,9 @@ class ExactOnly:
 
 
 class ChatShard:
-    """Made remote with ray.remote in the composition root; plain and testable without Ray."""
+    """Made remote with ray.remote in the composition root; plain and testable without Ray.
+    Long as a class: one short method per remote call (a turn, a command, a view, the
+    lease, the cache, forgetting), each delegating to the actors it holds."""
 
     def __init__(
         self,

@@ -117,7 +117,8 @@ class Plugin:
 
 @dataclass
 class PluginHost:
-    """Loads, reloads and calls the plugins of one process."""
+    """Loads, reloads and calls the plugins of one process. Long as a class: loading,
+    reloading, each hook's call and its failure budget are its methods, each short."""
 
     folder: Path | None
     configs: dict[str, dict[str, Any]]
