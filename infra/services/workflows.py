@@ -615,8 +615,10 @@ async def _lag(consumer: Any) -> int | None:
 class WorkflowRunner:
     """Drives the runs of the partitions it owns; several runners share them as a group.
     Long as a class: its consume loop and a run's steps (start, step, retry, finish) are
-    its methods, each short. It keeps its own loop beside streams' BatchLoop: a run's steps
-    must commit each record's offset only after the step's event is appended."""
+    its methods, each short. It keeps its own loop beside streams' BatchLoop: BatchLoop
+    commits a batch once it is handled, while a runner holds a partition's offset at the
+    first event of its oldest unfinished run (runs outlive batches, and a rebalance re-reads
+    them), and drives runs only once its partition has been read to the end."""
 
     def __init__(
         self, settings: RunnerSettings, log_sink: Appender, actions: Mapping[str, Action]
