@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from events import MemoryPruned, encode
-from infra import rebuild as rebuilding
+from infra.services import rebuild as rebuilding
 from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.kafka.broker import EmbeddedBroker
 from infra.services.rebuild import RebuildError, rebuild
