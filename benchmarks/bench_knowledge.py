@@ -18,11 +18,11 @@ import numpy as np
 
 from actors.cache import ReplyCache
 from benchmarks.common import Result, best_rate, median_ms
+from infra.adapters.clickhouse.knowledge import KB_COLUMNS, insert_passages, kb_search
 from infra.adapters.clickhouse.migrations import KB_TABLE
 from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.embeddings import MiniLMEmbedder
 from infra.config import ClickHouseConfig
-from infra.services.knowledge import KB_COLUMNS, _search, insert_passages
 
 SENTENCES = [
     f"Question {i}: how do I {verb} my {thing} on the {place}?"
@@ -89,12 +89,12 @@ def _kb_search(embedder: MiniLMEmbedder, passages: int, queries: int) -> list[Re
             indexed, exact, recall = [], [], []
             for probe in probes:
                 started = time.perf_counter()
-                found = _search(store, "bench", probe, 10, [])
+                found = kb_search(store, "bench", probe, 10, [])
                 indexed.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 truth = {
                     (r.source, r.document)
-                    for r in _search(store, "bench", probe, 10, [], exact=True)
+                    for r in kb_search(store, "bench", probe, 10, [], exact=True)
                 }
                 exact.append(time.perf_counter() - started)
                 recall.append(len({(r.source, r.document) for r in found} & truth) / 10)

@@ -17,9 +17,10 @@ from rich.progress import Progress
 from actors.history import point_in_time
 from benchmarks.common import Result
 from events import decode, encode
+from infra.adapters.clickhouse.rebuilds import archive_pages
 from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.config import ClickHouseConfig
-from infra.services.rebuild import _pages, rebuild
+from infra.services.rebuild import PAGE, rebuild
 from tests.factories import make_turn
 
 TENANT = "bench"
@@ -73,7 +74,7 @@ def run(total: int = 1_000_000, big_context: int = 1000) -> list[Result]:
             _fill(store, total, big_context)
             time.sleep(1.2)  # nothing archived "during" the rebuild
             started = time.perf_counter()
-            scanned = sum(len(page) for page in _pages(store, "1", {}))
+            scanned = sum(len(page) for page in archive_pages(store, "1", {}, PAGE))
             scan_rate = scanned / (time.perf_counter() - started)
             report = rebuild(store, ["facts", "anomalies", "prunes"])
             assert report.events == total and report.skipped == 0, report

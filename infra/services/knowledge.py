@@ -32,8 +32,14 @@ from actors.knowledge import (
 )
 from events import KnowledgeIngested
 from events.standalone import standalone
-from infra.adapters.clickhouse.migrations import KB_TABLE
-from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
+from infra.adapters.clickhouse.knowledge import (
+    kb_delete,
+    kb_digests,
+    kb_replace,
+    kb_search,
+    kb_stats,
+)
+from infra.adapters.clickhouse.store import AsyncStore
 from infra.adapters.clock import SystemClock
 from infra.config import KnowledgeConfig, KnowledgeSource
 
@@ -130,7 +136,7 @@ class KnowledgeBase:
         files, contents = await asyncio.to_thread(_read_folder, source, suffixes)
         found = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
         tenant = self.tenant_of(source)
-        current = await self.store.call_with(lambda s: _digests(s, tenant, source.name))
+        current = await self.store.call_with(lambda s: kb_digests(s, tenant, source.name))
         changes = plan(current, found)
         report = IngestReport(source=source.name, unchanged=len(found) - len(
             [c for c in changes.values() if c != "removed"]))  # fmt: skip
@@ -139,7 +145,7 @@ class KnowledgeBase:
                 progress(source.name, done, len(changes))
             if change == "removed":
                 await self.store.call_with(
-                    functools.partial(_delete, tenant=tenant, source=source.name, document=name)
+                    functools.partial(kb_delete, tenant=tenant, source=source.name, document=name)
                 )
                 await self._event(tenant, source.name, name, "removed", "", 0)
                 report.removed.append(name)
@@ -167,7 +173,7 @@ class KnowledgeBase:
             ]
             await self.store.call_with(
                 functools.partial(
-                    _replace, tenant=tenant, source=source.name, document=name, rows=rows
+                    kb_replace, tenant=tenant, source=source.name, document=name, rows=rows
                 )
             )
             (report.added if change == "added" else report.updated).append(name)
@@ -214,82 +220,10 @@ class KnowledgeBase:
         """The k passages of the tenant's sources closest to `query` (cosine similarity)."""
         [vector] = await asyncio.to_thread(self.embedder.embed, [query])
         found = await self.store.call_with(
-            lambda s: _search(s, tenant_id, [float(x) for x in vector], k, list(sources))
+            lambda s: kb_search(s, tenant_id, [float(x) for x in vector], k, list(sources))
         )
         return [r for r in found if r.score >= min_score]
 
     async def stats(self, tenant_id: str) -> list[dict[str, Any]]:
         """Per source: documents, passages, last ingestion."""
-        return await self.store.call_with(lambda s: _stats(s, tenant_id))
-
-
-# ---- SQL (blocking; run through AsyncStore) ---------------------------------------------
-
-
-def _digests(store: ClickHouseStore, tenant: str, source: str) -> dict[str, str]:
-    rows = store.client.query(
-        f"SELECT document, any(digest) FROM {store.db}.{KB_TABLE}"
-        " WHERE tenant_id = {tenant:String} AND source = {source:String} GROUP BY document",
-        parameters={"tenant": tenant, "source": source},
-    ).result_rows
-    return {document: digest for document, digest in rows}
-
-
-def _delete(store: ClickHouseStore, tenant: str, source: str, document: str) -> None:
-    store.client.command(
-        f"DELETE FROM {store.db}.{KB_TABLE} WHERE tenant_id = {{tenant:String}}"
-        " AND source = {source:String} AND document = {document:String}",
-        parameters={"tenant": tenant, "source": source, "document": document},
-    )
-
-
-def _replace(
-    store: ClickHouseStore, tenant: str, source: str, document: str, rows: list[tuple[Any, ...]]
-) -> None:
-    _delete(store, tenant, source, document)
-    insert_passages(store, rows)
-
-
-KB_COLUMNS = ("tenant_id", "source", "document", "digest", "chunk", "title", "text", "embedding")
-"""The columns a passage row gives, in order (ingested_at is the insert's time)."""
-
-
-def insert_passages(store: ClickHouseStore, rows: list[tuple[Any, ...]]) -> None:
-    if rows:
-        store.client.insert(KB_TABLE, rows, column_names=list(KB_COLUMNS), database=store.db)
-
-
-def _search(
-    store: ClickHouseStore,
-    tenant: str,
-    vector: list[float],
-    k: int,
-    sources: list[str],
-    exact: bool = False,
-) -> list[Retrieved]:
-    """The k nearest passages; `exact` scans every one instead of using the HNSW index."""
-    where = " AND source IN {sources:Array(String)}" if sources else ""
-    settings = " SETTINGS use_skip_indexes = 0" if exact else ""
-    rows = store.client.query(
-        "SELECT source, document, chunk, title, text,"
-        " 1 - cosineDistance(embedding, {vector:Array(Float32)}) AS score"
-        f" FROM {store.db}.{KB_TABLE} WHERE tenant_id = {{tenant:String}}{where}"
-        " ORDER BY cosineDistance(embedding, {vector:Array(Float32)}) LIMIT {k:UInt32}"
-        f"{settings}",
-        parameters={"tenant": tenant, "vector": vector, "k": k, "sources": sources},
-    ).result_rows
-    return [
-        Retrieved(source=s, document=d, chunk=c, title=t, text=x, score=round(float(score), 4))
-        for s, d, c, t, x, score in rows
-    ]
-
-
-def _stats(store: ClickHouseStore, tenant: str) -> list[dict[str, Any]]:
-    result = store.client.query(
-        "SELECT source, uniqExact(document) AS documents, count() AS passages,"
-        " max(ingested_at) AS last_ingested"
-        f" FROM {store.db}.{KB_TABLE} WHERE tenant_id = {{tenant:String}}"
-        " GROUP BY source ORDER BY source",
-        parameters={"tenant": tenant},
-    )
-    return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+        return await self.store.call_with(lambda s: kb_stats(s, tenant_id))

@@ -27,9 +27,17 @@ import msgspec
 
 from events import DecodeError, decode
 from infra.adapters.clickhouse.reads import as_utc, time_range
+from infra.adapters.clickhouse.rebuilds import (
+    SHADOW,
+    archive_arrived_since,
+    archive_count,
+    archive_pages,
+    shadow_create,
+    shadow_drop,
+    shadow_swap,
+)
 from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.kafka.clients import new_consumer
-from streams.archive import ARCHIVE_TABLE
 from streams.projections import (
     ANOMALIES_TABLE,
     FACTS_TABLE,
@@ -42,7 +50,6 @@ from streams.projections import (
 
 PROJECTIONS = {"facts": FACTS_TABLE, "anomalies": ANOMALIES_TABLE, "prunes": PRUNES_TABLE}
 """Name (as the CLI takes it) -> table."""
-SHADOW = "__rebuild"
 PAGE = 50_000
 POOL_FROM = 100_000
 """Rebuilds of at least this many events decode and project in worker processes."""
@@ -98,34 +105,22 @@ def rebuild(
     if unknown or not projections:
         raise RebuildError(f"unknown projections {unknown}; choose from {sorted(PROJECTIONS)}")
     tables = [PROJECTIONS[p] for p in projections]
-    db, c = store.db, store.client
     report = RebuildReport(list(projections), since, until)
     started = time.perf_counter()
     started_at = datetime.now(UTC)
+    partial = since is not None or until is not None
     for table in tables:
-        c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
-        c.command(f"CREATE TABLE {db}.{table}{SHADOW} AS {db}.{table}")
-        if since is not None or until is not None:
-            # A partial rebuild keeps what lies outside the range as it is.
-            inside, params = _range(since, until, "at")
-            c.command(
-                f"INSERT INTO {db}.{table}{SHADOW} SELECT * FROM {db}.{table} FINAL"
-                f" WHERE NOT ({inside})",
-                parameters=params,
-            )
+        # A partial rebuild keeps what lies outside the range as it is.
+        shadow_create(store, table, _range(since, until, "at") if partial else None)
     where, params = _range(since, until, "occurred_at")
-    total = int(
-        c.query(
-            f"SELECT count() FROM {db}.{ARCHIVE_TABLE} WHERE {where}", parameters=params
-        ).result_rows[0][0]
-    )
+    total = archive_count(store, where, params)
     shadow = {t: f"{t}{SHADOW}" for t in tables}
     cutoffs = dict(store.memory_cutoffs())
     if source == "broker":
         assert broker is not None
         pages = broker.pages(since, until)
     else:
-        pages = _pages(store, where, params)
+        pages = archive_pages(store, where, params, PAGE)
     with _projecting(total, workers, since, until) as project_page:
         # Pages are read, decoded and projected (in worker processes for large rebuilds),
         # and inserted in a pipeline: the next pages are in flight while one is inserted.
@@ -138,7 +133,7 @@ def rebuild(
         # The log starts after the archive (retention, or a broker that lost it): swapping
         # these tables in would silently drop the older rows.
         for table in tables:
-            c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
+            shadow_drop(store, table)
         raise RebuildError(
             f"the broker's log holds {report.events} events in this range, the archive"
             f" {total}: a rebuild from the broker would drop the older rows. Rebuild from"
@@ -148,19 +143,15 @@ def rebuild(
         for tenant, cutoff in cutoffs.items():
             store.redact_memory(tenant, cutoff, table=shadow[FACTS_TABLE])
     for table in tables:
-        c.command(f"EXCHANGE TABLES {db}.{table} AND {db}.{table}{SHADOW}")
+        shadow_swap(store, table)
     # What the archive received while the rebuild ran goes into the new tables too.
-    fresh = c.query(
-        f"SELECT body FROM {db}.{ARCHIVE_TABLE} WHERE {where}"
-        " AND archived_at >= {fresh_since:DateTime64(6, 'UTC')}",
-        parameters={**params, "fresh_since": started_at - CATCH_UP_MARGIN},
-    ).result_rows
-    _insert(store, {t: t for t in tables}, project_bodies([r[0] for r in fresh]), cutoffs, report)
+    fresh = archive_arrived_since(store, where, params, started_at - CATCH_UP_MARGIN)
+    _insert(store, {t: t for t in tables}, project_bodies(fresh), cutoffs, report)
     for tenant, cutoff in cutoffs.items():
         store.redact_memory(tenant, cutoff)
     report.caught_up = len(fresh)
     for table in tables:
-        c.command(f"DROP TABLE IF EXISTS {db}.{table}{SHADOW}")
+        shadow_drop(store, table)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -211,28 +202,6 @@ def project_bodies(
         prunes=prunes,
         skipped=skipped,
     )
-
-
-def _pages(store: ClickHouseStore, where: str, params: dict[str, Any]) -> Iterator[list[str]]:
-    """The archived bodies in `where`, page by page, in primary-key order (a keyset scan)."""
-    key = "(tenant_id, stream_id, stream_version, event_id)"
-    after: tuple[Any, ...] | None = None
-    while True:
-        page_where, page_params = where, dict(params)
-        if after is not None:
-            page_where += (
-                f" AND {key} > ({{a0:String}}, {{a1:String}}, {{a2:UInt64}}, {{a3:String}})"
-            )
-            page_params.update(a0=after[0], a1=after[1], a2=after[2], a3=after[3])
-        result = store.client.query(
-            f"SELECT tenant_id, stream_id, stream_version, event_id, body"
-            f" FROM {store.db}.{ARCHIVE_TABLE} WHERE {page_where} ORDER BY {key} LIMIT {PAGE}",
-            parameters=page_params,
-        ).result_rows
-        if not result:
-            return
-        after = tuple(result[-1][:4])
-        yield [r[4] for r in result]
 
 
 @dataclass(frozen=True)

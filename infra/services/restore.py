@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from events import topics
-from infra.adapters.clickhouse.store import ARCHIVE_TABLE, ClickHouseStore
+from infra.adapters.clickhouse.rebuilds import archived_count, archived_records
+from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.kafka.clients import new_consumer, new_producer, partition_for
 
 log = logging.getLogger(__name__)
@@ -38,41 +38,6 @@ class Restored:
     seconds: float = 0.0
     ends: dict[int, int] = field(default_factory=dict)
     """Per partition, the offset after the last restored event."""
-
-
-def archived_count(store: ClickHouseStore) -> int:
-    """Distinct events in the archive."""
-    rows = store.client.query(
-        f"SELECT uniqExact(event_id) FROM {store.db}.{ARCHIVE_TABLE}"
-    ).result_rows
-    return int(rows[0][0])
-
-
-def archived_records(
-    store: ClickHouseStore, page: int = PAGE
-) -> Iterator[list[tuple[str, str, str]]]:
-    """(stream_id, body, erased digest) of every archived event once, each stream in version
-    order, page by page (keyset paging along the archive's sort key)."""
-    after: tuple[str, str, int, str] | None = None
-    while True:
-        where, params = "1", dict[str, Any](limit=page)
-        if after is not None:
-            where = (
-                "(tenant_id, stream_id, stream_version, event_id)"
-                " > ({t:String}, {s:String}, {v:UInt64}, {e:String})"
-            )
-            params |= dict(zip(("t", "s", "v", "e"), after, strict=True))
-        rows = store.client.query(
-            f"SELECT tenant_id, stream_id, stream_version, event_id, body, erased_digest"
-            f" FROM {store.db}.{ARCHIVE_TABLE} FINAL WHERE {where}"
-            " ORDER BY tenant_id, stream_id, stream_version, event_id LIMIT {limit:UInt32}",
-            parameters=params,
-        ).result_rows
-        if not rows:
-            return
-        yield [(str(r[1]), str(r[4]), str(r[5])) for r in rows]
-        last = rows[-1]
-        after = (str(last[0]), str(last[1]), int(last[2]), str(last[3]))
 
 
 async def log_is_empty(bootstrap_servers: str, topic: str) -> bool:
@@ -119,7 +84,7 @@ async def republish(
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(topic))
-        for page in archived_records(store):
+        for page in archived_records(store, PAGE):
             pending = [
                 await producer.send(
                     topic,

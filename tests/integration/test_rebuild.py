@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from events import MemoryPruned, encode
-from infra.services import rebuild as rebuilding
 from infra.adapters.clickhouse.store import ClickHouseStore
 from infra.adapters.kafka.broker import EmbeddedBroker
+from infra.services import rebuild as rebuilding
 from infra.services.rebuild import RebuildError, rebuild
 from streams.archive import archive_row
 from streams.ports import ProjectionBatch

@@ -35,3 +35,11 @@ def test_every_kafka_client_is_made_in_the_kafka_adapter() -> None:
 def test_only_the_clickhouse_adapter_opens_a_clickhouse_client() -> None:
     allowed = {"infra/adapters/clickhouse/store.py"}
     assert _offenders(r"clickhouse_connect\.get_client\(|import chdb", allowed) == []
+
+
+def test_all_sql_runs_in_the_clickhouse_adapter() -> None:
+    """No service, route or command talks to the store's client: they call its methods."""
+    adapter = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "infra/adapters/clickhouse").glob("*.py")
+    }
+    assert _offenders(r"\.client\.(query|command|insert)\(", adapter) == []
