@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import typer
 
@@ -19,7 +18,6 @@ from infra.cli.common import (
     TenantOpt,
     UntilOpt,
     UrlOpt,
-    _base_url,
     _get_json,
     _load,
     _local_store,
@@ -36,27 +34,23 @@ audit_app = typer.Typer(help="The audit trail: a context's events, and verify.")
 
 
 def _fetch_audit(
-    settings: Settings, context: str, tenant: str, url: str | None, api_key: str | None = None
+    settings: Settings,
+    context: str,
+    tenant: str,
+    url: str | None,
+    api_key: str | None = None,
+    config: Path | None = None,
+    profile: str | None = None,
 ) -> list[dict[str, Any]]:
     """From the running service if it answers, else straight from the store (embedded path)."""
-    base = _base_url(settings, url)
-    headers = {"X-Tenant-Id": tenant}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
     try:
-        response = httpx.get(f"{base}/v1/contexts/{context}/events", headers=headers, timeout=30)
-    except httpx.TransportError:
-        if url:
-            err.print(f"[red]cannot reach chat-llm at {base}[/red]")
-            raise typer.Exit(1) from None
-    else:
-        if response.status_code != 200:
-            err.print(
-                f"[red]{response.status_code}:[/red] {response.json().get('detail', response.text)}"
-            )
-            raise typer.Exit(1)
-        result: list[dict[str, Any]] = response.json()
+        result: list[dict[str, Any]] = _get_json(
+            f"/v1/contexts/{context}/events", {}, tenant=tenant, api_key=api_key, url=url,
+            config=config, profile=profile, offline=True,
+        )  # fmt: skip
         return result
+    except _Unreachable:
+        pass
 
     with _local_store(settings) as store:
         return [
@@ -96,7 +90,7 @@ def audit(
         err.print(f"[red]unknown format {fmt!r}: use table or json[/red]")
         raise typer.Exit(2)
     settings = _load(config, profile).settings
-    rows = _fetch_audit(settings, context, tenant or settings.tenant, url, api_key)
+    rows = _fetch_audit(settings, context, tenant or settings.tenant, url, api_key, config, profile)
     if not rows:
         err.print(
             f"no events archived for context {context!r} (tenant {tenant or settings.tenant})"

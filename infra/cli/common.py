@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import typer
@@ -120,10 +120,13 @@ def _get_json(
     content_type: str = "application/json",
     ok: tuple[int, ...] = (200,),
     offline: bool = False,
+    stream_to: BinaryIO | None = None,
 ) -> Any:
-    """Call an endpoint of the running service as the caller's tenant; exits on errors.
-    With `offline`, a service that does not answer (and no --url was given) raises
-    _Unreachable instead, for commands that can read the embedded store themselves."""
+    """Call an endpoint of the running service as the caller's tenant; exits on errors. The
+    one way every command asks the service. With `offline`, a service that does not answer
+    (and no --url was given) raises _Unreachable instead, for commands that can read the
+    embedded store themselves; with `stream_to`, the body is copied there as it comes (an
+    export of any size), and nothing is returned."""
     settings = _load(config, profile).settings
     headers = {"X-Tenant-Id": tenant or settings.tenant}
     if api_key:
@@ -132,26 +135,32 @@ def _get_json(
         headers["Content-Type"] = content_type
     base = _base_url(settings, url)
     try:
-        response = httpx.request(
+        with httpx.stream(
             method,
             f"{base}{path}",
             params={k: v for k, v in params.items() if v not in (None, "")},
             headers=headers,
             content=content,
-            timeout=120,
-        )
+            timeout=None if stream_to is not None else 120,
+        ) as response:
+            if response.status_code not in ok:
+                response.read()
+                try:
+                    detail = response.json().get("detail", response.text)
+                except ValueError:
+                    detail = response.text
+                err.print(f"[red]{response.status_code}:[/red] {escape(str(detail))}")
+                raise typer.Exit(1)
+            if stream_to is not None:
+                for chunk in response.iter_bytes():
+                    stream_to.write(chunk)
+                return None
+            response.read()
     except httpx.TransportError as exc:
         if offline and not url:
             raise _Unreachable(base) from None
         err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
         raise typer.Exit(1) from None
-    if response.status_code not in ok:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        err.print(f"[red]{response.status_code}:[/red] {escape(str(detail))}")
-        raise typer.Exit(1)
     return response.text if raw else response.json()
 
 

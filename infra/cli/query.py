@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -22,10 +21,9 @@ from infra.cli.common import (
     TenantOpt,
     UntilOpt,
     UrlOpt,
-    _base_url,
     _emit_list,
     _emit_mapping,
-    _load,
+    _get_json,
     _summary,
     err,
     out,
@@ -55,7 +53,6 @@ def query_log(
     if fmt not in ("table", "json", "jsonl", "csv"):
         err.print(f"[red]unknown format {fmt!r}: use table, json, jsonl or csv[/red]")
         raise typer.Exit(2)
-    settings = _load(config, profile).settings
     params: dict[str, Any] = {
         "type": types,
         "user": user,
@@ -65,28 +62,11 @@ def query_log(
         "format": "json" if fmt == "table" else fmt,
     }
     params |= {k: v for k, v in {"since": since, "until": until, "limit": limit}.items() if v}
-    headers = {"X-Tenant-Id": tenant or settings.tenant}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    base = _base_url(settings, url)
-    try:
-        with httpx.stream(
-            "GET", f"{base}/v1/events", params=params, headers=headers, timeout=None
-        ) as response:
-            if response.status_code != 200:
-                response.read()
-                detail = response.json().get("detail", response.text)
-                err.print(f"[red]{response.status_code}:[/red] {escape(str(detail))}")
-                raise typer.Exit(1)
-            if fmt in ("jsonl", "csv"):
-                for chunk in response.iter_bytes():
-                    sys.stdout.buffer.write(chunk)
-                return
-            response.read()
-            found: list[dict[str, Any]] = response.json()
-    except httpx.TransportError as exc:
-        err.print(f"[red]cannot reach chat-llm at {base}:[/red] {exc} (is `chatllm up` running?)")
-        raise typer.Exit(1) from None
+    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    if fmt in ("jsonl", "csv"):
+        _get_json("/v1/events", params, stream_to=sys.stdout.buffer, **where)  # type: ignore[arg-type]
+        return
+    found: list[dict[str, Any]] = _get_json("/v1/events", params, **where)  # type: ignore[arg-type]
     if fmt == "json":
         for event in found:
             sys.stdout.write(json.dumps(event["event"], ensure_ascii=False) + "\n")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-import httpx
 import typer
 from rich.markup import escape
 from rich.progress import Progress
@@ -15,8 +15,9 @@ from infra.cli.common import (
     KeyOpt,
     ProfileOpt,
     UrlOpt,
-    _base_url,
+    _get_json,
     _load,
+    _Unreachable,
     err,
     out,
 )
@@ -74,19 +75,19 @@ def replay_rebuild(
         err.print("[red]name --projection (facts, anomalies, prunes) or --all[/red]")
         raise typer.Exit(2)
     settings = _load(config, profile).settings
-    base = _base_url(settings, url)
-    headers = {"X-Tenant-Id": settings.tenant}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    where = dict(tenant=None, api_key=api_key, url=url, config=config, profile=profile)
     if source not in ("archive", "broker"):
         err.print(f"[red]unknown source {source!r}: use archive or broker[/red]")
         raise typer.Exit(2)
     body = {"projections": chosen, "since": since, "until": until, "source": source}
     try:
-        started = httpx.post(f"{base}/v1/admin/rebuild", json=body, headers=headers, timeout=30)
-    except httpx.TransportError:
-        started = None
-    if started is None:
+        job = _get_json(
+            "/v1/admin/rebuild", {}, method="POST", content=json.dumps(body).encode(),
+            ok=(202,), offline=True, **where,  # type: ignore[arg-type]
+        )  # fmt: skip
+    except _Unreachable:
+        job = None
+    if job is None:
         # No service: the archive is ours to read (chDB allows one process per path).
         from infra.wiring import open_store
 
@@ -132,18 +133,11 @@ def replay_rebuild(
             f" rows {report.rows}, skipped {report.skipped}"
         )
         return
-    if started.status_code != 202:
-        detail = started.json().get("detail", started.text)
-        err.print(f"[red]{started.status_code}:[/red] {escape(str(detail))}")
-        raise typer.Exit(1)
-    job = started.json()
     with _rebuild_progress() as bar:
         task = bar.add_task("rebuilding " + ", ".join(chosen), total=None, rate=0.0)
         while job["state"] == "running":
             time.sleep(0.3)
-            job = httpx.get(
-                f"{base}/v1/admin/rebuild/{job['job_id']}", headers=headers, timeout=30
-            ).json()
+            job = _get_json(f"/v1/admin/rebuild/{job['job_id']}", {}, **where)  # type: ignore[arg-type]
             bar.update(task, completed=job["done"], total=job["total"] or None, rate=job["rate"])
     if job["state"] == "failed":
         err.print(f"[red]rebuild failed:[/red] {escape(job['error'])}")
