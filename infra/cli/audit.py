@@ -11,13 +11,9 @@ import msgspec
 import typer
 
 from infra.cli.common import (
-    ConfigOpt,
-    KeyOpt,
-    ProfileOpt,
+    Service,
     SinceOpt,
-    TenantOpt,
     UntilOpt,
-    UrlOpt,
     _get_json,
     _load,
     _local_store,
@@ -26,6 +22,7 @@ from infra.cli.common import (
     err,
     out,
     print_audit,
+    service_options,
 )
 from infra.cli.query import query_log
 from infra.config import Settings
@@ -69,18 +66,17 @@ def _fetch_audit(
 
 
 @audit_app.callback(invoke_without_command=True)
+@service_options
 def audit(
     ctx: typer.Context,
     context: str | None = typer.Option(None, "--context", help="context id"),
     fmt: str = typer.Option("table", "--format", help="table, or json (one event per line)"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Print a context's events in stream order, from the archive (`audit verify`: check
     the hash chains)."""
+    tenant, api_key, url, config, profile = service
     if ctx.invoked_subcommand is not None:
         return
     if context is None:
@@ -100,6 +96,7 @@ def audit(
 
 
 @audit_app.command("search")
+@service_options
 def audit_search(
     action: list[str] = typer.Option([], "--action", help="event type (repeatable)"),
     actor: str = typer.Option("", "--actor", help="the user who acted"),
@@ -109,11 +106,8 @@ def audit_search(
     text: str = typer.Option("", "--text", help="text anywhere in the event"),
     fmt: str = typer.Option("table", "--format", help="table, json, jsonl (as logged) or csv"),
     limit: int | None = typer.Option(None, "--limit"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Search the audit trail by action (event type), actor, time, context or text; jsonl
     and csv export any number of events (the same search as `chatllm query log`)."""
@@ -127,35 +121,26 @@ def audit_search(
         text=text,
         fmt=fmt,
         limit=limit,
-        tenant=tenant,
-        api_key=api_key,
-        url=url,
-        config=config,
-        profile=profile,
+        **service.where(),
     )
 
 
 @audit_app.command("verify")
+@service_options
 def audit_verify(
     context: str = typer.Option("", "--context", help="one stream only"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Check the tenant's archived streams against their hash chains; exit 1 on any break,
     naming the altered, missing or misplaced event."""
+    tenant, config, profile = service.tenant, service.config, service.profile
     try:
         result: dict[str, Any] = _get_json(
             "/v1/audit/verify",
             {"context": context},
-            tenant=tenant,
-            api_key=api_key,
-            url=url,
-            config=config,
-            profile=profile,
+            **service.where(),
             offline=True,
         )
     except _Unreachable:

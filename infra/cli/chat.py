@@ -15,8 +15,8 @@ from rich.table import Table
 
 from infra.cli.common import (
     ConfigOpt,
-    KeyOpt,
     ProfileOpt,
+    Service,
     TenantOpt,
     UrlOpt,
     _base_url,
@@ -26,6 +26,7 @@ from infra.cli.common import (
     _print_mapping,
     err,
     out,
+    service_options,
 )
 
 commands = typer.Typer()
@@ -93,14 +94,12 @@ def new_key(
 
 
 @commands.command()
+@service_options
 def forget(
     user: str = typer.Option(..., "--user", help="whose content to erase"),
     yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Erase a user's content from the archive and every projection (data protection);
     the audit chain still verifies, and the erasure itself is recorded."""
@@ -111,16 +110,13 @@ def forget(
         {},
         method="POST",
         content=json.dumps({"user_id": user}).encode(),
-        tenant=tenant,
-        api_key=api_key,
-        url=url,
-        config=config,
-        profile=profile,
+        **service.where(),
     )
     out.print(f"erased the content of {result['erased_events']} archived events of {user}")
 
 
 @commands.command()
+@service_options
 def feedback(
     context: str = typer.Argument(..., help="the context of the reply"),
     message_id: str = typer.Argument(..., help="the reply's message id (in its turn's answer)"),
@@ -128,37 +124,32 @@ def feedback(
     down: bool = typer.Option(False, "--down", help="thumbs down"),
     rating: int = typer.Option(0, "--rating", min=0, max=5, help="1-5"),
     reason: str = typer.Option("", "--reason", help="why, in a few words"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Give feedback on a reply: thumbs, a 1-5 rating, a reason (routing learns from it)."""
     if up and down:
         err.print("[red]--up or --down, not both[/red]")
         raise typer.Exit(2)
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     thumbs = "up" if up else "down" if down else ""
     body = {"message_id": message_id, "thumbs": thumbs, "rating": rating, "reason": reason}
     _get_json(
         f"/v1/contexts/{context}/feedback", {}, method="POST",
-        content=json.dumps(body).encode(), **where,  # type: ignore[arg-type]
+        content=json.dumps(body).encode(), **where,
     )  # fmt: skip
     out.print(f"feedback on {message_id} recorded")
 
 
 @commands.command()
+@service_options
 def whatif(
     policy: Path = typer.Option(..., "--policy", help="TOML: [limits], [routing], [[deployments]]"),
     since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
     until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Re-run recorded requests under another policy, without calling any model; what
     would have changed, side by side (denials, model mix, fallbacks, cost, latency)."""
@@ -179,11 +170,7 @@ def whatif(
         {},
         method="POST",
         content=json.dumps(body).encode(),
-        tenant=tenant,
-        api_key=api_key,
-        url=url,
-        config=config,
-        profile=profile,
+        **service.where(),
     )
     if fmt == "json":
         sys.stdout.write(json.dumps(report) + "\n")
@@ -210,15 +197,13 @@ def whatif(
 
 
 @commands.command()
+@service_options
 def state(
     context: str = typer.Option(..., "--context", help="context id"),
     at: str = typer.Option(..., "--at", help="the moment, ISO 8601 with a zone"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Time travel: a context, its limiter and router state, exactly as they were at --at."""
     if fmt not in ("table", "json"):
@@ -227,11 +212,7 @@ def state(
     moment: dict[str, Any] = _get_json(
         f"/v1/contexts/{context}/state",
         {"at": at},
-        tenant=tenant,
-        api_key=api_key,
-        url=url,
-        config=config,
-        profile=profile,
+        **service.where(),
     )
     if fmt == "json":
         sys.stdout.write(json.dumps(moment, ensure_ascii=False) + "\n")
@@ -271,14 +252,12 @@ def state(
 
 
 @commands.command()
+@service_options
 def produce(
     source: str = typer.Argument("-", help="a file of JSON lines, or - for standard input"),
     batch: int = typer.Option(500, "--batch", min=1, help="events per request"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Ingest upstream events (JSON lines, the envelope of docs/events.schema.json)."""
     try:
@@ -286,7 +265,7 @@ def produce(
     except OSError as exc:
         err.print(f"[red]cannot read {escape(source)}:[/red] {escape(exc.strerror or str(exc))}")
         raise typer.Exit(2) from None
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     accepted, rejected, line_no = 0, 0, 0
     with stream, Progress(console=err, transient=True) as progress:
         task = progress.add_task("producing", total=None)
@@ -301,7 +280,7 @@ def produce(
                 content=b"\n".join(lines),
                 content_type="application/x-ndjson",
                 ok=(200, 422),
-                **where,  # type: ignore[arg-type]
+                **where,
             )
             for bad in result["rejected"]:
                 err.print(

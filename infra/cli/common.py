@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import inspect
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import httpx
 import typer
@@ -303,3 +305,51 @@ def print_audit(rows: list[dict[str, Any]], context: str, fmt: str) -> None:
             escape(_summary(row["event"])),
         )
     out.print(table)
+
+
+class Service(NamedTuple):
+    """Where a command finds the running service and as whom it asks: --tenant, --api-key,
+    --url, --config and --profile, which service_options gives a command."""
+
+    tenant: str | None = None
+    api_key: str | None = None
+    url: str | None = None
+    config: Path | None = None
+    profile: str | None = None
+
+    def where(self) -> dict[str, Any]:
+        """The keyword arguments of _get_json, _emit_list and _emit_mapping."""
+        return self._asdict()
+
+
+_SERVICE_OPTIONS = (
+    ("tenant", TenantOpt, str | None),
+    ("api_key", KeyOpt, str | None),
+    ("url", UrlOpt, str | None),
+    ("config", ConfigOpt, Path | None),
+    ("profile", ProfileOpt, str | None),
+)
+
+
+def service_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Gives a command the five options that say where the service is and as whom to ask
+    (once, here, rather than in every command's signature); the command receives them as
+    its keyword-only `service` (a Service). Typer reads the signature this sets."""
+    signature = inspect.signature(command)
+    kept = [p for p in signature.parameters.values() if p.name != "service"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        for name, option, kind in _SERVICE_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def with_service(*args: Any, **kwargs: Any) -> Any:
+        service = Service(**{name: kwargs.pop(name, None) for name, _, _ in _SERVICE_OPTIONS})
+        return command(*args, service=service, **kwargs)
+
+    with_service.__signature__ = signature.replace(parameters=kept + added)  # type: ignore[attr-defined]
+    with_service.__annotations__ = {
+        **{k: v for k, v in command.__annotations__.items() if k != "service"},
+        **{name: kind for name, _, kind in _SERVICE_OPTIONS},
+    }
+    return with_service

@@ -4,39 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
 
 from infra.cli.common import (
-    ConfigOpt,
-    KeyOpt,
-    ProfileOpt,
-    TenantOpt,
-    UrlOpt,
+    Service,
     _get_json,
     _print_rows,
     err,
     out,
+    service_options,
 )
 
 dlq_app = typer.Typer(help="The dead-letter topic: list, show, retry.", no_args_is_help=True)
 
 
 @dlq_app.command("list")
+@service_options
 def dlq_list(
     fmt: str = typer.Option("table", "--format", help="table or json"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """The dead letters: what failed validation, why, and where it came from."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
-    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)  # type: ignore[arg-type]
+    where = service.where()
+    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)
     if fmt == "json":
         for letter in letters:
             sys.stdout.write(json.dumps(letter, ensure_ascii=False) + "\n")
@@ -49,18 +43,16 @@ def dlq_list(
 
 
 @dlq_app.command("show")
+@service_options
 def dlq_show(
     letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """One dead letter: its headers and the original record."""
     partition, offset = _letter_id(letter)
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
-    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)  # type: ignore[arg-type]
+    where = service.where()
+    letters: list[dict[str, Any]] = _get_json("/v1/deadletters", {}, **where)
     found = [d for d in letters if (d["partition"], d["offset"]) == (partition, offset)]
     if not found:
         err.print(f"no dead letter {letter} for this tenant")
@@ -69,23 +61,21 @@ def dlq_show(
 
 
 @dlq_app.command("retry")
+@service_options
 def dlq_retry(
     letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Re-drive one dead letter through ingest (it is validated again)."""
     partition, offset = _letter_id(letter)
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     result: dict[str, Any] = _get_json(
         f"/v1/deadletters/{partition}/{offset}/retry",
         {},
         method="POST",
         ok=(200, 422),
-        **where,  # type: ignore[arg-type]
+        **where,
     )
     if result["rejected"]:
         err.print(f"rejected again: {escape(result['rejected'][0]['reason'])}")

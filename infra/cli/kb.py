@@ -5,39 +5,33 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
 
 from infra.cli.common import (
-    ConfigOpt,
-    KeyOpt,
-    ProfileOpt,
-    TenantOpt,
-    UrlOpt,
+    Service,
     _check_format,
     _get_json,
     _print_rows,
     err,
     out,
+    service_options,
 )
 
 kb_app = typer.Typer(help="The knowledge base: ingest, search, list.", no_args_is_help=True)
 
 
 @kb_app.command("ingest")
+@service_options
 def kb_ingest(
     source: str | None = typer.Option(None, "--source", help="one source (default: all)"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Bring the knowledge base up to date: only new, changed and removed documents."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     body = json.dumps({"source": source}).encode()
     with out.status("ingesting (new and changed documents are embedded) ..."):
         reports: list[dict[str, Any]] = _get_json(
@@ -45,7 +39,7 @@ def kb_ingest(
             {},
             method="POST",
             content=body,
-            **where,  # type: ignore[arg-type]
+            **where,
         )
     rows = [
         {**r, **{k: len(r[k]) for k in ("added", "updated", "removed", "failed")}} for r in reports
@@ -60,24 +54,22 @@ def kb_ingest(
 
 
 @kb_app.command("search")
+@service_options
 def kb_search(
     query: str = typer.Argument(..., help="a question"),
     k: int = typer.Option(3, "-k", min=1, max=50, help="passages"),
     source: list[str] = typer.Option([], "--source", help="only these sources (repeatable)"),
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """The passages closest to a question in meaning, with scores and sources."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     params: dict[str, Any] = {"q": query, "k": k, "source": source or None}
     columns = ["score", "source", "document", "chunk", "text"]
     if fmt == "csv":
         _check_format(fmt)
-    rows: list[dict[str, Any]] = _get_json("/v1/kb/search", params, **where)  # type: ignore[arg-type]
+    rows: list[dict[str, Any]] = _get_json("/v1/kb/search", params, **where)
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
     elif fmt == "csv":
@@ -89,15 +81,13 @@ def kb_search(
 
 
 @kb_app.command("list")
+@service_options
 def kb_list(
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """The knowledge sources and what the knowledge base holds of each."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
-    found: dict[str, Any] = _get_json("/v1/kb", {}, **where)  # type: ignore[arg-type]
+    where = service.where()
+    found: dict[str, Any] = _get_json("/v1/kb", {}, **where)
     columns = ["name", "kind", "path", "documents", "passages", "last_ingested"]
     _print_rows(found["sources"], f"knowledge sources ({found['embedder']})", columns)

@@ -15,8 +15,8 @@ from rich.table import Table
 from infra.cli.common import (
     ConfigOpt,
     FormatOpt,
-    KeyOpt,
     ProfileOpt,
+    Service,
     SinceOpt,
     TenantOpt,
     UntilOpt,
@@ -27,6 +27,7 @@ from infra.cli.common import (
     _summary,
     err,
     out,
+    service_options,
 )
 
 query_app = typer.Typer(help="Query the projections of the running service.", no_args_is_help=True)
@@ -87,6 +88,7 @@ def query_log(
 
 
 @query_app.command("memory")
+@service_options
 def query_memory(
     context: str = typer.Option("", "--context", help="one context only"),
     since: str | None = SinceOpt,
@@ -94,11 +96,8 @@ def query_memory(
     limit: int = typer.Option(100, "--limit"),
     offset: int = typer.Option(0, "--offset"),
     fmt: str = FormatOpt,
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Conversation memory: one row per conversation, newest first."""
     params: dict[str, Any] = {"context": context, "since": since, "until": until}
@@ -115,28 +114,27 @@ def query_memory(
         "sentiment_label",
         "tags",
     ]
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     _emit_list("/v1/memory", params, fmt, "conversation memory", columns, **where)
 
 
 @query_app.command("stats")
+@service_options
 def query_stats(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
     fmt: str = FormatOpt,
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Memory statistics: total, by context, average duration, sentiment, token usage."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     params = {"since": since, "until": until}
     _emit_mapping("/v1/memory/stats", params, fmt, "conversation memory statistics", **where)
 
 
 @query_app.command("analytics")
+@service_options
 def query_analytics(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
@@ -145,14 +143,11 @@ def query_analytics(
         False, "--conversations", help="response time, satisfaction, topics, follow-ups"
     ),
     fmt: str = FormatOpt,
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Per-minute rollups (or --conversations: conversation analytics)."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     span = {"since": since, "until": until}
     if conversations:
         _emit_mapping("/v1/analytics/conversations", span, fmt, "conversation analytics", **where)
@@ -177,37 +172,33 @@ def query_analytics(
 
 
 @query_app.command("quality")
+@service_options
 def query_quality(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
     fmt: str = FormatOpt,
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Reply quality from feedback per model and topic (what learned routing optimises)."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     columns = ["model", "topic", "feedback", "up", "down", "avg_rating", "satisfied"]
     _emit_list("/v1/analytics/quality", {"since": since, "until": until}, fmt, "quality",
                columns, **where)  # fmt: skip
 
 
 @query_app.command("anomalies")
+@service_options
 def query_anomalies(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
     limit: int = typer.Option(100, "--limit"),
     fmt: str = FormatOpt,
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """What the anomaly detectors found, newest first."""
     columns = ["at", "detector", "metric", "subject", "observed", "threshold", "baseline", "detail"]
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     params: dict[str, Any] = {"since": since, "until": until, "limit": limit}
     _emit_list("/v1/anomalies", params, fmt, "anomalies", columns, **where)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -14,11 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from infra.cli.common import (
-    ConfigOpt,
-    KeyOpt,
-    ProfileOpt,
-    TenantOpt,
-    UrlOpt,
+    Service,
     _get_json,
     _load,
     _local_store,
@@ -26,6 +21,7 @@ from infra.cli.common import (
     _Unreachable,
     err,
     out,
+    service_options,
 )
 
 workflow_app = typer.Typer(
@@ -55,27 +51,26 @@ def _inputs(pairs: list[str], json_inputs: str | None) -> dict[str, Any]:
 
 
 @workflow_app.command("list")
+@service_options
 def workflow_list(
     fmt: str = typer.Option("table", "--format", help="table or json"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """The workflows the service knows, their step metrics, and its newest runs."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    tenant, config, profile = service.tenant, service.config, service.profile
+    where = service.where()
     try:
         found: dict[str, Any] = _get_json(
             "/v1/workflows",
             {},
             offline=True,
-            **where,  # type: ignore[arg-type]
+            **where,
         )
         runs: list[dict[str, Any]] = _get_json(
             "/v1/workflows/runs",
             {"limit": 20},
-            **where,  # type: ignore[arg-type]
+            **where,
         )
     except _Unreachable:
         from infra.http.workflows import listing
@@ -114,20 +109,18 @@ def workflow_list(
 
 
 @workflow_app.command("run")
+@service_options
 def workflow_run(
     name: str = typer.Argument(..., help="the workflow's name"),
     input_: list[str] = typer.Option([], "--input", "-i", help="key=value (value as JSON)"),
     inputs: str | None = typer.Option(None, "--inputs", help="all inputs as a JSON object"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the run to its end"),
     timeout: float = typer.Option(600, "--timeout", help="seconds to follow it"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """Start a run; with --wait (the default) show its steps as they settle."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     body = json.dumps({"inputs": _inputs(input_, inputs)}).encode()
     started: dict[str, Any] = _get_json(
         f"/v1/workflows/{name}/runs",
@@ -135,7 +128,7 @@ def workflow_run(
         method="POST",
         content=body,
         ok=(202,),
-        **where,  # type: ignore[arg-type]
+        **where,
     )
     run_id = started["run_id"]
     out.print(f"run {run_id} of {name} started", highlight=False)
@@ -188,22 +181,20 @@ def _print_run(status: dict[str, Any]) -> None:
 
 
 @workflow_app.command("status")
+@service_options
 def workflow_status(
     run_id: str = typer.Argument(..., help="the run id `workflow run` printed"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     events: bool = typer.Option(False, "--events", help="also the run's events"),
-    tenant: str | None = TenantOpt,
-    api_key: str | None = KeyOpt,
-    url: str | None = UrlOpt,
-    config: Path | None = ConfigOpt,
-    profile: str | None = ProfileOpt,
+    *,
+    service: Service,
 ) -> None:
     """A run's steps: status, iterations, attempts, duration and output."""
-    where = dict(tenant=tenant, api_key=api_key, url=url, config=config, profile=profile)
+    where = service.where()
     status: dict[str, Any] = _get_json(
         f"/v1/workflows/runs/{run_id}",
         {"events": events or None},
-        **where,  # type: ignore[arg-type]
+        **where,
     )
     if fmt == "json":
         sys.stdout.write(json.dumps(status, ensure_ascii=False, default=str) + "\n")
