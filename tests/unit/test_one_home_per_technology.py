@@ -39,7 +39,5 @@ def test_only_the_clickhouse_adapter_opens_a_clickhouse_client() -> None:
 
 def test_all_sql_runs_in_the_clickhouse_adapter() -> None:
     """No service, route or command talks to the store's client: they call its methods."""
-    adapter = {
-        str(p.relative_to(ROOT)) for p in (ROOT / "infra/adapters/clickhouse").glob("*.py")
-    }
+    adapter = {str(p.relative_to(ROOT)) for p in (ROOT / "infra/adapters/clickhouse").glob("*.py")}
     assert _offenders(r"\.client\.(query|command|insert)\(", adapter) == []
