@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-load test-failover bench check schema clean browser
+.PHONY: install run demo test test-load test-failover test-servers bench check schema clean browser
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: $(STAMP)
 test-failover: $(STAMP)  ## the 16 failover cases with the issue's own waits (20 s first token, 60 s down)
 	FAILOVER_PROFILE=full $(BIN)/python -m pytest -q tests/faults/test_failover.py
 
+# Apache Kafka and a ClickHouse server in containers (testcontainers); without a container
+# engine it says so in one line and exits 0. Not part of `make test`.
+test-servers: $(STAMP)  ## the production path: the suite's server half on Kafka and ClickHouse
+	$(BIN)/python -m tests.servers
+
 check: $(STAMP)  ## lint, format, types, the layer rule, and the checked-in event schema
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -55,6 +60,7 @@ check: $(STAMP)  ## lint, format, types, the layer rule, and the checked-in even
 	$(BIN)/lint-imports
 	$(BIN)/python -m events.schema --check docs/events.schema.json
 	$(BIN)/python -m events.schema --observations --check docs/observations.schema.json
+	$(BIN)/python .ci/check_workflows.py
 
 schema: $(STAMP)  ## regenerate docs/events.schema.json from the event types
 	$(BIN)/python -m events.schema > docs/events.schema.json

@@ -7,6 +7,7 @@ with their own topics, their own ClickHouse database and their own consumer grou
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +21,24 @@ from infra.adapters.kafka.broker import EmbeddedBroker
 from infra.adapters.kafka.clients import ensure_topics
 from infra.config import Settings, load_config
 
+SERVER_BOOTSTRAP = "CHATLLM_TEST_BOOTSTRAP"
+SERVER_CLICKHOUSE = "CHATLLM_TEST_CLICKHOUSE_URL"
+"""Set by the server suite (`make test-servers`, tests/servers): the same tests then run
+against Apache Kafka and a ClickHouse server instead of tansu and chDB."""
+
+
+@dataclass(frozen=True)
+class ServerBroker:
+    """A Kafka cluster someone else runs (the server suite's container)."""
+
+    bootstrap_servers: str
+
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[EmbeddedBroker]:
+def broker() -> Iterator[EmbeddedBroker | ServerBroker]:
+    if os.environ.get(SERVER_BOOTSTRAP):
+        yield ServerBroker(os.environ[SERVER_BOOTSTRAP])
+        return
     with EmbeddedBroker() as running:
         yield running
 
@@ -81,17 +97,21 @@ def make_settings(
     *,
     chdb_path: Path | None = None,
     database: str = "chatllm",
-    broker: EmbeddedBroker | None = None,
+    broker: EmbeddedBroker | ServerBroker | None = None,
     topics: Topics | None = None,
     datadir: Path | None = None,
     **overrides: Any,
 ) -> Settings:
     """Settings for a test, built through the real loader (so they are validated)."""
     values: dict[str, Any] = {"clickhouse.database": database}
-    if chdb_path is not None:
+    if os.environ.get(SERVER_CLICKHOUSE):
+        values["clickhouse.url"] = os.environ[SERVER_CLICKHOUSE]
+    elif chdb_path is not None:
         values["clickhouse.path"] = str(chdb_path)
     if broker is not None:
         values["broker.bootstrap_servers"] = broker.bootstrap_servers
+        if isinstance(broker, ServerBroker):
+            values["broker.enable_idempotence"] = True  # tansu refuses it; Kafka takes it
     if topics is not None:
         values |= {
             "topics.events": topics.events,

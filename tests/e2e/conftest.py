@@ -48,6 +48,7 @@ def start_service(
         # suite starts many stacks on two cores. test_api_processes and test_sigterm run
         # two.
         "CHATLLM_HTTP__WORKERS": "1",
+        **_server_env(port),
         **(extra_env or {}),
     }
     log = open(workdir / "up.log", "w")  # noqa: SIM115
@@ -63,6 +64,25 @@ def start_service(
     base = f"http://127.0.0.1:{port}"
     wait_until_up(proc, f"{base}/healthz", workdir / "up.log")
     return Service(base=base, env=env, proc=proc, workdir=workdir)
+
+
+def _server_env(port: int) -> dict[str, str]:
+    """Under the server suite (tests/servers): the stack on Apache Kafka and a ClickHouse
+    server, with topics and a database of its own."""
+    bootstrap = os.environ.get("CHATLLM_TEST_BOOTSTRAP")
+    url = os.environ.get("CHATLLM_TEST_CLICKHOUSE_URL")
+    if not bootstrap or not url:
+        return {}
+    return {
+        "CHATLLM_BROKER__BOOTSTRAP_SERVERS": bootstrap,
+        "CHATLLM_BROKER__ENABLE_IDEMPOTENCE": "true",
+        "CHATLLM_CLICKHOUSE__URL": url,
+        "CHATLLM_CLICKHOUSE__DATABASE": f"e2e_{port}",
+        **{
+            f"CHATLLM_TOPICS__{name.upper()}": f"{name}-{port}"
+            for name in ("events", "ingest", "deadletter", "observations")
+        },
+    }
 
 
 def wait_until_up(
