@@ -144,7 +144,9 @@ def feedback(
 @commands.command()
 @service_options
 def whatif(
-    policy: Path = typer.Option(..., "--policy", help="TOML: [limits], [routing], [[deployments]]"),
+    policy: Path = typer.Option(
+        ..., "--policy", help=r"TOML: \[limits], \[routing], \[\[deployments]]"
+    ),
     since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
     until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
