@@ -82,6 +82,11 @@ class Side:
     cost: float = 0.0
     latency_ms_total: float = 0.0
     answered: int = 0
+    latency_known: int = 0
+    """Answers whose latency is known (observed, or the answering model's observed mean)."""
+    latency_unknown: int = 0
+    """Answers rerouted to a model with no observed latency in the window: counted apart,
+    never as 0 ms."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -92,9 +97,10 @@ class Side:
             "unrouted": self.unrouted,
             "models": dict(sorted(self.models.items())),
             "cost": round(self.cost, 6),
-            "latency_ms_mean": round(self.latency_ms_total / self.answered, 3)
-            if self.answered
+            "latency_ms_mean": round(self.latency_ms_total / self.latency_known, 3)
+            if self.latency_known
             else None,
+            "latency_unknown": self.latency_unknown,
         }
 
 
@@ -199,6 +205,7 @@ def whatif(
                 recorded.fallbacks += int(turn.reply.fallback)
                 recorded.cost += _tokens(turn) * old_prices.get(model, 0.0) / 1000
                 recorded.latency_ms_total += turn.reply.latency_ms
+                recorded.latency_known += 1
                 recorded.answered += 1
         # What would have.
         while given < len(feedback) and feedback[given].occurred_at.timestamp() <= turn.at:
@@ -238,12 +245,17 @@ def whatif(
                 answered_by = turn.reply.model
                 counter.fallbacks += int(turn.reply.fallback)
                 counter.latency_ms_total += turn.reply.latency_ms
+                counter.latency_known += 1
             else:
                 answered_by = model
         else:
             answered_by = model
             changed["rerouted"] += 1
-            counter.latency_ms_total += mean_latency.get(model, 0.0)
+            if model in mean_latency:
+                counter.latency_ms_total += mean_latency[model]
+                counter.latency_known += 1
+            else:
+                counter.latency_unknown += 1
         counter.models[answered_by] += 1
         counter.cost += _tokens(turn) * new_prices.get(answered_by, 0.0) / 1000
         counter.answered += 1

@@ -181,14 +181,15 @@ def whatif(
     table = Table(title=f"what if: {policy.name}", title_justify="left")
     for column in ("", "recorded", "what if", "change"):
         table.add_column(column, justify="right" if column else "left")
-    for key in ("requests", "denied", "failed", "fallbacks", "unrouted", "cost", "latency_ms_mean"):
+    keys = ("requests", "denied", "failed", "fallbacks", "unrouted", "cost", "latency_ms_mean")
+    for key in (*keys, "latency_unknown"):
         old, new = recorded.get(key), counter.get(key)
         delta = (
             f"{new - old:+,.4g}"
             if isinstance(old, int | float) and isinstance(new, int | float)
             else ""
         )
-        table.add_row(key, _cell(old), _cell(new), delta)
+        table.add_row(key, _cell(old, "unknown"), _cell(new, "unknown"), delta)
     for model in sorted(set(recorded.get("models", {})) | set(counter.get("models", {}))):
         old = recorded.get("models", {}).get(model, 0)
         new = counter.get("models", {}).get(model, 0)

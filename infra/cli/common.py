@@ -172,14 +172,15 @@ def _check_format(fmt: str) -> None:
         raise typer.Exit(2)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, none: str = "") -> str:
+    """A value as a table shows it; `none`: what stands for a missing one."""
     if isinstance(value, float):
         return f"{value:,.3f}".rstrip("0").rstrip(".")
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
-    return "" if value is None else str(value)
+    return none if value is None else str(value)
 
 
 def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str]) -> None:

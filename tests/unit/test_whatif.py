@@ -62,3 +62,25 @@ def test_a_cheaper_routing_table_moves_the_model_mix_and_the_cost() -> None:
     assert report["changed"]["rerouted"] == 20
     assert report["whatif"]["cost"] < report["recorded"]["cost"]
     assert whatif(traffic(), cheap, RECORDED) == first  # deterministic
+
+
+def test_a_model_with_no_observed_latency_is_unknown_not_zero() -> None:
+    """Requests rerouted to a model never seen answering in the window have no latency to
+    estimate with: the mean says unknown (None) and they are counted apart, never as 0 ms."""
+    cheap = WhatIfPolicy(
+        limits=permissive(),
+        routing=RoutingPolicy(),  # every request moves to demo-fast, never observed
+        deployments=RECORDED,
+    )
+    report = whatif(traffic(), cheap, RECORDED)["t1"]
+    assert report["recorded"]["latency_ms_mean"] > 0 and report["recorded"]["latency_unknown"] == 0
+    assert report["whatif"]["latency_ms_mean"] is None
+    assert report["whatif"]["latency_unknown"] == 20
+    same = WhatIfPolicy(
+        limits=permissive(),
+        routing=RoutingPolicy(bands=(Band(name="all", max_complexity=1.0, model="demo-1"),)),
+        deployments=RECORDED,
+    )
+    kept = whatif(traffic(), same, RECORDED)["t1"]["whatif"]
+    assert kept["latency_ms_mean"] == report["recorded"]["latency_ms_mean"]
+    assert kept["latency_unknown"] == 0
