@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -86,12 +87,7 @@ async def test_a_stream_is_whole_at_its_finish_reason_even_without_done() -> Non
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", sse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await _upstream(sse)
     messages = [ChatMessage(role="user", content="hi")]
     try:
         for model, whole in (("whole", True), ("cut", False)):
@@ -155,12 +151,7 @@ async def test_tools_are_forwarded_and_streamed_tool_call_deltas_come_back_whole
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await _upstream(handler)
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     options = GenerationOptions(
         tools=[tool], tool_choice="required", response_format={"type": "json_object"}
@@ -201,3 +192,17 @@ async def test_tools_are_forwarded_and_streamed_tool_call_deltas_come_back_whole
         "content": '{"found": 0}',
         "tool_call_id": "call_1",
     }
+
+
+async def _upstream(handler: Any) -> tuple[Any, int]:
+    """An OpenAI-compatible upstream in this process, answering chat completions with
+    `handler`: its runner (clean it up) and its port."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port

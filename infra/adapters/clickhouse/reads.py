@@ -3,6 +3,7 @@ workflows, anomalies), the audit chain and the request log. ClickHouseStore inhe
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -92,15 +93,16 @@ def _scope(
     return " AND ".join(["tenant_id = {tenant:String}", *clauses]), {"tenant": tenant_id, **params}
 
 
-class StoreReads:
+class StoreReads(ABC):
     """The read queries; ClickHouseStore provides `client` and `db`. One class of small
     queries (the longest, analytics, is one SELECT and its shaping)."""
 
     db: str
 
     @property
+    @abstractmethod
     def client(self) -> Any:
-        raise NotImplementedError
+        """The open clickhouse-connect client (ClickHouseStore's)."""
 
     def _dicts(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         result = self.client.query(sql, parameters=params)
