@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from actors.ports import ChatMessage
-from benchmarks.common import Result, cpu_seconds, process_tree
+from benchmarks.common import Result, cpu_seconds, drive_turns, process_tree
 from infra.adapters.kafka.broker import EmbeddedBroker, free_port
 from infra.adapters.models import DemoModel
 
@@ -144,36 +144,13 @@ def _floor_turns(workdir: Path, bootstrap: str, sequential: int) -> list[float]:
 
 
 async def _turns(base: str, n: int, clients: int) -> tuple[list[float], float]:
-    # aiohttp, not httpx, on the client side: httpx's client costs more CPU per request than
-    # the server does, and on 2 cores the load generator must not be the bottleneck.
-    import aiohttp
-
     body = json.dumps(
         {
             "model": "demo-fast",
             "messages": [{"role": "user", "content": "What is the capital of Portugal?"}],
         }
     )
-    headers = {"content-type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(base, connector=connector) as session:
-        samples: list[float] = []
-        per_client = n // clients
-
-        async def worker() -> None:
-            for _ in range(per_client):
-                started = time.perf_counter()
-                async with session.post(
-                    "/v1/chat/completions", data=body, headers=headers
-                ) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"turn failed: {response.status}")
-                samples.append(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        return samples, per_client * clients / (time.perf_counter() - started)
+    return await drive_turns(base, body, n, clients)
 
 
 class _Echo:

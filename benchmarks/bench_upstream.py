@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_gateway import _launch, _stop, pct
-from benchmarks.common import Result, cpu_seconds, process_tree
+from benchmarks.common import Result, cpu_seconds, drive_turns, process_tree
 from infra.adapters.kafka.broker import free_port
 
 CONFIG = """
@@ -123,30 +123,8 @@ async def _sequential(base: str, n: int, stream: bool) -> tuple[list[float], lis
 
 
 async def _concurrent(base: str, n: int, clients: int) -> tuple[list[float], float]:
-    import aiohttp
-
-    body = json.dumps(BODY)
-    samples: list[float] = []
-    per_client = n // clients
-
-    async def worker() -> None:
-        # Each client task has its own connection (a session of its own).
-        async with aiohttp.ClientSession(base) as session:
-            for _ in range(per_client):
-                started = time.perf_counter()
-                async with session.post(
-                    "/v1/chat/completions",
-                    data=body,
-                    headers={"content-type": "application/json"},
-                ) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"turn failed: {response.status}")
-                samples.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return samples, per_client * clients / (time.perf_counter() - started)
+    # Each client task has its own connection (a session of its own).
+    return await drive_turns(base, json.dumps(BODY), n, clients, own_connection=True)
 
 
 def run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -85,3 +86,41 @@ def cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive_turns(
+    base: str, body: str, n: int, clients: int, *, own_connection: bool = False
+) -> tuple[list[float], float]:
+    """POST `n` whole chat turns (`body`) to `base` from `clients` concurrent clients: each
+    turn's latency in seconds, and the rate in turns/s. The clients share one pool of
+    `clients` connections, or with `own_connection` each opens its own.
+
+    aiohttp, not httpx, on the client side: httpx's client costs more CPU per request than
+    the server does, and on 2 cores the load generator must not be the bottleneck."""
+    import aiohttp
+
+    headers = {"content-type": "application/json"}
+    samples: list[float] = []
+    per_client = n // clients
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for _ in range(per_client):
+            started = time.perf_counter()
+            async with session.post("/v1/chat/completions", data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"turn failed: {r.status}")
+            samples.append(time.perf_counter() - started)
+
+    async def on_own_connection() -> None:
+        async with aiohttp.ClientSession(base) as session:
+            await client(session)
+
+    started = time.perf_counter()
+    if own_connection:
+        await asyncio.gather(*(on_own_connection() for _ in range(clients)))
+    else:
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(base, connector=connector) as session:
+            await asyncio.gather(*(client(session) for _ in range(clients)))
+    return samples, per_client * clients / (time.perf_counter() - started)

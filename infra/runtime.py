@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,6 +206,22 @@ def absolute_paths(settings: Settings) -> Settings:
         settings.clickhouse, path=str(Path(settings.clickhouse.path).resolve())
     )
     return msgspec.structs.replace(settings, clickhouse=clickhouse)
+
+
+@contextlib.asynccontextmanager
+async def _supervised(
+    supervise: Callable[[], Coroutine[Any, Any, None]], feeding: contextlib.AsyncExitStack
+) -> AsyncIterator[None]:
+    """Run `supervise` beside the body; on the way out, cancel it and close what it entered
+    into `feeding` (the loops it started)."""
+    supervisor = asyncio.create_task(supervise())
+    try:
+        yield
+    finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await feeding.aclose()
 
 
 @dataclass
@@ -542,14 +558,8 @@ class Stack:
         self._loops["workflows"] = Idle(
             "no workflow is defined (workflows.folder): the runner starts with the first"
         )
-        supervisor = asyncio.create_task(supervise())
-        try:
+        async with _supervised(supervise, feeding):
             yield
-        finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
-            await feeding.aclose()
 
     @contextlib.asynccontextmanager
     async def _plugins_running(self, listen: bool = True) -> AsyncIterator[None]:
@@ -585,14 +595,10 @@ class Stack:
                 except Exception:
                     log.exception("plugin scan failed")
 
-        supervisor = asyncio.create_task(supervise())
         try:
-            yield
+            async with _supervised(supervise, feeding):
+                yield
         finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
-            await feeding.aclose()
             await self.plugins.close()
 
     async def use_profile(self, profile: str, tenant_id: str, requested_by: str) -> dict[str, Any]:

@@ -20,10 +20,7 @@ from infra.adapters.clock import SystemClock
 from infra.adapters.embeddings import MiniLMEmbedder
 from infra.adapters.kafka.clients import KafkaEventSink, KafkaObservationSink, ensure_topics
 from infra.adapters.metrics import Metrics
-from infra.config import (
-    Settings,
-    StreamsConfig,
-)
+from infra.config import Settings, StreamsConfig
 from infra.services.knowledge import KnowledgeBase
 from infra.services.plugins import PluginHost
 from infra.services.restore import check_external_log, restore_embedded_log

@@ -9,16 +9,12 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from infra.cli.common import (
-    Service,
-    _get_json,
-    _print_rows,
-    err,
-    out,
-    service_options,
-)
+from infra.cli.common import Service, _get_json, _print_rows, err, out, service_options
 
 dlq_app = typer.Typer(help="The dead-letter topic: list, show, retry.", no_args_is_help=True)
+
+
+LetterArg = typer.Argument(..., help="partition/offset, as `dlq list` shows it")
 
 
 @dlq_app.command("list")
@@ -45,7 +41,7 @@ def dlq_list(
 @dlq_app.command("show")
 @service_options
 def dlq_show(
-    letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
+    letter: str = LetterArg,
     *,
     service: Service,
 ) -> None:
@@ -63,7 +59,7 @@ def dlq_show(
 @dlq_app.command("retry")
 @service_options
 def dlq_retry(
-    letter: str = typer.Argument(..., help="partition/offset, as `dlq list` shows it"),
+    letter: str = LetterArg,
     *,
     service: Service,
 ) -> None:

@@ -11,6 +11,7 @@ every route is listed).
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
@@ -113,12 +114,11 @@ ASGIApp = Callable[
 ]
 
 
-class SecurityHeaders:
-    """Adds the security headers to every HTTP response (a plain ASGI wrapper: streamed
-    answers pass through untouched). Pages that set their own CSP keep it."""
+class _HttpOnly(ABC):
+    """A plain ASGI wrapper that acts on HTTP requests (`http`) and passes the rest
+    (lifespan, websockets) through untouched."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    app: ASGIApp
 
     async def __call__(
         self,
@@ -129,6 +129,31 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    @abstractmethod
+    async def http(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        """Handle one HTTP request."""
+
+
+class SecurityHeaders(_HttpOnly):
+    """Adds the security headers to every HTTP response (streamed answers pass through
+    untouched). Pages that set their own CSP keep it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def http(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
 
         # The interactive API docs load their scripts and styles: no strict CSP there.
         strict = not scope.get("path", "").startswith(("/docs", "/redoc"))
@@ -152,7 +177,7 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
+class BodyLimit(_HttpOnly):
     """Refuses a request body over `max_bytes` with 413, by its Content-Length before any
     of it is read, or as soon as a chunked body passes the limit."""
 
@@ -160,15 +185,12 @@ class BodyLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(
+    async def http(
         self,
         scope: MutableMapping[str, Any],
         receive: Callable[[], Awaitable[Any]],
         send: Callable[[Any], Awaitable[None]],
     ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)

@@ -25,19 +25,11 @@ from infra.http.streaming import refs, sse, tool_calls_out
 
 def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
-    gateway = api.gateway
-    api_process = api.api_process
-    clock = api.clock
-    caller = api.caller
-    with_knowledge = api.with_knowledge
-    run_turn = api.run_turn
-    observe_turn = api.observe_turn
-    meta_for = api.meta_for
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         raw: Request,
-        who: Annotated[Caller, Depends(caller)],
+        who: Annotated[Caller, Depends(api.caller)],
         x_context_id: Annotated[str | None, Header()] = None,
         traceparent: Annotated[str | None, Header()] = None,
     ) -> Any:
@@ -49,13 +41,13 @@ def add_routes(app: FastAPI, api: Api) -> None:
             raise OpenAIError(
                 400, "invalid X-Context-Id", "invalid_request_error", "invalid_request"
             )
-        context_id = x_context_id or clock.new_event_id()
+        context_id = x_context_id or api.clock.new_event_id()
         messages = body.chat_messages()
         options = body.options()
         if extra:
             options = msgspec.structs.replace(options, extra=extra)
         request = ChatRequest(
-            meta=meta_for(who, context_id, end_user(body.user), traceparent),
+            meta=api.meta_for(who, context_id, end_user(body.user), traceparent),
             messages=messages if x_context_id is None else messages[-1:],
             model="" if body.model == AUTO_MODEL else body.model,
             options=options,
@@ -63,7 +55,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             fanout=tuple(body.fanout),
             merge=body.merge,
         )
-        request = await with_knowledge(request, body.knowledge, body.cache)
+        request = await api.with_knowledge(request, body.knowledge, body.cache)
         completion_id = f"chatcmpl-{request.meta.correlation_id}"
         created = int(time.time())
         headers = {"X-Context-Id": context_id}
@@ -71,16 +63,16 @@ def add_routes(app: FastAPI, api: Api) -> None:
             # Wait for the first item: a denial or rejection comes before any text, and must
             # be a proper HTTP error (429, 400), not an error inside a 200 stream.
             started = time.perf_counter()
-            items = gateway.stream(request).__aiter__()
+            items = api.gateway.stream(request).__aiter__()
             try:
                 first = await items.__anext__()
             except Exception as exc:
-                observe_turn(started, "error", "")
+                api.observe_turn(started, "error", "")
                 raise as_http(exc) from None
             if isinstance(first, TurnOutcome):
                 error = outcome_error(first)
                 if error is not None:
-                    observe_turn(started, first.status, first.model)
+                    api.observe_turn(started, first.status, first.model)
                     error.headers.update(headers)
                     raise error
             return StreamingResponse(
@@ -90,19 +82,19 @@ def add_routes(app: FastAPI, api: Api) -> None:
                     completion_id,
                     created,
                     body.model,
-                    lambda status, model: observe_turn(started, status, model),
+                    lambda status, model: api.observe_turn(started, status, model),
                     include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 ),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
-        outcome = await run_turn(request)
+        outcome = await api.run_turn(request)
         error = outcome_error(outcome)
         if error is not None:
             error.headers.update(headers)
             raise error
         return JSONResponse(
-            completion_json(outcome, completion_id, created, context_id, api_process),
+            completion_json(outcome, completion_id, created, context_id, api.api_process),
             headers={**headers, "X-Chatllm-Fallback": str(outcome.fallback).lower()},
         )
 
@@ -110,18 +102,18 @@ def add_routes(app: FastAPI, api: Api) -> None:
     async def send_message(
         context_id: ContextId,
         body: MessageIn,
-        who: Annotated[Caller, Depends(caller)],
+        who: Annotated[Caller, Depends(api.caller)],
         traceparent: Annotated[str | None, Header()] = None,
     ) -> TurnOut:
         """Send a message to a context (created on its first message); returns the reply."""
         request = ChatRequest(
-            meta=meta_for(who, context_id, body.user_id, traceparent),
+            meta=api.meta_for(who, context_id, body.user_id, traceparent),
             messages=(ChatMessage(role="user", content=body.content),),
             title=body.title,
             model=body.model or "",
         )
-        request = await with_knowledge(request, body.knowledge, body.cache)
-        outcome = await run_turn(request)
+        request = await api.with_knowledge(request, body.knowledge, body.cache)
+        outcome = await api.run_turn(request)
         if outcome.status in ("denied", "blocked"):
             error = outcome_error(outcome)
             assert error is not None

@@ -10,12 +10,8 @@ import msgspec
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from actors.context import (
-    ContextCommand,
-)
-from events import (
-    FeedbackGiven,
-)
+from actors.context import ContextCommand
+from events import FeedbackGiven
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError, as_http
 from infra.http.queries import check_moments
@@ -35,22 +31,14 @@ from infra.services.render import CSP, transcript_html
 
 def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
-    gateway = api.gateway
-    store = api.store
-    caller = api.caller
-    meta_for = api.meta_for
-    known_models = api.known_models
-    model_not_found = api.model_not_found
-    run_command = api.run_command
-    archived_so_far = api.archived_so_far
 
     @app.get("/v1/contexts/{context_id}")
     async def get_context(
-        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
         """The context's state: tags, overrides, documents (without their bytes), counts."""
         try:
-            result = await gateway.view(meta_for(who, context_id, None, None))
+            result = await api.gateway.view(api.meta_for(who, context_id, None, None))
         except Exception as exc:
             raise as_http(exc) from None
         view: dict[str, Any] = msgspec.to_builtins(result)
@@ -58,11 +46,11 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     @app.get("/v1/contexts/{context_id}/transcript", response_class=HTMLResponse)
     async def transcript(
-        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, who: Annotated[Caller, Depends(api.caller)]
     ) -> HTMLResponse:
         """The conversation as an HTML page: every message shown as text, never as markup."""
         try:
-            messages = await gateway.conversation(meta_for(who, context_id, None, None))
+            messages = await api.gateway.conversation(api.meta_for(who, context_id, None, None))
         except Exception as exc:
             raise as_http(exc) from None
         return HTMLResponse(
@@ -72,7 +60,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     @app.post("/v1/contexts/{context_id}/documents")
     async def attach_document(
-        context_id: ContextId, body: DocumentIn, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, body: DocumentIn, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
         """Attach a document (size-limited); text documents are given to the model."""
         try:
@@ -84,73 +72,73 @@ def add_routes(app: FastAPI, api: Api) -> None:
                 "invalid_request_error",
                 "invalid_request",
             ) from None
-        meta = meta_for(who, context_id, None, None)
-        return await run_command(
+        meta = api.meta_for(who, context_id, None, None)
+        return await api.run_command(
             ContextCommand(meta=meta, attach=(body.name, body.mime_type, content))
         )
 
     @app.delete("/v1/contexts/{context_id}/documents/{document_id}")
     async def remove_document(
-        context_id: ContextId, document_id: str, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, document_id: str, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
-        meta = meta_for(who, context_id, None, None)
-        return await run_command(ContextCommand(meta=meta, remove_document=document_id))
+        meta = api.meta_for(who, context_id, None, None)
+        return await api.run_command(ContextCommand(meta=meta, remove_document=document_id))
 
     @app.put("/v1/contexts/{context_id}/tags")
     async def set_tags(
-        context_id: ContextId, body: TagsIn, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, body: TagsIn, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
         """Replace the context's tags (the event records what was added and removed)."""
-        meta = meta_for(who, context_id, None, None)
-        return await run_command(ContextCommand(meta=meta, set_tags=tuple(body.tags)))
+        meta = api.meta_for(who, context_id, None, None)
+        return await api.run_command(ContextCommand(meta=meta, set_tags=tuple(body.tags)))
 
     @app.patch("/v1/contexts/{context_id}/config")
     async def configure(
-        context_id: ContextId, body: ConfigIn, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, body: ConfigIn, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
         """Per-context overrides: model, system_prompt. An unknown model is a 404, now, not
         a silent reroute at the next turn."""
         model = body.overrides.get("model")
-        if model and model != AUTO_MODEL and model not in known_models():
-            raise model_not_found(model, "overrides.model")
-        meta = meta_for(who, context_id, None, None)
-        return await run_command(ContextCommand(meta=meta, configure=body.overrides))
+        if model and model != AUTO_MODEL and model not in api.known_models():
+            raise api.model_not_found(model, "overrides.model")
+        meta = api.meta_for(who, context_id, None, None)
+        return await api.run_command(ContextCommand(meta=meta, configure=body.overrides))
 
     @app.post("/v1/contexts/{context_id}/feedback")
     async def give_feedback(
-        context_id: ContextId, body: FeedbackIn, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, body: FeedbackIn, who: Annotated[Caller, Depends(api.caller)]
     ) -> dict[str, Any]:
         """Thumbs up/down and/or a 1-5 rating of one reply (its message_id is in the
         `chatllm.events` of the reply, or in the context's messages)."""
-        meta = meta_for(who, context_id, None, None)
+        meta = api.meta_for(who, context_id, None, None)
         feedback = FeedbackGiven(
             message_id=body.message_id, thumbs=body.thumbs, rating=body.rating, reason=body.reason
         )
-        return await run_command(ContextCommand(meta=meta, feedback=feedback))
+        return await api.run_command(ContextCommand(meta=meta, feedback=feedback))
 
     @app.get("/v1/contexts/{context_id}/state", response_model=None)
     async def context_state_at(
         context_id: ContextId,
-        who: Annotated[Caller, Depends(caller)],
+        who: Annotated[Caller, Depends(api.caller)],
         at: Annotated[datetime, Query(description="the moment, ISO 8601 with a zone")],
     ) -> Any:
         """Time travel: the context (messages, documents, tags, config) and the limiter and
         router state that applied to it, exactly as they were at `at`, from events alone."""
         check_moments(at)
-        await archived_so_far()
+        await api.archived_so_far()
         try:
-            moment = await state_at(store, who.tenant_id, context_id, at)
+            moment = await state_at(api.store, who.tenant_id, context_id, at)
         except UnknownContext as exc:
             raise HTTPException(404, str(exc)) from None
         return JSONResponse(msgspec.to_builtins(moment))
 
     @app.get("/v1/contexts/{context_id}/events", response_model=list[AuditEvent])
     async def context_events(
-        context_id: ContextId, who: Annotated[Caller, Depends(caller)]
+        context_id: ContextId, who: Annotated[Caller, Depends(api.caller)]
     ) -> list[AuditEvent]:
         """The context's archived events in stream order (the audit trail)."""
-        await archived_so_far()
-        records = await store.stream_events(who.tenant_id, context_id)
+        await api.archived_so_far()
+        records = await api.store.stream_events(who.tenant_id, context_id)
         return [
             AuditEvent(
                 stream_version=r.stream_version,

@@ -9,25 +9,20 @@ from fastapi.responses import JSONResponse
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError
 from infra.http.queries import QueryError
-from infra.http.schemas import (
-    Caller,
-)
+from infra.http.schemas import Caller
 from infra.services.ingest import Ingest
 
 
 def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
-    settings = api.settings
-    ingest = api.ingest
-    caller = api.caller
 
     def ingesting() -> Ingest:
-        if ingest is None:
+        if api.ingest is None:
             raise HTTPException(503, "ingest is not configured in this process")
-        return ingest
+        return api.ingest
 
     @app.post("/v1/events", tags=["ingest"])
-    async def ingest_events(raw: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
+    async def ingest_events(raw: Request, who: Annotated[Caller, Depends(api.caller)]) -> Any:
         """Ingest upstream events (the JSON envelope of docs/events.schema.json): a JSON array,
         or JSON lines (application/x-ndjson). Each is checked now; valid ones are queued on
         the ingest topic and appended to the log by the projection worker, the others go to
@@ -45,11 +40,11 @@ def add_routes(app: FastAPI, api: Api) -> None:
                 raise QueryError(
                     f"the body must be a JSON array of events (or JSON lines): {exc}"
                 ) from None
-        if len(items) > settings.ingest.max_batch:
+        if len(items) > api.settings.ingest.max_batch:
             raise QueryError(
-                f"{len(items)} events in one batch; the limit is {settings.ingest.max_batch}"
+                f"{len(items)} events in one batch; the limit is {api.settings.ingest.max_batch}"
             )
-        limit = settings.broker.max_record_bytes
+        limit = api.settings.broker.max_record_bytes
         oversized = [i for i, item in enumerate(items) if len(item) > limit]
         if oversized:
             # Never a 503: retrying cannot make it fit. Nothing of the batch was taken.
@@ -65,20 +60,22 @@ def add_routes(app: FastAPI, api: Api) -> None:
         return JSONResponse(msgspec.to_builtins(result), status)
 
     @app.get("/v1/deadletters", tags=["ingest"])
-    async def dead_letters(who: Annotated[Caller, Depends(caller)]) -> Any:
+    async def dead_letters(who: Annotated[Caller, Depends(api.caller)]) -> Any:
         """The dead-letter topic: records that failed validation, with the reason, naming
         the caller's tenant (and, without required API keys, those naming none)."""
-        found = await ingesting().list(who.tenant_id, include_unowned=not settings.auth.required)
+        found = await ingesting().list(
+            who.tenant_id, include_unowned=not api.settings.auth.required
+        )
         return JSONResponse(msgspec.to_builtins(found))
 
     @app.post("/v1/deadletters/{partition}/{offset}/retry", tags=["ingest"])
     async def retry_dead_letter(
-        partition: int, offset: int, who: Annotated[Caller, Depends(caller)]
+        partition: int, offset: int, who: Annotated[Caller, Depends(api.caller)]
     ) -> Any:
         """Re-drive one dead letter through ingest (after fixing what it depended on)."""
         try:
             result = await ingesting().retry(
-                who.tenant_id, partition, offset, include_unowned=not settings.auth.required
+                who.tenant_id, partition, offset, include_unowned=not api.settings.auth.required
             )
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None

@@ -15,20 +15,15 @@ from infra.adapters.clickhouse.store import AsyncStore
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError
 from infra.http.queries import QueryError, check_moments
-from infra.http.schemas import (
-    Caller,
-)
+from infra.http.schemas import Caller
 
 
 def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
-    store = api.store
-    caller = api.caller
-    archived_so_far = api.archived_so_far
 
     @app.get("/v1/events", response_model=None)
     async def search_events(
-        who: Annotated[Caller, Depends(caller)],
+        who: Annotated[Caller, Depends(api.caller)],
         type_: Annotated[list[str] | None, Query(alias="type", description="event types")] = None,
         since: Annotated[datetime | None, Query(description="from (inclusive), ISO 8601")] = None,
         until: Annotated[datetime | None, Query(description="to (exclusive), ISO 8601")] = None,
@@ -56,16 +51,16 @@ def add_routes(app: FastAPI, api: Api) -> None:
             model=model,
             text=q,
         )
-        await archived_so_far()
+        await api.archived_so_far()
         if format_ == "json":
             found = [
                 {**_logged(e), "event": msgspec.json.decode(e.body)}
-                async for page in store.search(where, limit or 100)
+                async for page in api.store.search(where, limit or 100)
                 for e in page
             ]
             return JSONResponse(found)
         media = "application/x-ndjson" if format_ == "jsonl" else "text/csv"
-        return StreamingResponse(_export(store, where, limit, format_), media_type=media)
+        return StreamingResponse(_export(api.store, where, limit, format_), media_type=media)
 
 
 CSV_COLUMNS = (
