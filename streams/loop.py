@@ -172,7 +172,8 @@ class DeadLetters:
 
 class BatchLoop:
     """Consume `settings.topic` as `settings.group`; `handle` each fetched batch, then let
-    its offsets move on. At-least-once: a crash re-reads what was not committed."""
+    its offsets move on. At-least-once: a crash re-reads what was not committed. Long as a
+    class: gather, hand over, commit and stop are its steps, each a short method."""
 
     def __init__(
         self, settings: LoopSettings, handle: Handler, early: Handler | None = None

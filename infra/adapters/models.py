@@ -229,7 +229,10 @@ class OpenAICompatibleModel:
     One aiohttp session per deployment (and event loop), its connections kept alive and
     reused across turns. aiohttp rather than httpx: under 64 concurrent turns httpx's pool
     scanned every connection for each request (py-spy: `has_expired` and `get_extra_info`
-    were 15% of the shard's CPU, the client as a whole 23%)."""
+    were 15% of the shard's CPU, the client as a whole 23%).
+
+    Long as a class: one method per part of OpenAI's protocol (request, whole answer, stream,
+    errors), each short."""
 
     def __init__(self, deployment: Deployment) -> None:
         if not deployment.base_url:

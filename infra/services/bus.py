@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 
 class EventBus:
+    """Delivers the log's events to in-process subscribers by type (plugins, workflows), as a
+    durable consumer group. Long as a class: subscribe, run, deliver and health share the
+    consumer's state."""
+
     def __init__(
         self,
         bootstrap_servers: str,

@@ -53,7 +53,9 @@ class StoreError(RuntimeError):
 
 
 class ClickHouseStore(StoreReads):
-    """Blocking store operations; use AsyncStore from async code."""
+    """Blocking store operations; use AsyncStore from async code. The writes live here, the
+    reads in StoreReads, the schema in migrations. Long as a class: one short method per
+    write (append, projections, forget, prune), in the order the worker calls them."""
 
     def __init__(self, config: ClickHouseConfig) -> None:
         self.config = config

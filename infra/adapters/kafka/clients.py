@@ -186,7 +186,8 @@ class KafkaStreamReader:
     at a time per partition, shared by every read waiting on it; a stream the index does
     not know has no events (no further read), a known one is read from its first event.
     Without this every new context's first turn scanned its whole partition, and a load of
-    new conversations slowed to a crawl as the log grew."""
+    new conversations slowed to a crawl as the log grew. Long as a class: the index and the
+    two kinds of read share its state."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> None:
         self._bootstrap = bootstrap_servers
