@@ -166,6 +166,7 @@ def query_analytics(
         "fallbacks",
         "denials",
         "circuit_openings",
+        "sentiment",
     ]
     params: dict[str, Any] = {"since": since, "until": until, "bucket_s": bucket}
     _emit_list("/v1/analytics", params, fmt, "analytics", columns, **where)

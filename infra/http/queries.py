@@ -146,7 +146,8 @@ def add_query_routes(
         format_: Annotated[Format, Query(alias="format")] = "json",
     ) -> Response:
         """Rollups per bucket (a minute by default): requests, latency p50/p95/p99, tokens,
-        errors by class, model usage, fallbacks, rate-limit denials, circuit openings."""
+        errors by class, model usage, fallbacks, rate-limit denials, circuit openings, and the
+        sentiment of the messages received (positive, neutral, negative counts)."""
         check_moments(since, until)
         rows = await store.call_with(lambda s: s.analytics(who.tenant_id, since, until, bucket_s))
         return rows_as(rows, format_)

@@ -63,6 +63,8 @@ padding:2px 4px;text-align:left}.num{font-size:22px;font-weight:600}
 <div class="legend" id="latency-legend"></div></section>
 <section><h2>Errors, denials, circuit openings</h2><svg id="errors"></svg>
 <div class="legend" id="errors-legend"></div></section>
+<section><h2>Sentiment of messages received (per 10 s)</h2><svg id="sentiment"></svg>
+<div class="legend" id="sentiment-legend"></div></section>
 <section><h2>Projection lag (s, live)</h2><svg id="lag"></svg>
 <div class="legend" id="lag-legend"></div></section>
 <section><h2>Model usage (replies in the window)</h2><table id="models"><tbody></tbody></table>
@@ -93,7 +95,29 @@ function el(name, attrs) {
   for (const k in attrs) e.setAttribute(k, attrs[k]);
   return e;
 }
-function chart(id, series) {
+// A round top for the y axis: 1, 2 or 5 times a power of ten, and 1 when all is 0 (the
+// axis of an empty error chart reads 0..1, not 0..1e-9).
+function niceTop(y) {
+  if (!(y > 0)) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(y)));
+  for (const m of [1, 2, 5, 10]) if (y <= m * p) return m * p;
+  return 10 * p;
+}
+function label(y) {
+  return Number.isInteger(y) ? String(y) : y >= 10 ? y.toFixed(0) : String(+y.toPrecision(2));
+}
+// Time labels every 1 s .. 2 h, whichever gives at most six of them over the span.
+const STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200];
+function timeTicks(x0, x1) {
+  const step = STEPS.find((s) => (x1 - x0) / s <= 6) || STEPS[STEPS.length - 1];
+  const ticks = [];
+  for (let t = Math.ceil(x0 / step) * step; t <= x1; t += step) ticks.push(t);
+  const opts = {hour: "2-digit", minute: "2-digit", hour12: false};
+  if (step < 60) opts.second = "2-digit";
+  return ticks.map((t) => [t, new Date(t * 1000).toLocaleTimeString([], opts)]);
+}
+// `span`: [x0, x1] in seconds; by default the span of the points.
+function chart(id, series, span) {
   const svg = $(id), W = 400, H = 160, L = 44, B = 18;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
@@ -101,9 +125,10 @@ function chart(id, series) {
   svg.dataset.points = String(all.length);
   const legend = $(id + "-legend");
   legend.replaceChildren();
+  const color = (s, i) => s.color || COLORS[i % COLORS.length];
   series.forEach((s, i) => {
     const swatch = document.createElement("i");
-    swatch.style.background = COLORS[i % COLORS.length];
+    swatch.style.background = color(s, i);
     legend.append(swatch, document.createTextNode(s.name));
   });
   if (!all.length) {
@@ -113,28 +138,38 @@ function chart(id, series) {
     return;
   }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y1 = Math.max(...ys, 1e-9);
+  const x0 = span ? span[0] : Math.min(...xs);
+  const x1 = Math.max(span ? span[1] : Math.max(...xs), x0 + 1);
+  const y1 = niceTop(Math.max(...ys));
   const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - 6);
   const sy = (y) => H - B - y / y1 * (H - B - 8);
-  svg.append(el("line", {x1: L, y1: H - B, x2: W, y2: H - B, stroke: "#999"}));
+  for (const y of [0, y1 / 2, y1]) {
+    svg.append(el("line", {x1: L, y1: sy(y), x2: W - 6, y2: sy(y),
+      stroke: y ? "#eee" : "#999"}));
+    if (y === y1 / 2 && !Number.isInteger(y) && y1 >= 1) continue;  // no "0.5" on counts
+    const t = el("text", {x: L - 4, y: sy(y) + 3, "text-anchor": "end", "font-size": 10,
+      class: "y-label"});
+    t.textContent = label(y);
+    svg.append(t);
+  }
   svg.append(el("line", {x1: L, y1: 4, x2: L, y2: H - B, stroke: "#999"}));
-  const top = el("text", {x: L - 4, y: 12, "text-anchor": "end", "font-size": 10});
-  top.textContent = y1 >= 100 ? y1.toFixed(0) : y1.toPrecision(3);
-  const zero = el("text", {x: L - 4, y: H - B, "text-anchor": "end", "font-size": 10});
-  zero.textContent = "0";
-  const when = el("text", {x: W - 4, y: H - 4, "text-anchor": "end", "font-size": 10});
-  when.textContent = new Date(x1 * 1000).toLocaleTimeString();
-  svg.append(top, zero, when);
+  for (const [t, text] of timeTicks(x0, x1)) {
+    svg.append(el("line", {x1: sx(t), y1: H - B, x2: sx(t), y2: H - B + 3, stroke: "#999"}));
+    const x = el("text", {x: sx(t), y: H - 4, "text-anchor": "middle", "font-size": 10,
+      class: "x-label"});
+    x.textContent = text;
+    svg.append(x);
+  }
   series.forEach((s, i) => {
     if (!s.points.length) return;
     const d = s.points.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + " " +
       sy(p[1]).toFixed(1)).join(" ");
-    svg.append(el("path", {d, fill: "none", stroke: COLORS[i % COLORS.length],
+    svg.append(el("path", {d, fill: "none", stroke: color(s, i),
       "stroke-width": 1.6, class: "series", "data-name": s.name,
       "data-n": String(s.points.length)}));
-    for (const p of s.points.slice(-60)) {
-      svg.append(el("circle", {cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.2,
-        fill: COLORS[i % COLORS.length]}));
+    for (const p of s.points.filter((p) => p[1] > 0).slice(-60)) {
+      svg.append(el("circle", {cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2,
+        fill: color(s, i)}));
     }
   });
 }
@@ -162,15 +197,31 @@ async function refresh() {
     ]);
     const t = (b) => Date.parse(b.bucket.endsWith("Z") || b.bucket.includes("+") ?
       b.bucket : b.bucket + "Z") / 1000;
+    // Counts: every 10 s bucket of the window, 0 where nothing happened (the store only
+    // returns buckets with events). Latency: only the buckets that had replies.
+    const end = Math.floor(Date.now() / 10000) * 10, start = end - windowS, span = [start, end];
+    const byTime = new Map(buckets.map((b) => [t(b), b]));
+    const count = (get) => {
+      const points = [];
+      for (let at = Math.ceil(start / 10) * 10; at <= end; at += 10) {
+        const b = byTime.get(at);
+        points.push([at, b ? get(b) : 0]);
+      }
+      return points;
+    };
     const line = (key) => buckets.filter((b) => b[key] !== null).map((b) => [t(b), b[key]]);
-    chart("throughput", [{name: "requests", points: line("requests")},
-      {name: "replies", points: line("replies")}]);
+    chart("throughput", [{name: "requests", points: count((b) => b.requests)},
+      {name: "replies", points: count((b) => b.replies)}], span);
     chart("latency", [{name: "p50", points: line("latency_p50_ms")},
       {name: "p95", points: line("latency_p95_ms")},
-      {name: "p99", points: line("latency_p99_ms")}]);
-    chart("errors", [{name: "errors", points: line("errors")},
-      {name: "denials", points: line("denials")},
-      {name: "circuit openings", points: line("circuit_openings")}]);
+      {name: "p99", points: line("latency_p99_ms")}], span);
+    chart("errors", [{name: "errors", points: count((b) => b.errors)},
+      {name: "denials", points: count((b) => b.denials)},
+      {name: "circuit openings", points: count((b) => b.circuit_openings)}], span);
+    const mood = (label) => count((b) => (b.sentiment || {})[label] || 0);
+    chart("sentiment", [{name: "positive", points: mood("positive"), color: "#16a34a"},
+      {name: "neutral", points: mood("neutral"), color: "#9ca3af"},
+      {name: "negative", points: mood("negative"), color: "#dc2626"}], span);
     const now = Date.now() / 1000;
     for (const [name, lag] of Object.entries(live.lag)) {
       (lagHistory[name] = lagHistory[name] || []).push([now, lag.p99_s]);

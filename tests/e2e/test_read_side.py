@@ -113,6 +113,10 @@ def test_analytics_and_conversation_analytics(reads: Service, traffic: dict[str,
         for model, n in b["models"].items():
             models[model] = models.get(model, 0) + n
     assert sum(models.values()) == 6
+    # Every message received is scored: six messages, six sentiments, over the buckets.
+    moods = [b["sentiment"] for b in buckets]
+    assert all(set(m) >= {"positive", "neutral", "negative"} for m in moods)
+    assert sum(sum(m.values()) for m in moods) == 6
 
     talk = httpx.get(f"{reads.base}/v1/analytics/conversations", headers=TENANT).json()
     assert talk["replies"] == 6 and talk["feedback"] == 1
@@ -274,6 +278,26 @@ def test_the_dashboard_renders_live_data_in_a_real_browser(
             assert int(totals["requests"]) >= 6 and int(totals["replies"]) >= 6
             models = page.eval_on_selector_all("#models tbody tr", "rows => rows.length")
             assert models >= 1
+            # With no errors the error chart's axis reads 0..1 (not "1.00e-9").
+            error_axis = page.eval_on_selector_all(
+                "#errors .y-label", "ts => ts.map(t => t.textContent)"
+            )
+            assert error_axis == ["0", "1"], error_axis
+            # Sentiment: a line per label, and the six scored messages on them.
+            page.wait_for_function(
+                "() => document.querySelectorAll('#sentiment path.series').length === 3"
+            )
+            scored = page.evaluate(
+                "() => [...document.querySelectorAll('#sentiment circle')].length"
+            )
+            assert scored >= 1
+            # The time axis is labelled at several round moments, in order, all different.
+            times = page.eval_on_selector_all(
+                "#throughput .x-label", "ts => ts.map(t => t.textContent)"
+            )
+            assert len(times) >= 3 and len(set(times)) == len(times), times
+            points = page.eval_on_selector("#throughput", "svg => svg.dataset.points")
+            assert int(points) >= 2 * 90  # two series, every 10 s bucket of 15 minutes
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         finally:
             browser.close()

@@ -197,7 +197,8 @@ class StoreReads(ABC):
         bucket_s: int = 60,
     ) -> list[dict[str, Any]]:
         """Rollups per bucket (a minute by default): requests, latency percentiles, tokens,
-        errors by class, model usage, fallbacks, denials, blocks, circuit openings."""
+        errors by class, model usage, fallbacks, denials, blocks, circuit openings, and the
+        sentiment of the messages received (positive, neutral, negative)."""
         where, params = _scope(tenant_id, since, until, column="at")
         bucket = (
             "toStartOfMinute(at)"
@@ -226,6 +227,11 @@ class StoreReads(ABC):
             " GROUP BY bucket, type, status, error_class",
             params,
         )
+        moods = self._dicts(
+            f"SELECT {bucket} AS bucket, sentiment_label AS label, count() AS n FROM {facts}"
+            f" WHERE {where} AND type = 'SentimentScored' GROUP BY bucket, label",
+            params,
+        )
         out: dict[datetime, dict[str, Any]] = {}
 
         def row(at: datetime) -> dict[str, Any]:
@@ -245,6 +251,7 @@ class StoreReads(ABC):
                     "denials": 0,
                     "blocked": 0,
                     "circuit_openings": 0,
+                    "sentiment": {"positive": 0, "neutral": 0, "negative": 0},
                 }
             return out[at]
 
@@ -276,6 +283,9 @@ class StoreReads(ABC):
             else:
                 b[counted[r["type"]]] += n
                 b["requests"] += n
+        for r in moods:
+            sentiment = row(r["bucket"])["sentiment"]
+            sentiment[str(r["label"])] = sentiment.get(str(r["label"]), 0) + int(r["n"])
         for b in out.values():
             b["errors_by_class"] = dict(sorted(b["errors_by_class"].items()))
         return [out[at] for at in sorted(out)]
