@@ -337,6 +337,45 @@ class ConfigChanged(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
+KeyScope = Literal["chat", "ingest", "query", "admin"]
+
+
+class KeyIssued(msgspec.Struct, frozen=True, kw_only=True):
+    """An API key was issued (`chatllm key create`, or as the successor of a rotated key).
+    The log holds the key's SHA-256, never the key."""
+
+    key_id: NonEmpty
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    user: NonEmpty
+    """Whom requests with the key are attributed to (the tenant is the envelope's)."""
+    name: str = ""
+    scopes: tuple[KeyScope, ...] = ("chat", "query")
+    limit: str = ""
+    """Requests the key may make, in limits notation ("600/minute"); empty: none."""
+    expires_at: datetime | None = None
+    issued_by: str = ""
+    replaces: str = ""
+    """The key this one succeeds (a rotation), or empty."""
+
+
+class KeyRotated(msgspec.Struct, frozen=True, kw_only=True):
+    """A key was rotated: `successor` replaces it, and it keeps working until `grace_until`
+    (auth.rotation_grace after the rotation, or its own expiry if sooner)."""
+
+    key_id: NonEmpty
+    successor: NonEmpty
+    grace_until: datetime
+    rotated_by: str = ""
+
+
+class KeyRevoked(msgspec.Struct, frozen=True, kw_only=True):
+    """A key was revoked: from now on every API process refuses it."""
+
+    key_id: NonEmpty
+    revoked_by: str = ""
+    reason: str = ""
+
+
 class KnowledgeIngested(msgspec.Struct, frozen=True, kw_only=True):
     """A document of a knowledge source was added, updated or removed (re-ingestion touches
     only what changed)."""
@@ -420,6 +459,9 @@ Event = (
     | KnowledgeUsed
     | CacheHit
     | ReplyRewritten
+    | KeyIssued
+    | KeyRotated
+    | KeyRevoked
 )
 
 # The schema version each type is written with today. Bump it only together with
@@ -457,4 +499,7 @@ CURRENT_SCHEMA: dict[type[Event], int] = {
     KnowledgeUsed: 1,
     CacheHit: 1,
     ReplyRewritten: 1,
+    KeyIssued: 1,
+    KeyRotated: 1,
+    KeyRevoked: 1,
 }

@@ -286,6 +286,12 @@ class AuthConfig(_Section):
     required: bool = False
     """Refuse requests without a known API key. Off for the local embedded default."""
     keys: list[ApiKey] = msgspec.field(default_factory=list)
+    """Bootstrap keys. Keys issued with `chatllm key create` live in the log (KeyIssued,
+    KeyRotated, KeyRevoked) and every API process follows them; these keep working beside
+    them, and may be rotated or revoked the same way (by their id, `cfg-` and the first 12
+    digits of the hash)."""
+    rotation_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 86_400.0
+    """How long a rotated key keeps working beside its successor (24 h)."""
 
 
 class Settings(_Section):

@@ -38,6 +38,7 @@ from infra.ray.shard import ChatShard
 from infra.ray.storehost import RemoteStore
 from infra.services.bus import EventBus
 from infra.services.ingest import Ingest
+from infra.services.keys import KeyService
 from infra.services.knowledge import KnowledgeBase
 from infra.services.plugins import PluginHost
 from infra.services.processors import STATUS_STALE_S, read_status
@@ -244,6 +245,8 @@ class Stack:
     knowledge: KnowledgeBase
     hosts: list[Any]
     metrics: Metrics
+    keys: KeyService
+    """The API keys this process knows, kept current from the log."""
     broker: EmbeddedBroker | None = None
     detector_worker: Any = None
     """The processors' worker (a child process running infra/services/processors.py), if started."""
@@ -431,6 +434,7 @@ class Stack:
             knowledge=knowledge_base(settings, appender, astore),
             hosts=hosts,
             metrics=Metrics(projections=False),
+            keys=KeyService(settings, appender, astore, bootstrap),
             **extra,
         )
 
@@ -477,12 +481,14 @@ class Stack:
         """Run the plugins (their folder watched, their on_event fed by a bus subscriber),
         the workflow runner and the knowledge refresh on the running loop for the duration
         of the block (the projection worker runs in the store host)."""
+        self._loops["keys"] = self.keys.health
         try:
             if not self.primary:  # the hooks of its own requests; the rest runs once
-                async with self._plugins_running(listen=False):
+                async with self.keys.following(), self._plugins_running(listen=False):
                     yield
                 return
             async with (
+                self.keys.following(),
                 self._plugins_running(),
                 self._workflows_running(),
                 self._knowledge_refreshed(),

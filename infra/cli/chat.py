@@ -61,38 +61,6 @@ def chat(
     sys.stdout.write(reply.content + "\n")  # unwrapped, so it pipes cleanly
 
 
-@commands.command("key")
-def new_key(
-    tenant: str = typer.Option(..., "--tenant", help="tenant the key belongs to"),
-    user: str = typer.Option(..., "--user", help="user the key acts as"),
-    scope: list[str] = typer.Option(
-        ["chat", "query"], "--scope", help="chat, query, ingest, admin (repeatable)"
-    ),
-    limit: str = typer.Option("", "--limit", help='requests it may make, e.g. "600/minute"'),
-) -> None:
-    """Make a new API key: prints the key once, and the config entry that stores only its hash."""
-    import secrets
-
-    from infra.http.security import SCOPES
-
-    unknown = sorted(set(scope) - set(SCOPES))
-    if unknown:
-        err.print(f"[red]unknown scope(s) {unknown}: {', '.join(SCOPES)}[/red]")
-        raise typer.Exit(2)
-
-    from infra.http.security import hash_key
-
-    key = "sk-chatllm-" + secrets.token_urlsafe(24)
-    err.print("[bold]API key (shown once, store it now):[/bold]")
-    sys.stdout.write(key + "\n")
-    err.print("\nadd to chatllm.toml:\n")
-    entry = (
-        f'[[auth.keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nuser = "{user}"\n'
-        f"scopes = {json.dumps(sorted(set(scope)))}\n" + (f'limit = "{limit}"\n' if limit else "")
-    )
-    err.print(entry, highlight=False, markup=False)
-
-
 @commands.command()
 @service_options
 def forget(

@@ -90,6 +90,7 @@ async def _serve(
         health_report=stack.health,
         settled=stack.settled,
         api_process=api_process,
+        keys=stack.keys,
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -23,10 +23,12 @@ from infra.http.knowledge import add_knowledge_routes
 from infra.http.queries import TenantPruner, add_query_routes
 from infra.http.routes import admin, chat, contexts, ops
 from infra.http.routes import ingest as ingest_routes
+from infra.http.routes import keys as key_routes
 from infra.http.routes import log as log_routes
 from infra.http.security import BodyLimit, SecurityHeaders
 from infra.http.workflows import add_workflow_routes
 from infra.services.ingest import Ingest
+from infra.services.keys import KeyService
 from infra.services.knowledge import KnowledgeBase
 from infra.services.plugins import PluginHost
 from infra.services.workflows import Catalog
@@ -55,6 +57,7 @@ def build_api(
     more_metrics: Callable[[], Awaitable[bytes]] | None = None,
     rebuilds: Any = None,
     api_process: int = 0,
+    keys: KeyService | None = None,
 ) -> FastAPI:
     """The API around a gateway and a store; `lifespan` runs with the server (the projections)."""
 
@@ -112,6 +115,7 @@ def build_api(
         more_metrics=more_metrics,
         rebuilds=rebuilds,
         api_process=api_process,
+        keys=keys,
     )
     for area in (ops, chat, contexts):
         area.add_routes(api, deps)
@@ -128,6 +132,6 @@ def build_api(
         add_workflow_routes(api, deps.caller, store, workflows, admin_log)
     if knowledge is not None:
         add_knowledge_routes(api, deps.caller, knowledge)
-    for area in (admin, ingest_routes, log_routes):
+    for area in (admin, key_routes, ingest_routes, log_routes):
         area.add_routes(api, deps)
     return api

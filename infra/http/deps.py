@@ -19,6 +19,7 @@ from actors.context import (
     ContextCommand,
     RequestMeta,
 )
+from actors.keys import Key, KeyRing, Refused
 from actors.ports import EventSink
 from events import (
     ReplyRewritten,
@@ -40,6 +41,7 @@ from infra.http.schemas import (
 )
 from infra.http.security import KeyLimits, hash_key, needed_scope
 from infra.services.ingest import Ingest
+from infra.services.keys import KeyService, config_keys
 from infra.services.knowledge import KnowledgeBase
 from infra.services.plugins import PluginHost, PluginRequest
 from infra.services.workflows import Catalog
@@ -90,11 +92,31 @@ class Api:
     rebuilds: Any = None
     api_process: int = 0
     clock: SystemClock = field(default_factory=SystemClock)
-    keys: dict[str, Any] = field(init=False)
+    keys: KeyService | None = None
     key_limits: KeyLimits = field(default_factory=KeyLimits)
+    ring: KeyRing = field(init=False)
 
     def __post_init__(self) -> None:
-        self.keys = {k.sha256: k for k in self.settings.auth.keys}
+        # The key ring the log keeps current (KeyService), or the config's keys alone.
+        self.ring = (
+            self.keys.ring
+            if self.keys is not None
+            else KeyRing(config_keys(self.settings.auth.keys))
+        )
+
+    def _key(self, authorization: str) -> Key | None:
+        """The known, usable key the header carries; a revoked or expired one is a 401
+        that says which (with auth off, it counts as no key, as an unknown one does)."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        clock = self.keys.clock if self.keys is not None else self.clock
+        found = self.ring.check(hash_key(token.strip()), clock.now())
+        if isinstance(found, Refused):
+            if self.settings.auth.required:
+                raise OpenAIError(401, found.message, "invalid_request_error", found.code)
+            return None
+        return found
 
     async def caller(
         self,  # async: a sync dependency would cost a thread hop per request
@@ -110,8 +132,7 @@ class Api:
         never give less than no key at all."""
         key = None
         if authorization:
-            scheme, _, token = authorization.partition(" ")
-            key = self.keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" else None
+            key = self._key(authorization)
             if key is None and self.settings.auth.required:
                 raise OpenAIError(
                     401, "invalid API key", "invalid_request_error", "invalid_api_key"
@@ -127,7 +148,7 @@ class Api:
                     "insufficient_scope",
                 )
             if key.limit:
-                wait = self.key_limits.hit(key.sha256, key.limit)
+                wait = self.key_limits.hit(key.key_id, key.limit)
                 if wait is not None:
                     raise OpenAIError(
                         429,
@@ -136,6 +157,8 @@ class Api:
                         "key_rate_limited",
                         headers={"Retry-After": str(int(wait + 0.999))},
                     )
+            if self.keys is not None:
+                self.keys.used(key.key_id)
             return Caller(tenant_id=key.tenant, user_id=key.user)
         if self.settings.auth.required:
             raise OpenAIError(

@@ -493,3 +493,31 @@ def valid_ident(value: str) -> bool:
     import re
 
     return re.fullmatch(IDENT, value) is not None
+
+
+KeyScopeName = Literal["chat", "ingest", "query", "admin"]
+DEFAULT_SCOPES: tuple[KeyScopeName, ...] = ("chat", "query")
+
+
+class KeyIn(BaseModel):
+    """A new API key for the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=256, description="whom its requests are by")
+    name: str = Field("", max_length=256)
+    scopes: list[KeyScopeName] = Field(default_factory=lambda: [*DEFAULT_SCOPES], min_length=1)
+    limit: str = Field("", max_length=256, description='limits notation, e.g. "600/minute"')
+    expires_at: datetime | None = Field(None, description="ISO 8601 with a zone")
+    expires_in_s: float | None = Field(None, gt=0, description="or: seconds from now")
+
+
+class RotateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_s: float | None = Field(
+        None, ge=0, description="how long the old key keeps working (auth.rotation_grace_s)"
+    )
+
+
+class RevokeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=1000)

@@ -10,10 +10,11 @@ every route is listed).
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
+
+from actors.keys import hash_key as hash_key  # re-exported: where the CLI and tests look
 
 Scope = Literal["chat", "ingest", "query", "admin"]
 SCOPES: tuple[Scope, ...] = ("chat", "ingest", "query", "admin")
@@ -64,6 +65,10 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/admin/forget"): "admin",
     ("POST", "/v1/admin/rebuild"): "admin",
     ("GET", "/v1/admin/rebuild/{job_id}"): "admin",
+    ("POST", "/v1/admin/keys"): "admin",
+    ("GET", "/v1/admin/keys"): "admin",
+    ("POST", "/v1/admin/keys/{key_id}/rotate"): "admin",
+    ("POST", "/v1/admin/keys/{key_id}/revoke"): "admin",
 }
 
 
@@ -238,8 +243,3 @@ class BodyLimit(_HttpOnly):
             }
         )  # fmt: skip
         await send({"type": "http.response.body", "body": body})
-
-
-def hash_key(key: str) -> str:
-    """How API keys are stored: SHA-256 hex of the key."""
-    return hashlib.sha256(key.encode()).hexdigest()

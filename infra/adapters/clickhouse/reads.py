@@ -478,6 +478,17 @@ class StoreReads(ABC):
         )
         return _archived(result.result_rows)
 
+    def key_events(self, topic: str) -> tuple[list[str], int | None]:
+        """Every archived API-key event of `topic` (streams `keys:*`, every tenant) in log
+        order, and the offset of the last of them (they share one partition; None if none)."""
+        result = self.client.query(
+            f"SELECT body, `offset` FROM {self.db}.{ARCHIVE_TABLE} FINAL"
+            " WHERE topic = {topic:String} AND stream_id LIKE 'keys:%' ORDER BY `offset`",
+            parameters={"topic": topic},
+        )
+        rows = result.result_rows
+        return [r[0] for r in rows], (int(rows[-1][1]) if rows else None)
+
     def search_page(
         self, where: EventFilter, after: tuple[datetime, str] | None, limit: int
     ) -> list[ArchivedEvent]:
