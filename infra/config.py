@@ -22,6 +22,7 @@ from actors.limiter import LimitPolicy
 from actors.router import Deployment, RoutingPolicy, default_deployments
 from actors.sanitizer import SanitizerPolicy
 from events import registered_types, topics
+from infra.egress import EgressPolicy, EgressRefused, check_url
 from streams.ingest import DEFAULT_TYPES
 
 ENV_PREFIX = "CHATLLM_"
@@ -319,6 +320,8 @@ class Settings(_Section):
     anomalies: AnomaliesConfig = msgspec.field(default_factory=AnomaliesConfig)
     limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     routing: RoutingPolicy = msgspec.field(default_factory=RoutingPolicy)
+    egress: EgressPolicy = msgspec.field(default_factory=EgressPolicy)
+    """Which hosts workflow http steps and deployments' base_url may reach (infra/egress.py)."""
     sanitizer: SanitizerPolicy = msgspec.field(default_factory=SanitizerPolicy)
     deployments: list[Deployment] = msgspec.field(default_factory=default_deployments)
     """Where each model is served; the routing table names models, not deployments."""
@@ -455,6 +458,7 @@ def load_config(
         settings = msgspec.convert(_unflatten(values), Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), sources)) from None
+    _check_egress(settings, sources)
     _check_models(settings, sources)
     _check_keys(settings, sources)
     _check_ingest(settings, sources)
@@ -509,6 +513,20 @@ def _check_keys(settings: Settings, sources: Mapping[str, str]) -> None:
                 raise ConfigError(
                     f"invalid config key 'auth.keys' (from {sources['auth.keys']}): key of "
                     f"{key.tenant}/{key.user} has limit {key.limit!r}: {exc}"
+                ) from None
+
+
+def _check_egress(settings: Settings, sources: Mapping[str, str]) -> None:
+    """A deployment's base_url must be one the egress policy lets chat-llm reach (checked
+    as written here; workflow http steps are checked, names resolved, at each request)."""
+    for d in settings.deployments:
+        if d.base_url:
+            try:
+                check_url(d.base_url, settings.egress, resolver=None)
+            except EgressRefused as exc:
+                raise ConfigError(
+                    f"invalid config key 'deployments' (from {sources['deployments']}): "
+                    f"deployment {d.name!r}: {exc}"
                 ) from None
 
 

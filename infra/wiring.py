@@ -141,6 +141,7 @@ def workflow_runner(
         ),
         plugins=plugins,
         http_timeout_s=w.http_timeout_s,
+        egress=settings.egress,
     )
     return WorkflowRunner(
         RunnerSettings(

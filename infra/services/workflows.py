@@ -64,6 +64,7 @@ from events import (
 )
 from infra.adapters.clock import SystemClock, new_trace_id
 from infra.adapters.kafka.clients import new_consumer
+from infra.egress import EgressPolicy, EgressRefused, check_url
 from streams.loop import LoopHealth
 
 log = logging.getLogger(__name__)
@@ -289,11 +290,20 @@ def kb_action(port: KnowledgePort | None) -> Action:
     return kb
 
 
-def http_action(timeout_s: float = 30.0) -> Action:
+def http_action(timeout_s: float = 30.0, egress: EgressPolicy | None = None) -> Action:
+    """A step that calls a URL; the egress policy (the safe default unless given) decides
+    which hosts it may reach, by every address a name resolves to. Redirects are not
+    followed (one could lead anywhere)."""
+    policy = egress or EgressPolicy()
+
     async def http(params: dict[str, Any], step: StepContext) -> Any:
         import httpx
 
         method = str(params.get("method", "GET")).upper()
+        try:
+            await asyncio.to_thread(check_url, _param(params, "url"), policy)
+        except EgressRefused as exc:
+            raise StepFailure("EgressRefused", str(exc)) from None
         expect = params.get("expect") or list(range(200, 300))
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             try:
@@ -373,11 +383,12 @@ def builtin_actions(
     knowledge: KnowledgePort | None = None,
     plugins: PluginSteps | None = None,
     http_timeout_s: float = 30.0,
+    egress: EgressPolicy | None = None,
 ) -> dict[str, Action]:
     return {
         "chat": chat_action(chat),
         "kb": kb_action(knowledge),
-        "http": http_action(http_timeout_s),
+        "http": http_action(http_timeout_s, egress),
         "plugin": plugin_action(plugins),
         "python": python_action,
     }
