@@ -42,7 +42,9 @@ ifeq ($(CHROMIUM),)
 endif
 
 test: $(DEV_STAMP) browser  ## the whole suite: unit, integration (real tansu, chDB, Ray) and e2e
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	mkdir -p test-artifacts && rm -f test-artifacts/.coverage test-artifacts/.coverage.*
+	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
+	$(BIN)/python .ci/coverage.py
 
 # The load test runs 90 s within `make test`; this holds the rate for longer (LOAD_TEST_S).
 LOAD_TEST_S ?= 600
