@@ -481,6 +481,23 @@ SECRET_KEYS = frozenset(
 )
 
 
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
+
+
+def masked(key: str, value: Any) -> Any:
+    """`value` as `config show` prints it: a secret key's value as `***`, and a password
+    inside a URL (clickhouse.url = "http://user:pw@host") as `***`, wherever it sits."""
+    if key in ("workflows.api_key",) and value:
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value)
+    if isinstance(value, list | tuple):
+        return [masked("", v) for v in value]
+    if isinstance(value, dict):
+        return {k: masked("", v) for k, v in value.items()}
+    return value
+
+
 def is_live(key: str) -> bool:
     return key.startswith(LIVE_KEYS)
 

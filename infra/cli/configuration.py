@@ -22,6 +22,7 @@ from infra.cli.common import (
     _load,
     out,
 )
+from infra.config import masked
 
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 
@@ -36,7 +37,7 @@ def config_show(
     loaded = _load(config, profile)
     if fmt == "json":
         data = {
-            k: {"value": loaded.values[k], "source": loaded.sources[k]}
+            k: {"value": masked(k, loaded.values[k]), "source": loaded.sources[k]}
             for k in sorted(loaded.values)
         }
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -48,7 +49,9 @@ def config_show(
     for key in sorted(loaded.values):
         source = loaded.sources[key]
         table.add_row(
-            key, repr(loaded.values[key]), source if source != "default" else "[dim]default[/dim]"
+            key,
+            escape(repr(masked(key, loaded.values[key]))),
+            source if source != "default" else "[dim]default[/dim]",
         )
     out.print(table)
 

@@ -9,7 +9,7 @@ ClickHouse server any number of API replicas can.
 import csv
 import io
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -17,9 +17,11 @@ from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from infra.adapters.clickhouse.reads import ANALYTICS_ROW, MEMORY_ROW, QUALITY_ROW
 from infra.adapters.clickhouse.store import AsyncStore
 from infra.adapters.metrics import Metrics
 from infra.services.render import dashboard_html
+from streams.projections import ANOMALY_COLUMNS
 
 Format = Literal["json", "csv"]
 TenantPruner = Callable[[str, float | None, str], Awaitable[dict[str, int]]]
@@ -54,15 +56,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def rows_as(rows: list[dict[str, Any]], format_: Format) -> Response:
-    """A list of rows as JSON, or as CSV (maps and lists as JSON text in their cell)."""
+def rows_as(rows: list[dict[str, Any]], format_: Format, columns: Sequence[str]) -> Response:
+    """A list of rows as JSON, or as CSV (maps and lists as JSON text in their cell) with its
+    header row even when there are no rows."""
     plain = [{k: _plain(v) for k, v in row.items()} for row in rows]
     if format_ == "json":
         return JSONResponse(plain)
     out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(plain[0]) if plain else list(columns))
+    writer.writeheader()
     if plain:
-        writer = csv.DictWriter(out, fieldnames=list(plain[0]))
-        writer.writeheader()
         for row in plain:
             writer.writerow(
                 {
@@ -118,7 +121,7 @@ def add_query_routes(
                 offset=offset,
             )
         )
-        return rows_as(rows, format_)
+        return rows_as(rows, format_, MEMORY_ROW)
 
     @api.get("/v1/memory/stats", tags=["query"])
     async def memory_stats(who: Who, since: Since = None, until: Until = None) -> Any:
@@ -150,7 +153,7 @@ def add_query_routes(
         sentiment of the messages received (positive, neutral, negative counts)."""
         check_moments(since, until)
         rows = await store.call_with(lambda s: s.analytics(who.tenant_id, since, until, bucket_s))
-        return rows_as(rows, format_)
+        return rows_as(rows, format_, ANALYTICS_ROW)
 
     @api.get("/v1/analytics/conversations", tags=["query"])
     async def conversation_analytics(who: Who, since: Since = None, until: Until = None) -> Any:
@@ -172,7 +175,7 @@ def add_query_routes(
         the satisfied share (what learned routing optimises)."""
         check_moments(since, until)
         rows = await store.call_with(lambda s: s.quality(who.tenant_id, since, until))
-        return rows_as(rows, format_)
+        return rows_as(rows, format_, QUALITY_ROW)
 
     @api.get("/v1/anomalies", response_model=None, tags=["query"])
     async def anomalies(
@@ -185,7 +188,7 @@ def add_query_routes(
         """What the detectors found, newest first, with the threshold and observed value."""
         check_moments(since, until)
         rows = await store.call_with(lambda s: s.anomalies(who.tenant_id, since, until, limit))
-        return rows_as(rows, format_)
+        return rows_as(rows, format_, ANOMALY_COLUMNS)
 
     @api.get("/v1/live", tags=["query"])
     async def live(who: Who) -> Any:

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from infra.adapters.clickhouse.reads import ANALYTICS_ROW, MEMORY_ROW, QUALITY_ROW
+from streams.projections import ANOMALY_COLUMNS
 from tests.e2e.conftest import Service, cli, start_service, stop_service, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -98,6 +100,7 @@ def test_conversation_memory_over_http(reads: Service, traffic: dict[str, Any]) 
     assert sum(stats["sentiment_breakdown"].values()) == 6
     assert stats["tokens"]["total"] > 0 and stats["avg_duration_ms"] >= 0
 
+    assert list(memory[0]) == list(MEMORY_ROW)  # what an empty CSV's header says
     as_csv = httpx.get(f"{reads.base}/v1/memory", params={"format": "csv"}, headers=TENANT)
     assert as_csv.headers["content-type"].startswith("text/csv")
     assert len(list(csv.DictReader(io.StringIO(as_csv.text)))) == 6
@@ -105,6 +108,7 @@ def test_conversation_memory_over_http(reads: Service, traffic: dict[str, Any]) 
 
 def test_analytics_and_conversation_analytics(reads: Service, traffic: dict[str, Any]) -> None:
     buckets = httpx.get(f"{reads.base}/v1/analytics", headers=TENANT).json()
+    assert all(list(b) == list(ANALYTICS_ROW) for b in buckets)
     assert sum(b["requests"] for b in buckets) == 6
     assert sum(b["replies"] for b in buckets) == 6
     assert all(b["latency_p50_ms"] is not None for b in buckets if b["replies"])
@@ -125,6 +129,19 @@ def test_analytics_and_conversation_analytics(reads: Service, traffic: dict[str,
     # Follow-ups: each context's first message is not one.
     # ("why ..." reads as a clarification, "thanks, ..." as thanks.)
     assert talk["follow_ups"] == {"clarification": 3, "thanks": 1}
+
+
+def test_a_csv_with_no_rows_still_has_its_header_row(reads: Service) -> None:
+    nobody = {"X-Tenant-Id": "nobody-here"}
+    for path, columns in (
+        ("/v1/anomalies", ANOMALY_COLUMNS),
+        ("/v1/memory", MEMORY_ROW),
+        ("/v1/analytics", ANALYTICS_ROW),
+        ("/v1/analytics/quality", QUALITY_ROW),
+    ):
+        answer = httpx.get(f"{reads.base}{path}", params={"format": "csv"}, headers=nobody)
+        assert answer.status_code == 200, answer.text
+        assert answer.text.splitlines() == [",".join(columns)], path
 
 
 def test_anomalies_are_events_and_rows(reads: Service, traffic: dict[str, Any]) -> None:

@@ -193,3 +193,23 @@ def test_a_profile_switch_lists_changed_keys_with_secrets_as_digests(tmp_path: P
     assert "s3cret" not in repr(found)
     assert is_live("limits.user") and not is_live("http.port")
     assert (after.path, after.profile) == (str(path), "prod")
+
+
+def test_config_show_masks_secrets_and_passwords_inside_urls() -> None:
+    """`chatllm config show` never prints a password, in either format (issue 23, item 6)."""
+    import subprocess
+    import sys
+
+    env = {
+        "CHATLLM_CLICKHOUSE__URL": "http://admin:s3cret@ch.internal:8123",
+        "CHATLLM_WORKFLOWS__API_KEY": "sk-workflow-secret",
+        "COLUMNS": "250",
+        "PATH": "/usr/bin:/bin",
+    }
+    for fmt in ("table", "json"):
+        shown = subprocess.run(
+            [sys.executable, "-m", "infra.cli", "config", "show", "--format", fmt],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "s3cret" not in shown.stdout and "sk-workflow-secret" not in shown.stdout
+        assert "admin:***@ch.internal" in shown.stdout

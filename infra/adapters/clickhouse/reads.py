@@ -12,6 +12,7 @@ import msgspec
 
 from infra.adapters.clickhouse.sql import (
     COLUMNS,
+    MEMORY_COLUMNS,
     MEMORY_FIELDS,
     MEMORY_SELECT,
     ROW_TYPES,
@@ -45,6 +46,13 @@ class ArchivedEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _EVENT_COLUMNS = ", ".join(ArchivedEvent.__struct_fields__)
+
+# The columns of what the read methods answer (a CSV with no rows still has its header).
+ANALYTICS_ROW = ("bucket", "requests", "replies", "latency_p50_ms", "latency_p95_ms",
+                 "latency_p99_ms", "tokens", "errors", "errors_by_class", "models", "fallbacks",
+                 "denials", "blocked", "circuit_openings", "sentiment")  # fmt: skip
+MEMORY_ROW = (*MEMORY_COLUMNS, "tags")
+QUALITY_ROW = ("model", "topic", "feedback", "up", "down", "avg_rating", "satisfied")
 
 
 def _archived(rows: Sequence[Sequence[Any]]) -> list[ArchivedEvent]:
