@@ -17,7 +17,9 @@ from infra.cli.common import (
     ConfigOpt,
     ProfileOpt,
     Service,
+    SinceOpt,
     TenantOpt,
+    UntilOpt,
     UrlOpt,
     _base_url,
     _cell,
@@ -115,8 +117,8 @@ def whatif(
     policy: Path = typer.Option(
         ..., "--policy", help=r"TOML: \[limits], \[routing], \[\[deployments]]"
     ),
-    since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
-    until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
     fmt: str = typer.Option("table", "--format", help="table or json"),
     *,
     service: Service,

@@ -47,10 +47,12 @@ TenantOpt = typer.Option(None, "--tenant", help="tenant (default: from config)")
 FormatOpt = typer.Option("table", "--format", help="table, json or csv")
 
 
-SinceOpt = typer.Option(None, "--since", help="from, ISO 8601 with zone")
+# One pair of names on every command that takes a time range: --since/--until, with
+# --from/--to accepted as the same.
+SinceOpt = typer.Option(None, "--since", "--from", help="from, ISO 8601 with zone")
 
 
-UntilOpt = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone")
+UntilOpt = typer.Option(None, "--until", "--to", help="to (exclusive), ISO 8601 with zone")
 
 
 KeyOpt = typer.Option(None, "--api-key", envvar="CHATLLM_API_KEY")

@@ -14,6 +14,8 @@ from infra.cli.common import (
     ConfigOpt,
     KeyOpt,
     ProfileOpt,
+    SinceOpt,
+    UntilOpt,
     UrlOpt,
     _get_json,
     _load,
@@ -52,8 +54,8 @@ def replay_rebuild(
         [], "--projection", help="facts, anomalies or prunes (repeatable)"
     ),
     everything: bool = typer.Option(False, "--all", help="every projection"),
-    since: str | None = typer.Option(None, "--from", help="from, ISO 8601 with zone"),
-    until: str | None = typer.Option(None, "--to", help="to (exclusive), ISO 8601 with zone"),
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
     source: str = typer.Option(
         "archive", "--source", help="archive (all history) or broker (what its log still holds)"
     ),

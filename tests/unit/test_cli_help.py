@@ -37,3 +37,25 @@ def test_no_help_text_loses_its_bracketed_words() -> None:
         assert eaten == [], f"chatllm {' '.join(path)} --help: {eaten}"
         checked += 1
     assert checked > 30  # every command and group was rendered
+
+
+def _leaf(root: Any, path: tuple[str, ...]) -> Any:
+    command = root
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def test_every_time_range_has_one_pair_of_names() -> None:
+    """--since/--until on every command that takes a time range, --from/--to accepted as
+    the same (docs used both; issue 23, item 1)."""
+    root = typer.main.get_command(app)
+    ranged = 0
+    for path in _commands(root):
+        for param in getattr(_leaf(root, path), "params", []):
+            if param.name in ("since", "until"):
+                names = set(param.opts)
+                want = {"--since", "--from"} if param.name == "since" else {"--until", "--to"}
+                assert names == want, f"chatllm {' '.join(path)}: {sorted(names)}"
+                ranged += 1
+    assert ranged >= 10
