@@ -36,8 +36,8 @@ query_app = typer.Typer(help="Query the projections of the running service.", no
 @query_app.command("log")
 def query_log(
     types: list[str] = typer.Option([], "--type", help="event type (repeatable)"),
-    since: str | None = typer.Option(None, "--since", help="from, ISO 8601 with zone"),
-    until: str | None = typer.Option(None, "--until", help="to (exclusive), ISO 8601 with zone"),
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
     user: str = typer.Option("", "--user"),
     context: str = typer.Option("", "--context"),
     model: str = typer.Option("", "--model"),
