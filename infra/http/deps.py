@@ -229,8 +229,9 @@ class Api:
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             trace_id, span_id = hex_ids(trace.get_current_span())
-        else:
-            trace_id, span_id = parse_traceparent(traceparent) or new_trace_id(), ""
+        else:  # tracing off: the turn still gets one span id, which all its events carry
+            trace_id = parse_traceparent(traceparent) or new_trace_id()
+            span_id = self.clock.new_span_id()
         return RequestMeta(
             context_id=context_id,
             tenant_id=who.tenant_id,

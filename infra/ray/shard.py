@@ -274,15 +274,19 @@ class ChatShard:
 
     def _span(self, name: str, meta: RequestMeta) -> tuple[Any, RequestMeta]:
         """A span for the request, child of the caller's; the request's events will carry it
-        (when tracing is off the span is a no-op and each event gets a span id of its own)."""
+        (when tracing is off the span is a no-op and the events carry the turn's span id,
+        which the API process chose)."""
         parent = remote_parent(meta.trace_id, meta.span_id or self._clock.new_span_id())
         span = tracer().start_span(
             name,
             context=parent,
             attributes={"chatllm.tenant": meta.tenant_id, "chatllm.context": meta.context_id},
         )
-        span_id = hex_ids(span)[1] if span.is_recording() else ""
-        return span, msgspec.structs.replace(meta, span_id=span_id)
+        if not span.is_recording():
+            return span, meta if meta.span_id else msgspec.structs.replace(
+                meta, span_id=self._clock.new_span_id()
+            )
+        return span, msgspec.structs.replace(meta, span_id=hex_ids(span)[1])
 
     @staticmethod
     def _describe(span: Any, outcome: TurnOutcome) -> None:

@@ -136,6 +136,11 @@ def test_the_readme_shell_commands_run_against_a_fresh_clone(
     logged = [json.loads(line) for line in outputs[-1].splitlines()]
     assert [e["stream_version"] for e in logged] == list(range(1, len(logged) + 1))
     assert [e["type"] for e in logged].count("MessageReceived") == 2
+    # Tracing is off by default, and still every event of a turn carries the turn's span.
+    spans: dict[str, set[str]] = {}
+    for e in logged:
+        spans.setdefault(e["correlation_id"], set()).add(e["span_id"])
+    assert len(spans) == 2 and all(len(s) == 1 for s in spans.values()), spans
 
 
 def test_the_readme_first_python_example_runs_as_written(
