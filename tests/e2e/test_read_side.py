@@ -319,3 +319,23 @@ def test_the_dashboard_renders_live_data_in_a_real_browser(
         finally:
             browser.close()
     assert errors == []
+
+
+def test_every_time_in_the_answers_carries_its_zone(
+    reads: Service, traffic: dict[str, Any]
+) -> None:
+    """Times are UTC and say so (issue 23, item 7): the request log in json and csv, a
+    context's events, memory, anomalies."""
+
+    def zoned(value: str) -> bool:
+        return value.endswith(("Z", "+00:00"))
+
+    events = httpx.get(f"{reads.base}/v1/events", headers=TENANT).json()
+    assert events and all(zoned(e["occurred_at"]) for e in events)
+    rows = list(csv.DictReader(io.StringIO(httpx.get(
+        f"{reads.base}/v1/events", params={"format": "csv"}, headers=TENANT).text)))  # fmt: skip
+    assert rows and all(zoned(r["occurred_at"]) for r in rows)
+    logged = httpx.get(f"{reads.base}/v1/contexts/support-1/events", headers=TENANT).json()
+    assert logged and all(zoned(e["occurred_at"]) for e in logged)
+    memory = httpx.get(f"{reads.base}/v1/memory", headers=TENANT).json()
+    assert all(zoned(m["started_at"]) and zoned(m["ended_at"]) for m in memory)

@@ -8,6 +8,7 @@ from typing import Any
 
 from actors.knowledge import Retrieved
 from infra.adapters.clickhouse.migrations import KB_TABLE
+from infra.adapters.clickhouse.reads import utc_aware
 from infra.adapters.clickhouse.store import ClickHouseStore
 
 
@@ -77,4 +78,7 @@ def kb_stats(store: ClickHouseStore, tenant: str) -> list[dict[str, Any]]:
         " GROUP BY source ORDER BY source",
         parameters={"tenant": tenant},
     )
-    return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+    return [
+        {n: utc_aware(v) for n, v in zip(result.column_names, row, strict=True)}
+        for row in result.result_rows
+    ]

@@ -55,9 +55,17 @@ MEMORY_ROW = (*MEMORY_COLUMNS, "tags")
 QUALITY_ROW = ("model", "topic", "feedback", "up", "down", "avg_rating", "satisfied")
 
 
+def utc_aware(value: Any) -> Any:
+    """chDB hands back naive datetimes; every column is UTC: say so."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def _archived(rows: Sequence[Sequence[Any]]) -> list[ArchivedEvent]:
+    fields = ArchivedEvent.__struct_fields__
     return [
-        ArchivedEvent(**dict(zip(ArchivedEvent.__struct_fields__, r, strict=True))) for r in rows
+        ArchivedEvent(**{f: utc_aware(v) for f, v in zip(fields, r, strict=True)}) for r in rows
     ]
 
 
@@ -115,7 +123,9 @@ class StoreReads(ABC):
     def _dicts(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         result = self.client.query(sql, parameters=params)
         names = result.column_names
-        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+        return [
+            {n: utc_aware(v) for n, v in zip(names, row, strict=True)} for row in result.result_rows
+        ]
 
     def memory(
         self,
