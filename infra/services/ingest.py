@@ -88,9 +88,12 @@ class Ingest:
                 await producer.stop()
         await self.dead_letters.stop()
 
-    async def submit(self, records: Sequence[bytes], tenant_id: str) -> IngestResult:
+    async def submit(
+        self, records: Sequence[bytes], tenant_id: str, sources: Sequence[str] = ()
+    ) -> IngestResult:
         """Check each record as an event of `tenant_id`; queue the valid ones for the log,
-        dead-letter the others with why. Returns once the broker acknowledged all of it."""
+        dead-letter the others with why (their source: `sources[i]`, or `http/i`). Returns
+        once the broker acknowledged all of it."""
         prefixes = self.settings.ingest.stream_prefixes
         types = self.settings.ingest.allowed_types
         max_bytes = self.settings.broker.max_record_bytes
@@ -110,7 +113,7 @@ class Ingest:
                     key=None,
                     value=value,
                     reason=exc.reason,
-                    source=f"http/{index}",
+                    source=sources[index] if index < len(sources) else f"http/{index}",
                     extra=[(TENANT_HEADER, tenant_id.encode())],
                 )
         try:
@@ -168,7 +171,10 @@ class Ingest:
             if (letter.partition, letter.offset) == (partition, offset):
                 if letter.value is None:
                     raise LookupError(f"dead letter {partition}/{offset} has no value to retry")
-                return await self.submit([letter.value.encode()], tenant_id)
+                # Dead-lettered again, it keeps where it first came from, and says it was
+                # a retry of this letter.
+                source = f"{letter.source or 'unknown'} (retry of dlq {partition}/{offset})"
+                return await self.submit([letter.value.encode()], tenant_id, [source])
         raise LookupError(f"no dead letter {partition}/{offset} of this tenant")
 
 

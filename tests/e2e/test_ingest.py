@@ -111,6 +111,12 @@ def test_chatllm_produce_and_the_dead_letter_commands(ingest: Service, tmp_path:
     assert shown.returncode == 0 and json.loads(shown.stdout)["value"] == json.dumps(broken)
     retried = cli(ingest, "dlq", "retry", letter, "--tenant", TENANT)
     assert retried.returncode == 1 and "rejected again" in retried.stderr
+    # Dead-lettered again, it keeps its original source and names the retry (issue 23, 13).
+    listed_again = cli(ingest, "dlq", "list", "--tenant", TENANT, "--format", "json")
+    again = [json.loads(line) for line in listed_again.stdout.splitlines()]
+    first = pizza[0]
+    retries = [d for d in again if "PizzaOrdered" in d["reason"] and d != first]
+    assert retries and retries[-1]["source"] == f"{first['source']} (retry of dlq {letter})"
     table = cli(ingest, "dlq", "list", "--tenant", TENANT)
     assert table.returncode == 0 and "dead letters" in table.stdout
     # Another tenant sees none of them.
