@@ -620,9 +620,12 @@ class Stack:
             await asyncio.gather(*(h.reconfigure.remote(after.settings) for h in self.hosts))
         if "log.level" in live:
             logging.getLogger().setLevel(after.settings.log.level)
+        refused: dict[str, str] = {}
         if any(k.startswith("plugins.") for k in live):
             p = after.settings.plugins
-            await self.plugins.reconfigure(dict(p.config), p.failure_limit)
+            refused = await self.plugins.reconfigure(dict(p.config), p.failure_limit)
+            if refused:  # the plugin kept its old config: this change did not take effect
+                live = [k for k in live if not k.startswith("plugins.config")]
         event = standalone(
             ConfigChanged(
                 profile_before=before.profile,
@@ -644,6 +647,11 @@ class Stack:
             "profile_after": after.profile,
             "changes": [{"key": k, "before": b, "after": a} for k, b, a in changed],
             "applied": live,
+            "refused": [
+                {"key": k, "plugins": refused}
+                for k, _, _ in changed
+                if k.startswith("plugins.config") and refused
+            ],
             "restart_required": [k for k, _, _ in changed if not is_live(k)],
             "event_id": event.event_id,
         }

@@ -83,12 +83,17 @@ def config_use(
     table = Table(title=f"profile {before} → {after}", title_justify="left")
     for column in ("key", "before", "after", "effect"):
         table.add_column(column, overflow="fold")
+    refused = {r["key"]: r["plugins"] for r in result.get("refused", [])}
     for change in result["changes"]:
-        live = change["key"] in result["applied"]
+        key = change["key"]
+        if key in refused:
+            why = "; ".join(f"{name}: {reason}" for name, reason in refused[key].items())
+            effect = f"[red]refused[/red] ({escape(why)})"
+        elif key in result["applied"]:
+            effect = "[green]applied[/green]"
+        else:
+            effect = "[yellow]at next start[/yellow]"
         table.add_row(
-            escape(change["key"]),
-            escape(_cell(change["before"])),
-            escape(_cell(change["after"])),
-            "[green]applied[/green]" if live else "[yellow]at next start[/yellow]",
+            escape(key), escape(_cell(change["before"])), escape(_cell(change["after"])), effect
         )
     out.print(table)

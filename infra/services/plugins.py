@@ -222,16 +222,22 @@ class PluginHost:
             self._pm.unregister(plugin.module)
         self.plugins.pop(plugin.name, None)
 
-    async def reconfigure(self, configs: dict[str, dict[str, Any]], failure_limit: int) -> None:
+    async def reconfigure(
+        self, configs: dict[str, dict[str, Any]], failure_limit: int
+    ) -> dict[str, str]:
         """New plugin config: each plugin whose config changed is initialised again with it
-        (a config its Config refuses leaves the plugin as it was, and is a failed event)."""
+        (a config its Config refuses leaves the plugin as it was, and is a failed event).
+        Returns the plugins that refused their new config, with why."""
         old, self.configs, self.failure_limit = self.configs, configs, failure_limit
+        refused: dict[str, str] = {}
         for plugin in list(self.plugins.values()):
             if old.get(plugin.name) != configs.get(plugin.name):
                 try:
                     await self._install(plugin.module, plugin.source, plugin.digest, plugin)
                 except Exception as exc:
+                    refused[plugin.name] = str(exc)
                     await self._event(plugin.name, plugin.version, "failed", f"new config: {exc}")
+        return refused
 
     async def close(self) -> None:
         for plugin in list(self.plugins.values()):

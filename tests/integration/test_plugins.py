@@ -86,12 +86,13 @@ async def test_new_config_is_validated_by_the_plugin_and_applied_without_a_resta
     plugins = host(tmp_path, events)
     await plugins.load_all()
     # A config its Config refuses: a failed event, and the plugin goes on as it was.
-    await plugins.reconfigure({"shout": {"suffix": 3}}, failure_limit=3)
+    refused = await plugins.reconfigure({"shout": {"suffix": 3}}, failure_limit=3)
+    assert list(refused) == ["shout"]  # what `config use` shows as refused, not applied
     assert changes(events)[-1] == ("shout", "failed")
     assert "new config" in events[-1].detail
     assert (await plugins.after_reply(REQUEST, "ok"))[0] == "OK!"
     # A valid one: the plugin is initialised again with it.
-    await plugins.reconfigure({"shout": {"suffix": "?"}}, failure_limit=3)
+    assert await plugins.reconfigure({"shout": {"suffix": "?"}}, failure_limit=3) == {}
     assert changes(events)[-1] == ("shout", "reloaded")
     assert (await plugins.after_reply(REQUEST, "ok"))[0] == "OK?"
 
