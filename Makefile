@@ -69,11 +69,13 @@ check: $(DEV_STAMP)  ## lint, format, types, the layer rule, and the checked-in 
 	$(BIN)/lint-imports
 	$(BIN)/python -m events.schema --check docs/events.schema.json
 	$(BIN)/python -m events.schema --observations --check docs/observations.schema.json
+	$(BIN)/python -m events.schema --readme README.md --check
 	$(BIN)/python .ci/check_workflows.py
 
 schema: $(RUN_STAMP)  ## regenerate docs/events.schema.json from the event types
 	$(BIN)/python -m events.schema > docs/events.schema.json
 	$(BIN)/python -m events.schema --observations > docs/observations.schema.json
+	$(BIN)/python -m events.schema --readme README.md
 
 clean:
 	rm -rf $(VENV) .chatllm .pytest_cache .mypy_cache .ruff_cache test-artifacts

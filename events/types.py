@@ -165,10 +165,14 @@ class DocumentAttached(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DocumentRemoved(msgspec.Struct, frozen=True, kw_only=True):
+    """A document was removed from the context."""
+
     document_id: NonEmpty
 
 
 class TagsChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """The context's tags changed: what was added and what removed."""
+
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
 
@@ -360,7 +364,7 @@ class KeyIssued(msgspec.Struct, frozen=True, kw_only=True):
 
 class KeyRotated(msgspec.Struct, frozen=True, kw_only=True):
     """A key was rotated: `successor` replaces it, and it keeps working until `grace_until`
-    (auth.rotation_grace after the rotation, or its own expiry if sooner)."""
+    (auth.rotation_grace_s after the rotation, or its own expiry if sooner)."""
 
     key_id: NonEmpty
     successor: NonEmpty

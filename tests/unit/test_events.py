@@ -147,3 +147,16 @@ def test_json_schema_names_every_type() -> None:
         for ref in schema["oneOf"]
     }
     assert consts == set(registered_types())
+
+
+def test_the_readme_lists_every_registered_event_type() -> None:
+    """The README's list of types is generated from the registry (`make schema`): a new
+    type, or a changed docstring, shows up there or this fails (issue 23, item 11)."""
+    from pathlib import Path
+
+    from events.schema import with_types
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert with_types(readme) == readme, "README.md's event types are stale: make schema"
+    for name in registered_types():
+        assert f"- `{name}`" in readme
