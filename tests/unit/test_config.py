@@ -213,3 +213,22 @@ def test_config_show_masks_secrets_and_passwords_inside_urls() -> None:
         )  # fmt: skip
         assert "s3cret" not in shown.stdout and "sk-workflow-secret" not in shown.stdout
         assert "admin:***@ch.internal" in shown.stdout
+
+
+def test_the_readme_learned_routing_snippet_keeps_every_default_band(tmp_path: Path) -> None:
+    """Pasted as-is, the README's snippet adds candidates and keeps the three bands (a
+    `[[routing.bands]]` list replaces the default one whole; issue 23, item 14)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = re.search(r"```toml\n(\[routing\.learning\].*?)```", readme, flags=re.S)
+    assert snippet is not None
+    (tmp_path / "chatllm.toml").write_text(snippet.group(1))
+    s = load_config(tmp_path / "chatllm.toml", env={}).settings
+    assert s.routing.learning.enabled
+    defaults = load_config(env={}).settings.routing.bands
+    assert [b.name for b in s.routing.bands] == [b.name for b in defaults]
+    assert [(b.max_complexity, b.model) for b in s.routing.bands] == [
+        (b.max_complexity, b.model) for b in defaults
+    ]
+    assert any(b.candidates for b in s.routing.bands)
