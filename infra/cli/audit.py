@@ -60,6 +60,7 @@ def _fetch_audit(
                 "trace_id": r.trace_id,
                 "causation_id": r.causation_id,
                 "event": msgspec.json.decode(r.body),
+                "logged": r.body,
             }
             for r in store.stream_events(tenant, context)
         ]

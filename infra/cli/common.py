@@ -288,8 +288,8 @@ def _summary(event: dict[str, Any]) -> str:
 
 def print_audit(rows: list[dict[str, Any]], context: str, fmt: str) -> None:
     if fmt == "json":
-        for row in rows:
-            sys.stdout.write(json.dumps(row["event"], ensure_ascii=False) + "\n")
+        for row in rows:  # the bytes as logged, not a re-serialisation
+            sys.stdout.write(row["logged"] + "\n")
         return
     table = Table(title=f"audit trail of context {escape(context)}", title_justify="left")
     table.add_column("ver", justify="right")

@@ -468,7 +468,8 @@ class AuditEvent(BaseModel):
     user_id: str
     trace_id: str
     causation_id: str
-    event: dict[str, Any] = Field(description="the event exactly as it is on the log")
+    event: dict[str, Any] = Field(description="the event, decoded")
+    logged: str = Field(description="the event's bytes exactly as they are on the log (UTF-8)")
 
 
 class ConsumerHealth(BaseModel):

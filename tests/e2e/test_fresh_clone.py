@@ -136,6 +136,13 @@ def test_the_readme_shell_commands_run_against_a_fresh_clone(
     logged = [json.loads(line) for line in outputs[-1].splitlines()]
     assert [e["stream_version"] for e in logged] == list(range(1, len(logged) + 1))
     assert [e["type"] for e in logged].count("MessageReceived") == 2
+    # "exactly as logged": byte for byte what the log holds (the request log's jsonl).
+    import httpx
+
+    as_logged = httpx.get(
+        f"http://127.0.0.1:{port}/v1/events", params={"context": "trip-1", "format": "jsonl"}
+    ).text.splitlines()
+    assert sorted(outputs[-1].splitlines()) == sorted(as_logged)
     # Tracing is off by default, and still every event of a turn carries the turn's span.
     spans: dict[str, set[str]] = {}
     for e in logged:

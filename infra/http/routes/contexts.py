@@ -149,6 +149,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
                 trace_id=r.trace_id,
                 causation_id=r.causation_id,
                 event=msgspec.json.decode(r.body),
+                logged=r.body,
             )
             for r in records
         ]
