@@ -103,6 +103,13 @@ class HttpConfig(_Section):
     cors_origins: list[str] = msgspec.field(default_factory=list)
     """Browser origins allowed to call the API (CORS); empty: none (the default)."""
     max_body_bytes: Positive = 8 * 1024 * 1024
+    metrics_public: bool = False
+    """With auth.required, /metrics needs a key with the `query` scope (Prometheus sends one
+    with `authorization` in its scrape config); true opens it to anyone who can reach it."""
+    docs: bool = False
+    """Serve the interactive API docs (/docs, /redoc). They load Swagger UI and ReDoc from a
+    CDN, under a relaxed Content-Security-Policy; off by default. /openapi.json is always
+    served."""
     """Larger request bodies are refused with 413 before they are read."""
     workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """API processes `chatllm up` runs on the port (they share the shards and the store);

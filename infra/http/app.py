@@ -77,6 +77,9 @@ def build_api(
     api = FastAPI(
         title="chat-llm",
         version="0.1.0",
+        # The interactive docs load their assets from a CDN: only when asked (http.docs).
+        docs_url="/docs" if settings.http.docs else None,
+        redoc_url="/redoc" if settings.http.docs else None,
         lifespan=_lifespan,
         telemetry={"tracing": traced, "metrics": False, "logs": False},
     )

@@ -20,11 +20,13 @@ Scope = Literal["chat", "ingest", "query", "admin"]
 SCOPES: tuple[Scope, ...] = ("chat", "ingest", "query", "admin")
 
 PUBLIC = frozenset(
-    {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+    {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
      "/v1/models", "/v1/models/{model_id}", "/dashboard"}
 )  # fmt: skip
-"""Routes that need no key: liveness, Prometheus, the API's own description, the model
-list, and the dashboard's page (it holds no data; what it shows comes from /v1/live)."""
+"""Routes that need no key: liveness, the API's own description (and, with http.docs, its
+interactive docs), the model list, and the dashboard's page: a browser's navigation cannot
+carry a bearer key, and the page holds no data (every number on it comes from the `query`
+routes, with the key typed into it). /metrics needs `query` unless http.metrics_public."""
 
 # One table rather than a scope on each route: closed by default, it is what an operator
 # reads to see what a key of each scope may do, and the test walks it against the routes.
@@ -46,6 +48,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/analytics/quality"): "query",
     ("GET", "/v1/anomalies"): "query",
     ("GET", "/v1/live"): "query",
+    ("GET", "/metrics"): "query",
     ("GET", "/v1/workflows"): "query",
     ("GET", "/v1/workflows/runs"): "query",
     ("GET", "/v1/workflows/runs/{run_id}"): "query",

@@ -97,6 +97,8 @@ def read_requests(beta: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]
         ("GET", "/v1/kb/search", {"params": q}),
         ("GET", "/v1/deadletters", {}),
         ("GET", f"/v1/admin/rebuild/{uuid.uuid4().hex}", {}),
+        ("GET", "/v1/admin/keys", {}),
+        ("GET", "/metrics", {}),
         ("POST", "/v1/whatif", {"json": {"policy": {}}}),
     ]
 
@@ -165,6 +167,15 @@ def test_headers_cors_and_oversize_bodies(running: Service) -> None:
     assert "default-src 'none'" in response.headers["content-security-policy"]
     assert response.headers["cache-control"] == "no-store"
     assert "access-control-allow-origin" not in response.headers  # CORS is off
+    # With auth on, /metrics needs a key with `query`; the interactive docs are off
+    # (they would load a CDN's scripts) unless http.docs; the public routes answer.
+    assert httpx.get(f"{running.base}/metrics", timeout=30).status_code == 401
+    assert call(running, "chatter", "GET", "/metrics").status_code == 403
+    assert call(running, "alice", "GET", "/metrics").status_code == 200
+    for off in ("/docs", "/redoc"):
+        assert httpx.get(f"{running.base}{off}", timeout=30).status_code == 404
+    for public in ("/healthz", "/openapi.json", "/v1/models", "/dashboard"):
+        assert httpx.get(f"{running.base}{public}", timeout=30).status_code == 200, public
     page = httpx.get(f"{running.base}/dashboard", timeout=30)
     assert "nonce-" in page.headers["content-security-policy"]  # its own CSP is kept
     assert page.headers["x-frame-options"] == "DENY"

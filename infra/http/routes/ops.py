@@ -1,8 +1,8 @@
 """Operations: Prometheus metrics, health, and the models (OpenAI's list and retrieve)."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -14,9 +14,14 @@ def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
+    async def prometheus(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
         """Prometheus text exposition: turns (summed over the API processes), turn latency,
-        projection lag, archive counts. X-ChatLLM-API-Process: which process answered."""
+        projection lag, archive counts. X-ChatLLM-API-Process: which process answered. With
+        auth.required it needs a `query` key, unless http.metrics_public."""
+        if not api.settings.http.metrics_public:
+            await api.caller(request, authorization)
         if api.metrics is None:
             raise HTTPException(404, "metrics are not enabled")
         text = api.metrics.exposition()
