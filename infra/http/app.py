@@ -95,7 +95,7 @@ def build_api(
             allow_headers=["authorization", "content-type", "x-tenant-id", "x-context-id"],
             expose_headers=["x-context-id", "retry-after"],
         )
-    api.add_middleware(SecurityHeaders)
+    api.add_middleware(SecurityHeaders, api_process=api_process)
     install_error_handlers(api)
     deps = Api(
         gateway=gateway,

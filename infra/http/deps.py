@@ -104,14 +104,20 @@ class Api:
             else KeyRing(config_keys(self.settings.auth.keys))
         )
 
-    def _key(self, authorization: str) -> Key | None:
+    async def _key(self, authorization: str) -> Key | None:
         """The known, usable key the header carries; a revoked or expired one is a 401
-        that says which (with auth off, it counts as no key, as an unknown one does)."""
+        that says which (with auth off, it counts as no key, as an unknown one does). A key
+        this process does not know yet may have been issued through another API process a
+        moment ago: with auth on it is looked up again once the follower has caught up."""
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return None
         clock = self.keys.clock if self.keys is not None else self.clock
-        found = self.ring.check(hash_key(token.strip()), clock.now())
+        digest = hash_key(token.strip())
+        found = self.ring.check(digest, clock.now())
+        if found is None and self.keys is not None and self.settings.auth.required:
+            await self.keys.caught_up()
+            found = self.ring.check(digest, clock.now())
         if isinstance(found, Refused):
             if self.settings.auth.required:
                 raise OpenAIError(401, found.message, "invalid_request_error", found.code)
@@ -132,7 +138,7 @@ class Api:
         never give less than no key at all."""
         key = None
         if authorization:
-            key = self._key(authorization)
+            key = await self._key(authorization)
             if key is None and self.settings.auth.required:
                 raise OpenAIError(
                     401, "invalid API key", "invalid_request_error", "invalid_api_key"

@@ -151,10 +151,12 @@ class _HttpOnly(ABC):
 
 class SecurityHeaders(_HttpOnly):
     """Adds the security headers to every HTTP response (streamed answers pass through
-    untouched). Pages that set their own CSP keep it."""
+    untouched), and X-ChatLLM-API-Process: which API process answered (errors included).
+    Pages that set their own CSP keep it."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, api_process: int = 0) -> None:
         self.app = app
+        self.process = (b"x-chatllm-api-process", str(api_process).encode())
 
     async def http(
         self,
@@ -170,7 +172,7 @@ class SecurityHeaders(_HttpOnly):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
-                headers += [h for h in HEADERS if h[0] not in present]
+                headers += [h for h in (*HEADERS, self.process) if h[0] not in present]
                 if strict and b"content-security-policy" not in present:
                     headers.append(API_CSP)
                 if b"cache-control" not in present:

@@ -82,6 +82,10 @@ class KeyService:
         self.health = LoopHealth(name="keys")
         self.followed_at: float | None = None
         """time.monotonic() of the follower's last fetch (None before the first)."""
+        self._fetched = asyncio.Event()  # set after each fetch (then re-armed)
+        self._ready = asyncio.Event()  # set once the first fetch is done
+        self._following = False
+        self._done_began = 0.0
 
     # -- the commands -------------------------------------------------------------------
 
@@ -206,16 +210,41 @@ class KeyService:
 
     # -- the follower -------------------------------------------------------------------
 
+    async def caught_up(self, timeout_s: float = 1.0) -> None:
+        """Wait until the follower has finished a fetch that began after this call (at most
+        `timeout_s`): a key issued, and acknowledged by the log, before a request arrived
+        is then known here. For a key this process does not know yet (issued through
+        another API process a moment ago) before it is refused."""
+        if not self._following:
+            return
+        asked = time.monotonic()
+        deadline = asked + timeout_s
+        while self._done_began < asked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fetched.wait(), left)
+
     @contextlib.asynccontextmanager
-    async def following(self) -> AsyncIterator[None]:
-        """Follow the key events for the duration of the block."""
+    async def following(self, ready_within_s: float = 15.0) -> AsyncIterator[None]:
+        """Follow the key events for the duration of the block. The block begins once the
+        archived keys and the log's are folded (so an API process that starts serving knows
+        every key), or after `ready_within_s` with a warning (and health says why)."""
         if not self._bootstrap:
             yield
             return
         task = asyncio.create_task(self._follow())
+        self._following = True
         try:
+            try:
+                await asyncio.wait_for(self._ready.wait(), ready_within_s)
+            except TimeoutError:
+                log.warning("the API keys were not all read within %.0f s: %s", ready_within_s,
+                            self.health.last_error or "the log is slow")  # fmt: skip
             yield
         finally:
+            self._following = False
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -262,6 +291,7 @@ class KeyService:
             self.health.running = True
             self.health.last_error = ""
             while True:
+                began = time.monotonic()
                 batches = await consumer.getmany(tp, timeout_ms=250, max_records=2000)
                 self.followed_at = time.monotonic()
                 for record in batches.get(tp, ()):
@@ -273,6 +303,11 @@ class KeyService:
                         log.warning("key record %s is unreadable: %s", record.offset, exc)
                 end = consumer.highwater(tp) or 0
                 self.health.lag = max(end - await consumer.position(tp), 0)
+                self._done_began = began
+                if not batches or self.health.lag == 0:  # read up to the end once
+                    self._ready.set()
+                self._fetched.set()  # wake those waiting in caught_up(), then re-arm
+                self._fetched = asyncio.Event()
         finally:
             self.health.running = False
             with contextlib.suppress(Exception):

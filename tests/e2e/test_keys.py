@@ -116,8 +116,12 @@ def test_a_revoked_key_is_refused_by_both_processes_within_a_second(service: Ser
         found: list[dict[str, object]] = httpx.get(
             f"{service.base}/v1/events", params={"type": "KeyRevoked"}, headers=ADMIN
         ).json()
-        return [e for e in found if e["payload"]["key_id"] == key_id]  # type: ignore[index]
+        return [e for e in found if e["event"]["payload"]["key_id"] == key_id]  # type: ignore[index]
 
     event = wait_for(logged, "the KeyRevoked event in the audit trail")[0]
     assert event["user_id"] == "root"
-    assert event["payload"] == {"key_id": key_id, "revoked_by": "root", "reason": "left the team"}
+    assert event["event"]["payload"] == {  # type: ignore[index]
+        "key_id": key_id,
+        "revoked_by": "root",
+        "reason": "left the team",
+    }
