@@ -4,7 +4,7 @@ import time
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from actors.chat import ChatRequest, TurnOutcome
@@ -117,7 +117,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
         if outcome.status in ("denied", "blocked"):
             error = outcome_error(outcome)
             assert error is not None
-            raise HTTPException(error.status, error.message, headers=error.headers)
+            raise error  # in OpenAI's shape, with its type and code
         return TurnOut(
             context_id=outcome.context_id,
             ok=outcome.status == "ok",
