@@ -100,21 +100,8 @@ class KeyRing:
             return False
         self._seen.add(event.event_id)
         if isinstance(p, KeyIssued):
-            self._put(
-                Key(
-                    key_id=p.key_id,
-                    sha256=p.sha256,
-                    tenant=event.tenant_id,
-                    user=p.user,
-                    name=p.name,
-                    scopes=tuple(p.scopes),
-                    limit=p.limit,
-                    expires_at=p.expires_at,
-                    issued_at=event.occurred_at,
-                    issued_by=p.issued_by,
-                    replaces=p.replaces,
-                )
-            )
+            issued = msgspec.structs.asdict(p) | {"scopes": tuple(p.scopes)}
+            self._put(Key(tenant=event.tenant_id, issued_at=event.occurred_at, **issued))
             return True
         old = self._by_id.get(p.key_id)
         if old is None:

@@ -116,10 +116,10 @@ HEADERS = [
 ]
 API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
+AsgiScope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+ASGIApp = Callable[[AsgiScope, Receive, Send], Awaitable[None]]
 
 
 class _HttpOnly(ABC):
@@ -128,24 +128,14 @@ class _HttpOnly(ABC):
 
     app: ASGIApp
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         await self.http(scope, receive, send)
 
     @abstractmethod
-    async def http(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
+    async def http(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         """Handle one HTTP request."""
 
 
@@ -158,12 +148,7 @@ class SecurityHeaders(_HttpOnly):
         self.app = app
         self.process = (b"x-chatllm-api-process", str(api_process).encode())
 
-    async def http(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
+    async def http(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
 
         # The interactive API docs load their scripts and styles: no strict CSP there.
         strict = not scope.get("path", "").startswith(("/docs", "/redoc"))
@@ -195,12 +180,7 @@ class BodyLimit(_HttpOnly):
         self.app = app
         self.max_bytes = max_bytes
 
-    async def http(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
+    async def http(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)
@@ -228,7 +208,7 @@ class BodyLimit(_HttpOnly):
             if not started:
                 await self._refuse(send)
 
-    async def _refuse(self, send: Callable[[Any], Awaitable[None]]) -> None:
+    async def _refuse(self, send: Send) -> None:
         import json
 
         message = f"the request body is larger than {self.max_bytes} bytes"

@@ -41,18 +41,10 @@ class KeyError_(LookupError):
 def config_keys(keys: Iterable[ApiKey]) -> list[Key]:
     """The config file's keys (auth.keys), as the ring's bootstrap."""
     return [
-        Key(
-            key_id=config_key_id(k.sha256),
-            sha256=k.sha256,
-            tenant=k.tenant,
-            user=k.user,
-            name=k.name,
-            scopes=tuple(k.scopes),
-            limit=k.limit,
-            source="config",
-        )
+        Key(key_id=config_key_id(k.sha256), source="config", scopes=tuple(k.scopes),
+            **{f: getattr(k, f) for f in ("sha256", "tenant", "user", "name", "limit")})
         for k in keys
-    ]
+    ]  # fmt: skip
 
 
 def new_secret() -> str:
