@@ -466,6 +466,7 @@ def load_config(
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), sources)) from None
     _check_egress(settings, sources)
+    _check_parsed_later(settings, sources)
     _check_models(settings, sources)
     _check_keys(settings, sources)
     _check_ingest(settings, sources)
@@ -552,6 +553,56 @@ def _check_egress(settings: Settings, sources: Mapping[str, str]) -> None:
                     f"invalid config key 'deployments' (from {sources['deployments']}): "
                     f"deployment {d.name!r}: {exc}"
                 ) from None
+
+
+def _check_parsed_later(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The values other code parses later (limits notation, regular expressions, band
+    thresholds, URLs) are parsed here, at start, so a bad one names its key, its source and
+    why, instead of failing on the first request with a message that names no key."""
+    from urllib.parse import urlsplit
+
+    from limits import parse_many
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(
+            f"invalid config key {key!r} (from {sources.get(key, 'default')}): {why}"
+        )
+
+    for key in ("limits.user", "limits.tenant"):
+        value = getattr(settings.limits, key.split(".")[1])
+        try:
+            parse_many(value)
+        except ValueError:
+            raise bad(key, f'{value!r} is not limits notation (e.g. "600/hour;5000/day")') from None
+    for pattern in settings.sanitizer.block_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise bad(
+                "sanitizer.block_patterns", f"{pattern!r} is not a regular expression: {exc}"
+            ) from None
+    bands = settings.routing.bands
+    thresholds = [b.max_complexity for b in bands]
+    if any(not 0 <= t <= 1 for t in thresholds) or thresholds != sorted(thresholds):
+        raise bad(
+            "routing.bands",
+            f"max_complexity must rise from band to band within 0..1, got {thresholds}",
+        )
+    if bands and thresholds[-1] < 1:
+        raise bad(
+            "routing.bands",
+            f"the last band must take max_complexity 1.0 (every request), got {thresholds[-1]}",
+        )
+    urls = {
+        "clickhouse.url": settings.clickhouse.url,
+        "tracing.otlp_endpoint": settings.tracing.otlp_endpoint,
+        "workflows.api_url": settings.workflows.api_url,
+    }
+    for key, url in urls.items():
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise bad(key, "is not an http(s) URL with a host")
 
 
 def _check_ingest(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -5,10 +5,12 @@ valid result, never with a crash of another kind."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +67,40 @@ def test_any_config_values_load_or_say_which_key_is_wrong(values: dict[str, Any]
         try:
             load_config(path, env={})
         except ConfigError as exc:
-            assert "config" in str(exc)
+            # The README: "a bad value fails at start with the key, its source and the reason".
+            assert KEY_SOURCE_REASON.search(str(exc)), str(exc)
+
+
+KEY_SOURCE_REASON = re.compile(
+    r"invalid config key '[^']+' \(from [^)]+\): \S"  # the key, its source, the reason
+    r"|unknown config key '[^']+' \(from [^)]+\)"  # the reason is that it is unknown
+    r"|config file '[^']+' is not valid TOML: \S"  # no key to name: the file and where
+)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[limits]\nuser = "abc"\n', "limits.user"),
+        ('[limits]\ntenant = "5 per fortnight"\n', "limits.tenant"),
+        ('[sanitizer]\nblock_patterns = ["("]\n', "sanitizer.block_patterns"),
+        (
+            '[[routing.bands]]\nname = "a"\nmax_complexity = 0.5\nmodel = "demo-1"\n',
+            "routing.bands",
+        ),
+        ('[clickhouse]\nurl = "ch.internal:8123"\n', "clickhouse.url"),
+        ('[tracing]\notlp_endpoint = "localhost"\n', "tracing.otlp_endpoint"),
+    ],
+)
+def test_a_value_parsed_later_fails_at_start_naming_its_key(
+    toml: str, key: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "chatllm.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={})
+    message = str(raised.value)
+    assert f"config key '{key}' (from file {path})" in message, message
 
 
 def _toml(document: dict[str, Any]) -> str:
