@@ -106,31 +106,35 @@ def verify_stream(
         )
         for e in foreign
     ]
-    events = kept
-    expected_version, prev = 1, ""
-    previous: Envelope[Any] | None = None
-    for event, digest in events:
-        if event.stream_version != expected_version:
-            missing = (
-                f"version {expected_version} is missing"
-                if event.stream_version > expected_version
-                else f"version {event.stream_version} appears again or out of order"
-            )
-            breaks.append(Break(stream_id, event.stream_version, event.event_id, missing))
-        elif event.prev_hash != prev:
-            # The previous event is not what this one was chained to: it was altered.
-            at = previous if previous is not None else event
+    # In log order: each version once, none missing, none before an earlier one.
+    present = {e.stream_version for e, _ in kept}
+    absent = sorted(set(range(1, max(present, default=0) + 1)) - present)
+    seen: set[int] = set()
+    first: dict[int, tuple[Envelope[Any], str | None]] = {}
+    for event, digest in kept:
+        v = event.stream_version
+        if v in seen:
+            breaks.append(Break(stream_id, v, event.event_id, f"version {v} appears again"))
+            continue
+        seen.add(v)
+        first[v] = (event, digest)
+        while absent and absent[0] < v:
             breaks.append(
-                Break(
-                    stream_id,
-                    at.stream_version,
-                    at.event_id,
-                    f"altered: version {event.stream_version}'s prev_hash does not match it"
-                    if previous is not None
-                    else "the first event has a prev_hash (events before it are missing)",
-                )
+                Break(stream_id, v, event.event_id, f"version {absent.pop(0)} is missing")
             )
-        expected_version = event.stream_version + 1
-        prev = event_hash(event, digest)
-        previous = event
+        before = next((u for u in range(1, v) if u in present and u not in seen), None)
+        if before is not None:
+            early = f"out of order: version {v} comes before version {before}"
+            breaks.append(Break(stream_id, v, event.event_id, early))
+    # In version order: each event chained to the one before it.
+    for v in sorted(first):
+        event, _ = first[v]
+        if v == 1 and event.prev_hash:
+            orphan = "the first event has a prev_hash (events before it are missing)"
+            breaks.append(Break(stream_id, 1, event.event_id, orphan))
+        elif v - 1 in first and event.prev_hash != event_hash(*first[v - 1]):
+            # The previous event is not what this one was chained to: it was altered.
+            before_event = first[v - 1][0]
+            breaks.append(Break(stream_id, v - 1, before_event.event_id,
+                                f"altered: version {v}'s prev_hash does not match it"))  # fmt: skip
     return breaks
