@@ -71,9 +71,10 @@ def test_any_config_values_load_or_say_which_key_is_wrong(values: dict[str, Any]
             assert KEY_SOURCE_REASON.search(str(exc)), str(exc)
 
 
+KEY = r"""(?:'[^']*'|"[^"]*")"""  # a key as repr() quotes it
 KEY_SOURCE_REASON = re.compile(
-    r"invalid config key '[^']+' \(from [^)]+\): \S"  # the key, its source, the reason
-    r"|unknown config key '[^']+' \(from [^)]+\)"  # the reason is that it is unknown
+    rf"invalid config key {KEY} \(from [^)]+\): \S"  # the key, its source, the reason
+    rf"|unknown config key {KEY} \(from [^)]+\)"  # the reason is that it is unknown
     r"|config file '[^']+' is not valid TOML: \S"  # no key to name: the file and where
 )
 
