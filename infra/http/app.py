@@ -34,6 +34,18 @@ from infra.services.plugins import PluginHost
 from infra.services.workflows import Catalog
 
 
+class _App(FastAPI):
+    """The app with the security headers outermost, around Starlette's own error middleware
+    too: every response, an unexpected 500 included, carries them."""
+
+    def __init__(self, api_process: int, **options: Any) -> None:
+        super().__init__(**options)
+        self._api_process = api_process
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack(), api_process=self._api_process)
+
+
 def build_api(
     *,
     gateway: Any,
@@ -74,7 +86,8 @@ def build_api(
     # Without an OTLP endpoint it is switched off: asking on every request whether a
     # provider is installed cost 3% of the API process's CPU (py-spy).
     traced = bool(settings.tracing.otlp_endpoint)
-    api = FastAPI(
+    api = _App(
+        api_process,
         title="chat-llm",
         version="0.1.0",
         # The interactive docs load their assets from a CDN: only when asked (http.docs).
@@ -83,7 +96,6 @@ def build_api(
         lifespan=_lifespan,
         telemetry={"tracing": traced, "metrics": False, "logs": False},
     )
-    # Outermost last: every response (errors included) gets the security headers.
     api.add_middleware(BodyLimit, max_bytes=settings.http.max_body_bytes)
     if settings.http.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -95,7 +107,6 @@ def build_api(
             allow_headers=["authorization", "content-type", "x-tenant-id", "x-context-id"],
             expose_headers=["x-context-id", "retry-after"],
         )
-    api.add_middleware(SecurityHeaders, api_process=api_process)
     install_error_handlers(api)
     deps = Api(
         gateway=gateway,

@@ -151,6 +151,14 @@ def install_error_handlers(api: FastAPI) -> None:
             {"error": error, "detail": message}, exc.status_code, headers=exc.headers
         )
 
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the caller's fault: a 500 in OpenAI's shape, the details in the log only.
+        log.error("unexpected error: %r", exc, exc_info=exc)
+        message = "internal error: the service failed to answer (details are in its log)"
+        error = {"message": message, "type": "api_error", "param": None, "code": "internal_error"}
+        return JSONResponse({"error": error, "detail": message}, 500)
+
     @api.exception_handler(QueryError)
     async def _bad_query(_: Request, exc: QueryError) -> JSONResponse:
         error = {"message": str(exc), "type": "invalid_request_error", "param": None}
