@@ -27,6 +27,7 @@ kb_app = typer.Typer(help="The knowledge base: ingest, search, list.", no_args_i
 @service_options
 def kb_ingest(
     source: str | None = typer.Option(None, "--source", help="one source (default: all)"),
+    fmt: str = typer.Option("table", "--format", help="table or json (one report per line)"),
     *,
     service: Service,
 ) -> None:
@@ -44,8 +45,12 @@ def kb_ingest(
     rows = [
         {**r, **{k: len(r[k]) for k in ("added", "updated", "removed", "failed")}} for r in reports
     ]
-    columns = ["source", "added", "updated", "removed", "unchanged", "passages", "failed"]
-    _print_rows(rows, "ingestion", columns)
+    if fmt == "json":
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        columns = ["source", "added", "updated", "removed", "unchanged", "passages", "failed"]
+        _print_rows(rows, "ingestion", columns)
     for report in reports:
         for document, why in report["failed"].items():
             err.print(f"[red]{escape(report['source'])}/{escape(document)}:[/red] {escape(why)}")

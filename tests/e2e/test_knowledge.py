@@ -59,8 +59,11 @@ def test_ingest_search_and_a_reply_with_the_passages_it_used(running: Service) -
     first = cli(running, "kb", "ingest")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "support" in first.stdout
-    again = cli(running, "kb", "ingest", "--source", "support")
-    assert again.returncode == 0 and " 1 " in again.stdout  # unchanged: 1 document
+    again = cli(running, "kb", "ingest", "--source", "support", "--format", "json")
+    assert again.returncode == 0, again.stderr
+    (report,) = [json.loads(line) for line in again.stdout.splitlines()]
+    assert report["source"] == "support" and report["unchanged"] == 1  # nothing to do
+    assert (report["added"], report["updated"], report["removed"]) == (0, 0, 0)
 
     # Step 2: a paraphrase finds its FAQ entry.
     found = cli(running, "kb", "search", "I want my money back", "-k", "1", "--format", "json")
