@@ -570,6 +570,8 @@ def _check_parsed_later(settings: Settings, sources: Mapping[str, str]) -> None:
 
     for key in ("limits.user", "limits.tenant"):
         value = getattr(settings.limits, key.split(".")[1])
+        if not value:
+            continue  # empty: no such limit
         try:
             parse_many(value)
         except ValueError:
