@@ -8,11 +8,12 @@ no row is duplicated.
 from __future__ import annotations
 
 import asyncio
-import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from events import encode
 from infra.adapters.clickhouse.store import AsyncStore, ClickHouseStore
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.integration
 
 
 class Outage:
-    """The real store behind a switch: while `down`, every write fails as a lost
-    connection would (and is counted)."""
+    """The real store behind a switch: while `down`, every write fails with the driver's
+    own error for a lost connection (and is counted)."""
 
     def __init__(self, store: AsyncStore) -> None:
         self.store = store
@@ -43,7 +44,10 @@ class Outage:
     async def write(self, batch: ProjectionBatch) -> None:
         if self.down:
             self.refused += 1
-            raise ConnectionError("ClickHouse is unreachable (injected)")
+            raise OperationalError(
+                "Error HTTPConnectionPool(host='clickhouse', port=8123): Max retries exceeded"
+                " (Caused by NewConnectionError: [Errno 111] Connection refused) (injected)"
+            )
         await self.store.write(batch)
 
     def __getattr__(self, name: str) -> Any:
@@ -55,7 +59,8 @@ async def test_a_clickhouse_outage_loses_nothing_and_the_lag_drains(
 ) -> None:
     astore = AsyncStore(store)
     outage = Outage(astore)
-    worker = worker_for(broker, topics, tmp_path, outage)  # type: ignore[arg-type]
+    group = f"archiver-{uuid.uuid4().hex[:8]}"
+    worker = worker_for(broker, topics, tmp_path, outage, app_id=group)  # type: ignore[arg-type]
     before, during = stream_events(10, 20), stream_events(10, 20, offset=20)
     try:
         async with worker.running():
@@ -66,28 +71,30 @@ async def test_a_clickhouse_outage_loses_nothing_and_the_lag_drains(
             await wait_until(lambda: worker.written == len(before), 60, "the first events")
 
             # Step 2: ClickHouse goes away; more events arrive. Nothing is written, the
-            # worker keeps trying (it does not crash, skip or commit past them).
+            # worker keeps trying (it does not crash or skip them).
             outage.down = True
-            went_down = time.monotonic()
             await produce(
                 broker, topics.events, [(e.stream_id.encode(), encode(e)) for e in during]
             )
             await wait_until(lambda: outage.refused >= 3, 60, "writes refused during the outage")
-            await asyncio.sleep(2.0)
             assert worker.written == len(before) and worker.failed is None
+        # Step 3: the worker is stopped mid-outage. Its group committed nothing past what
+        # was written: exactly the first events' offsets, partition by partition.
+        assert await committed_total(broker, topics.events, group) == len(before)
 
-            # The lag grows: the whole second batch waits on the log, unwritten.
-            backlog = len(before) + len(during) - worker.written
-            assert backlog == len(during)
-
-            # Step 3: ClickHouse is back: the backlog drains.
+        # Step 4: a new worker of the same group, ClickHouse back: it finds the unwritten
+        # events (which it could not, had the first committed past them) and drains them.
+        again = worker_for(broker, topics, tmp_path, outage, app_id=group)  # type: ignore[arg-type]
+        async with again.running():
+            await asyncio.sleep(1.0)  # still down a moment: it retries, it does not skip
+            assert again.written == 0
             outage.down = False
-            await wait_until(lambda: worker.written == len(before) + len(during), 60, "drain")
-            assert time.monotonic() - went_down >= 2.0
+            await wait_until(lambda: again.written == len(during), 60, "drain")
+        assert await committed_total(broker, topics.events, group) == len(before) + len(during)
     finally:
         astore.close()
 
-    # Step 4: every event once, in order; projections equal the fold; no duplicates.
+    # Step 5: every event once, in order; projections equal the fold; no duplicates.
     everything = before + during
     assert_archive_matches(store, everything)
     rows, distinct = store.archive_counts()
@@ -95,3 +102,25 @@ async def test_a_clickhouse_outage_loses_nothing_and_the_lag_drains(
     assert sorted(map(repr, store.projected_rows(FACTS_TABLE))) == sorted(
         map(repr, fold(everything)[FACTS_TABLE].values())
     )
+
+
+async def committed_total(broker: EmbeddedBroker, topic: str, group: str) -> int:
+    """The offsets `group` committed on `topic`, summed over its partitions."""
+    from aiokafka import TopicPartition
+
+    from infra.adapters.kafka.clients import new_consumer
+
+    consumer = new_consumer(bootstrap_servers=broker.bootstrap_servers, group_id=group,
+                            enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        while not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        total = 0
+        for p in partitions:
+            total += await consumer.committed(TopicPartition(topic, p)) or 0
+        return total
+    finally:
+        await consumer.stop()
