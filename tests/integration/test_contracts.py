@@ -260,12 +260,29 @@ async def test_a_prune_redacts_older_memory_even_when_it_is_redelivered_later(
     assert any(f.text for f in facts if f.at >= cutoff)
 
 
+from tests.integration.test_openai_provider import upstream  # noqa: E402, F401 (a fixture)
+
 # ---- ModelProvider --------------------------------------------------------------
 
 
-@pytest.fixture(params=["demo"])
-def model(request: pytest.FixtureRequest) -> ModelProvider:
-    return DemoModel(latency_ms=1)
+@pytest.fixture(params=["demo", "openai"])
+async def model(request: pytest.FixtureRequest) -> AsyncIterator[ModelProvider]:
+    """Each adapter of the port: the demo model, and the OpenAI-compatible provider against
+    an OpenAI-compatible server this test starts (benchmarks/mock_upstream.py)."""
+    if request.param == "demo":
+        yield DemoModel(latency_ms=1)
+        return
+    from actors.router import Deployment
+    from infra.adapters.models import OpenAICompatibleModel
+
+    base, _ = request.getfixturevalue("upstream")
+    provider = OpenAICompatibleModel(
+        Deployment(name="mock-a", model="mock", provider="openai", base_url=f"{base}/v1")
+    )
+    try:
+        yield provider
+    finally:
+        await provider.close()
 
 
 async def test_model_answers_with_its_name_and_token_counts(model: ModelProvider) -> None:
