@@ -47,17 +47,27 @@ def main(argv: list[str]) -> int:
             results.extend(SUITES[name]())
             progress.advance(task)
     table = Table(title="chat-llm benchmarks (baseline measured in the same run)")
-    for column in ("benchmark", "measured", "baseline", "ratio", "note"):
+    for column in ("benchmark", "measured", "baseline", "ratio", "target", "note"):
         table.add_column(column, justify="right" if column in ("measured", "ratio") else "left")
     for r in results:
+        target = ""
+        if r.target is not None:
+            sign = ">=" if r.higher_is_better else "<="
+            verdict = "[green]met[/green]" if r.meets_target else "[red]MISSED[/red]"
+            target = f"{sign} {r.target:,g} {r.unit}: {verdict}"
         table.add_row(
             r.name,
             f"{r.value:,.1f} {r.unit}",
             f"{r.baseline:,.1f} {r.unit} ({r.baseline_name})",
             f"{r.ratio:.2f}",
+            target,
             r.note,
         )
     console.print(table)
+    missed = [r.name for r in results if not r.meets_target]
+    if missed:
+        console.print("[red]targets missed:[/red] " + "; ".join(missed))
+        return 1
     return 0
 
 

@@ -80,7 +80,11 @@ def run(total: int = 1_000_000, big_context: int = 1000) -> list[Result]:
             assert report.events == total and report.skipped == 0, report
 
             at = datetime.now(UTC)
-            timings = []
+            timings, reads = [], []
+            for _ in range(5):  # the baseline: the same archive read alone, no decode or fold
+                began = time.perf_counter()
+                store.stream_events(TENANT, "ctx-big")
+                reads.append((time.perf_counter() - began) * 1000)
             for _ in range(5):
                 began = time.perf_counter()
                 records = store.stream_events(TENANT, "ctx-big")
@@ -97,16 +101,17 @@ def run(total: int = 1_000_000, big_context: int = 1000) -> list[Result]:
             report.rate,
             "raw keyset scan of the same archive",
             scan_rate,
-            note=f"target >= 50,000 events/s (ratio to target {report.rate / 50_000:.2f});"
-            f" rows {report.rows}",
+            note=f"rows {report.rows}",
+            target=50_000,
         ),
         Result(
             f"one context of {big_context:,} events at a moment",
             "ms",
             min(timings),
-            "target",
-            50.0,
+            "the archive read alone (no decode, no fold)",
+            min(reads),
             higher_is_better=False,
             note="archive read + decode + fold (time travel)",
+            target=50.0,
         ),
     ]

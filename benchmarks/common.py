@@ -20,6 +20,15 @@ class Result:
     baseline: float
     higher_is_better: bool = True
     note: str = ""
+    target: float | None = None
+    """The value this result should reach (at least, or at most for latencies); `make bench`
+    exits non-zero when one is missed."""
+
+    @property
+    def meets_target(self) -> bool:
+        if self.target is None or self.value != self.value:  # no target, or NaN: no verdict
+            return self.target is None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
 
     @property
     def ratio(self) -> float:
