@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -572,22 +573,25 @@ def test_the_cli_says_what_is_wrong_in_one_line(service: Service, tmp_path: Path
 
 def test_ctrl_c_stops_everything_it_started(service: Service) -> None:
     # Runs last in this module: it stops the service.
+    from tests.e2e.test_fresh_clone import alive, descendants
+
     proc: subprocess.Popen[bytes] = service.proc
-    children = subprocess.run(
-        ["pgrep", "-g", str(proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert children, "the service's process group should hold its children"
+    # Everything below it: the broker, Ray's raylet, GCS and workers (which leave its
+    # process group, not its tree), the processors.
+    started = descendants(proc.pid)
+    names = set()
+    for pid in started:
+        with contextlib.suppress(OSError):  # one may end meanwhile
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+    assert any("raylet" in n or "gcs_server" in n for n in names), names
+    assert any(n.startswith("tansu") for n in names), names
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     log = (service.workdir / "up.log").read_text()
     assert "chat-llm stopped" in log
-    # The broker child went with it (Ray's own processes are stopped by ray.shutdown).
+    # Nothing it started is left: the broker, and Ray's own processes too.
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        left = subprocess.run(
-            ["pgrep", "-g", str(proc.pid), "tansu"], capture_output=True, text=True
-        )
-        if not left.stdout.strip():
-            break
+    while alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not left.stdout.strip(), "tansu outlived chatllm up"
+    left = alive(started)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
