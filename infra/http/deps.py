@@ -112,6 +112,8 @@ class Api:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return None
+        if self.keys is not None and self.settings.auth.required:
+            await self.keys.ready()  # a process just started folds the keys first
         clock = self.keys.clock if self.keys is not None else self.clock
         digest = hash_key(token.strip())
         found = self.ring.check(digest, clock.now())

@@ -77,6 +77,7 @@ class KeyService:
         self._fetched = asyncio.Event()  # set after each fetch (then re-armed)
         self._ready = asyncio.Event()  # set once the first fetch is done
         self._following = False
+        self._warned = False
         self._done_began = 0.0
 
     # -- the commands -------------------------------------------------------------------
@@ -219,27 +220,34 @@ class KeyService:
                 await asyncio.wait_for(self._fetched.wait(), left)
 
     @contextlib.asynccontextmanager
-    async def following(self, ready_within_s: float = 15.0) -> AsyncIterator[None]:
-        """Follow the key events for the duration of the block. The block begins once the
-        archived keys and the log's are folded (so an API process that starts serving knows
-        every key), or after `ready_within_s` with a warning (and health says why)."""
+    async def following(self) -> AsyncIterator[None]:
+        """Follow the key events for the duration of the block (the block does not wait for
+        the first read: requests that present a key do, in `ready`)."""
         if not self._bootstrap:
             yield
             return
         task = asyncio.create_task(self._follow())
         self._following = True
         try:
-            try:
-                await asyncio.wait_for(self._ready.wait(), ready_within_s)
-            except TimeoutError:
-                log.warning("the API keys were not all read within %.0f s: %s", ready_within_s,
-                            self.health.last_error or "the log is slow")  # fmt: skip
             yield
         finally:
             self._following = False
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def ready(self, within_s: float = 15.0) -> None:
+        """Wait until the archived keys and the log's are folded (a process that has just
+        started may not know a revocation yet), at most `within_s`; then warn once."""
+        if not self._following or self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), within_s)
+        except TimeoutError:
+            if not self._warned:
+                self._warned = True
+                log.warning("the API keys were not all read within %.0f s: %s", within_s,
+                            self.health.last_error or "the log is slow")  # fmt: skip
 
     async def _archived(self) -> int | None:
         """Fold the archived key events; the offset of the last (None: none archived)."""

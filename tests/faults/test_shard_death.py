@@ -12,11 +12,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from infra.adapters.kafka.broker import EmbeddedBroker
 from infra.adapters.kafka.clients import KafkaStreamReader
-from infra.http.errors import OpenAIError, as_http
+from infra.config import load_config
+from infra.http.app import build_api
 from infra.ray.gateway import Gateway, shard_index
 from tests.conftest import Topics
 from tests.integration.test_ray_shards import ask, restarted, shards_with, transport
@@ -41,16 +43,25 @@ async def test_a_shard_killed_mid_turn(
     first = await gateway.turn(ask(context, "first", tenant=tenant))
     assert first.status == "ok"
 
-    # Step 1: the owner dies while the model is still answering the second turn.
-    turn = asyncio.create_task(gateway.turn(ask(context, "second", tenant=tenant)))
+    # Step 1: the owner dies while the model is still answering the second turn, asked over
+    # HTTP (the API in process, on this gateway): the caller gets a clear 503.
+    app = build_api(gateway=gateway, store=None, settings=load_config(env={}).settings,  # type: ignore[arg-type]
+                    archive_stats=lambda: (0, 0))  # fmt: skip
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
+    turn = asyncio.create_task(
+        http.post(f"/v1/contexts/{context}/messages", json={"content": "second"},
+                  headers={"X-Tenant-Id": tenant}, timeout=60)
+    )  # fmt: skip
     await asyncio.sleep(1.0)
     owner = slow_shards[shard_index(tenant, len(slow_shards))]
     ray_runtime.kill(owner, no_restart=False)
-    with pytest.raises(Exception) as failed:
-        await turn
-    answer = as_http(failed.value)  # what the HTTP caller gets
-    assert isinstance(answer, OpenAIError) and answer.status == 503
-    assert "stopped during the request" in answer.message
+    answer = await turn
+    await http.aclose()
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "shard_restarting" and "stopped during the request" in error["message"]
+    assert answer.headers["retry-after"] == "2"
+    assert "Traceback" not in answer.text and "pid=" not in answer.text  # no internals
 
     # Step 2: the log holds whole turns only: the first, and nothing of the second.
     reader = KafkaStreamReader(broker.bootstrap_servers, topics.events)

@@ -234,6 +234,11 @@ async def test_a_stale_second_writer_loses_and_writes_nothing(
     # Step 3: the stale writer tries again: it loses with a version conflict.
     with pytest.raises(LeaseLost):
         await old.turn(ask(context, "stale"))
+    # Over HTTP, as the README says: a 409 in OpenAI's shape that names the conflict.
+    answer = await _http_turn(old, context, "stale again")
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "version_conflict"
+    assert "concurrent writer on this context" in answer.json()["error"]["message"]
     # Nothing of the stale attempt is in the log: the stream is gapless and ends at "two".
     reader = KafkaStreamReader(broker.bootstrap_servers, topics.events)
     logged = await reader.read_stream(context)
@@ -242,3 +247,25 @@ async def test_a_stale_second_writer_loses_and_writes_nothing(
     assert not any(getattr(e.payload, "content", "") == "stale" for e in logged)
     await new.shutdown()
     await old.shutdown()
+
+
+async def _http_turn(shard: Any, context: str, text: str) -> Any:
+    """A turn through the HTTP API (in process) whose gateway is `shard` itself."""
+    import httpx
+
+    from infra.config import load_config
+    from infra.http.app import build_api
+
+    class Direct:
+        models = ("demo-1",)
+
+        async def turn(self, request: ChatRequest) -> TurnOutcome:
+            return await shard.turn(request)  # type: ignore[no-any-return]
+
+    app = build_api(gateway=Direct(), store=None, settings=load_config(env={}).settings,  # type: ignore[arg-type]
+                    archive_stats=lambda: (0, 0))  # fmt: skip
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api"
+    ) as http:
+        return await http.post(f"/v1/contexts/{context}/messages", json={"content": text},
+                               headers={"X-Tenant-Id": "t1"})  # fmt: skip
