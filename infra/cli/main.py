@@ -22,6 +22,7 @@ app.add_typer(workflow.workflow_app, name="workflow")
 app.add_typer(query.query_app, name="query")
 app.add_typer(stack.commands)
 app.add_typer(chat.commands)
+app.add_typer(query.sql_commands)
 
 
 def main() -> None:

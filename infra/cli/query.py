@@ -3,6 +3,7 @@ quality, anomalies)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from infra.cli.common import (
     _emit_list,
     _emit_mapping,
     _get_json,
+    _print_rows,
     _summary,
     err,
     out,
@@ -203,3 +205,37 @@ def query_anomalies(
     where = service.where()
     params: dict[str, Any] = {"since": since, "until": until, "limit": limit}
     _emit_list("/v1/anomalies", params, fmt, "anomalies", columns, **where)
+
+
+sql_commands = typer.Typer()
+
+
+@sql_commands.command("sql")
+@service_options
+def sql(
+    query: str = typer.Argument(
+        ..., help='one SELECT, e.g. "SELECT type, count() FROM chatllm.events GROUP BY type"'
+    ),
+    limit: int = typer.Option(1000, "--limit", min=1, max=10_000, help="rows at most"),
+    fmt: str = FormatOpt,
+    *,
+    service: Service,
+) -> None:
+    """Run your own SELECT over the store through the service: read-only, and only your
+    tenant's rows (chatllm.events, chatllm.facts, chatllm.anomalies, chatllm.memory_prunes)."""
+    body = json.dumps({"query": query, "limit": limit}).encode()
+    found: dict[str, Any] = _get_json("/v1/sql", {}, method="POST", content=body, **service.where())
+    columns, rows = found["columns"], found["rows"]
+    if fmt == "json":
+        for row in rows:
+            sys.stdout.write(
+                json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False) + "\n"
+            )
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        _print_rows([dict(zip(columns, row, strict=True)) for row in rows], "rows", columns)
+    if found["truncated"]:
+        err.print(f"[yellow]only the first {limit} rows (--limit)[/yellow]")

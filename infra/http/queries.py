@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from infra.adapters.clickhouse.reads import ANALYTICS_ROW, MEMORY_ROW, QUALITY_ROW
 from infra.adapters.clickhouse.store import AsyncStore
+from infra.adapters.clickhouse.tenant_sql import MAX_ROWS, SqlRefused, tenant_sql
 from infra.adapters.metrics import Metrics
 from infra.services.render import dashboard_html
 from streams.projections import ANOMALY_COLUMNS
@@ -74,6 +75,11 @@ def rows_as(rows: list[dict[str, Any]], format_: Format, columns: Sequence[str])
                 }
             )
     return Response(out.getvalue(), media_type="text/csv")
+
+
+class SqlIn(BaseModel):
+    query: str = Field(min_length=1, max_length=20_000, description="one SELECT")
+    limit: int = Field(1000, ge=1, le=MAX_ROWS, description="rows at most")
 
 
 class PruneIn(BaseModel):
@@ -189,6 +195,20 @@ def add_query_routes(
         check_moments(since, until)
         rows = await store.call_with(lambda s: s.anomalies(who.tenant_id, since, until, limit))
         return rows_as(rows, format_, ANOMALY_COLUMNS)
+
+    @api.post("/v1/sql", tags=["query"])
+    async def sql(who: Who, body: SqlIn) -> Any:
+        """Your own SELECT over the store, read-only and scoped to the caller's tenant: the
+        tables as the docs name them (`chatllm.events`, `chatllm.facts`, `chatllm.anomalies`,
+        `chatllm.memory_prunes`) hold the tenant's rows only. No table functions, no
+        SETTINGS; 20 s and `limit` rows at most. Answers {columns, rows, truncated}."""
+        try:
+            found = await store.call_with(
+                lambda s: tenant_sql(s, who.tenant_id, body.query, body.limit)
+            )
+        except SqlRefused as exc:  # Ray re-raises it as itself, with the original inside
+            raise QueryError(str(getattr(exc, "cause", None) or exc)) from None
+        return {**found, "rows": [[_plain(v) for v in row] for row in found["rows"]]}
 
     @api.get("/v1/live", tags=["query"])
     async def live(who: Who) -> Any:

@@ -48,6 +48,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/analytics/quality"): "query",
     ("GET", "/v1/anomalies"): "query",
     ("GET", "/v1/live"): "query",
+    ("POST", "/v1/sql"): "query",
     ("GET", "/metrics"): "query",
     ("GET", "/v1/workflows"): "query",
     ("GET", "/v1/workflows/runs"): "query",

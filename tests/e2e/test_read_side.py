@@ -339,3 +339,31 @@ def test_every_time_in_the_answers_carries_its_zone(
     assert logged and all(zoned(e["occurred_at"]) for e in logged)
     memory = httpx.get(f"{reads.base}/v1/memory", headers=TENANT).json()
     assert all(zoned(m["started_at"]) and zoned(m["ended_at"]) for m in memory)
+
+
+def test_chatllm_sql_reads_the_callers_tenant_only_and_refuses_the_rest(
+    reads: Service, traffic: dict[str, Any]
+) -> None:
+    """`chatllm sql`: your own SELECT, read-only, over your tenant's rows (issue 23, 15)."""
+
+    def sql(query: str, tenant: str = "reads") -> Any:
+        return cli(reads, "sql", query, "--tenant", tenant, "--format", "json")
+
+    mine = sql("SELECT type, count() AS n FROM chatllm.events FINAL GROUP BY type ORDER BY type")
+    assert mine.returncode == 0, mine.stderr
+    counts = {r["type"]: r["n"] for r in map(json.loads, mine.stdout.splitlines())}
+    assert counts["MessageReceived"] >= 6
+    # Another tenant's secret is not in this tenant's rows, and is in its own.
+    secret = "SELECT text FROM chatllm.facts WHERE text LIKE '%secret%'"
+    assert sql(secret).stdout.strip() == ""
+    theirs = sql(secret, tenant="others")
+    assert theirs.returncode == 0 and "secret question" in theirs.stdout
+    for bad, why in (
+        ("SELECT * FROM system.tables", "may not be queried"),
+        ("SELECT file('/etc/passwd')", "may not be used"),
+        ("DROP TABLE chatllm.events", "only SELECT"),
+        ("SELECT 1; SELECT 2", "one statement"),
+        ("SELECT * FROM chatllm.events SETTINGS max_threads = 1", "SETTINGS"),
+    ):
+        refused = sql(bad)
+        assert refused.returncode != 0 and why in refused.stderr, (bad, refused.stderr)

@@ -100,6 +100,7 @@ def read_requests(beta: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]
         ("GET", "/v1/admin/keys", {}),
         ("GET", "/metrics", {}),
         ("POST", "/v1/whatif", {"json": {"policy": {}}}),
+        ("POST", "/v1/sql", {"json": {"query": "SELECT text FROM chatllm.facts"}}),
     ]
 
 
@@ -108,7 +109,7 @@ def test_a_key_of_one_tenant_reads_nothing_of_another(
 ) -> None:
     asked = read_requests(beta_data)
     # Every read route of the API is in the list (a new one must be added here).
-    listed = {(m, p) for m, p in ROUTE_SCOPES if m == "GET" or p == "/v1/whatif"}
+    listed = {(m, p) for m, p in ROUTE_SCOPES if m == "GET" or p in ("/v1/whatif", "/v1/sql")}
     covered = {
         (m, p) for m, p in listed
         if any(m == am and _matches(p, ap) for am, ap, _ in asked)
