@@ -468,7 +468,6 @@ def load_config(
     _check_egress(settings, sources)
     _check_parsed_later(settings, sources)
     _check_models(settings, sources)
-    _check_keys(settings, sources)
     _check_ingest(settings, sources)
     return LoadedConfig(
         settings=settings,
@@ -526,21 +525,6 @@ def changes(before: LoadedConfig, after: LoadedConfig) -> list[tuple[str, Any, A
     ]
 
 
-def _check_keys(settings: Settings, sources: Mapping[str, str]) -> None:
-    """Each key's limit must parse (a typo must not silently mean "no limit")."""
-    from limits import parse_many
-
-    for key in settings.auth.keys:
-        if key.limit:
-            try:
-                parse_many(key.limit)
-            except ValueError as exc:
-                raise ConfigError(
-                    f"invalid config key 'auth.keys' (from {sources['auth.keys']}): key of "
-                    f"{key.tenant}/{key.user} has limit {key.limit!r}: {exc}"
-                ) from None
-
-
 def _check_egress(settings: Settings, sources: Mapping[str, str]) -> None:
     """A deployment's base_url must be one the egress policy lets chat-llm reach (checked
     as written here; workflow http steps are checked, names resolved, at each request)."""
@@ -576,6 +560,14 @@ def _check_parsed_later(settings: Settings, sources: Mapping[str, str]) -> None:
             parse_many(value)
         except ValueError:
             raise bad(key, f'{value!r} is not limits notation (e.g. "600/hour;5000/day")') from None
+    for k in settings.auth.keys:  # a typo must not silently mean "no limit"
+        if k.limit:
+            try:
+                parse_many(k.limit)
+            except ValueError as exc:
+                raise bad(
+                    "auth.keys", f"key of {k.tenant}/{k.user} has limit {k.limit!r}: {exc}"
+                ) from None
     for pattern in settings.sanitizer.block_patterns:
         try:
             re.compile(pattern)
