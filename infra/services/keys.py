@@ -34,7 +34,7 @@ RECORD_KEY = KEYS_STREAM.encode()
 KEY_PREFIX = "sk-chatllm-"
 
 
-class KeyError_(LookupError):
+class UnknownKey(LookupError):
     """No such key in the caller's tenant."""
 
 
@@ -72,8 +72,6 @@ class KeyService:
         self._bootstrap = bootstrap_servers
         self.last_used: dict[str, datetime] = {}
         self.health = LoopHealth(name="keys")
-        self.followed_at: float | None = None
-        """time.monotonic() of the follower's last fetch (None before the first)."""
         self._fetched = asyncio.Event()  # set after each fetch (then re-armed)
         self._ready = asyncio.Event()  # set once the first fetch is done
         self._following = False
@@ -102,7 +100,7 @@ class KeyService:
     def _own(self, tenant: str, key_id: str) -> Key:
         key = self.ring.get(key_id)
         if key is None or key.tenant != tenant:
-            raise KeyError_(f"no key {key_id!r} in tenant {tenant!r}")
+            raise UnknownKey(f"no key {key_id!r} in tenant {tenant!r}")
         return key
 
     def _issued(self, tenant: str, by: str, **fields: Any) -> tuple[str, Any]:
@@ -293,7 +291,6 @@ class KeyService:
             while True:
                 began = time.monotonic()
                 batches = await consumer.getmany(tp, timeout_ms=250, max_records=2000)
-                self.followed_at = time.monotonic()
                 for record in batches.get(tp, ()):
                     if record.key != RECORD_KEY:
                         continue

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from infra.http.deps import Api
 from infra.http.errors import OpenAIError
 from infra.http.schemas import Caller, ContextId, KeyIn, RevokeIn, RotateIn
-from infra.services.keys import KeyError_, KeyService
+from infra.services.keys import KeyService, UnknownKey
 
 
 def _limit_ok(limit: str) -> None:
@@ -45,7 +45,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
     def by(who: Caller) -> str:
         return who.user_id or "operator"
 
-    def unknown(exc: KeyError_) -> OpenAIError:
+    def unknown(exc: UnknownKey) -> OpenAIError:
         return OpenAIError(404, str(exc), "invalid_request_error", "key_not_found")
 
     @app.post("/v1/admin/keys", tags=["admin"])
@@ -83,7 +83,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             secret, successor, old = await keys.rotate(
                 who.tenant_id, key_id, by(who), body.grace_s if body is not None else None
             )
-        except KeyError_ as exc:
+        except UnknownKey as exc:
             raise unknown(exc) from None
         except ValueError as exc:
             raise OpenAIError(409, str(exc), "invalid_request_error", "key_revoked") from None
@@ -99,6 +99,6 @@ def add_routes(app: FastAPI, api: Api) -> None:
             key = await keys.revoke(
                 who.tenant_id, key_id, by(who), body.reason if body is not None else ""
             )
-        except KeyError_ as exc:
+        except UnknownKey as exc:
             raise unknown(exc) from None
         return _shown(key, keys)
