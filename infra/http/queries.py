@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from infra.adapters.clickhouse.reads import ANALYTICS_ROW, MEMORY_ROW, QUALITY_ROW
+from infra.adapters.clickhouse.reads import ANALYTICS_ROW, MEMORY_ROW, QUALITY_ROW, as_utc
 from infra.adapters.clickhouse.store import AsyncStore
 from infra.adapters.clickhouse.tenant_sql import MAX_ROWS, SqlRefused, tenant_sql
 from infra.adapters.metrics import Metrics
@@ -50,8 +50,7 @@ def check_moments(*moments: datetime | None) -> None:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
-        # chDB hands back naive datetimes; every column is UTC.
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        return as_utc(value).isoformat()
     if isinstance(value, float) and value != value:
         return None
     return value

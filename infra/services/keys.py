@@ -173,28 +173,29 @@ class KeyService:
         assert key is not None
         return key
 
+    def shown(self, key: Key) -> dict[str, Any]:
+        """One key as `key list` shows it: never the key, nor its hash; the last use this
+        process saw."""
+        return {
+            "key_id": key.key_id,
+            "name": key.name,
+            "user": key.user,
+            "scopes": list(key.scopes),
+            "limit": key.limit,
+            "status": key.status(self.clock.now()),
+            "source": key.source,
+            "issued_at": key.issued_at,
+            "issued_by": key.issued_by,
+            "expires_at": key.expires_at,
+            "last_used_at": self.last_used.get(key.key_id),
+            "replaces": key.replaces,
+            "successor": key.successor,
+            "revoked_by": key.revoked_by,
+        }
+
     def listing(self, tenant: str) -> list[dict[str, Any]]:
-        """The tenant's keys: never the key, nor its hash; the last use this process saw."""
-        now = self.clock.now()
-        return [
-            {
-                "key_id": k.key_id,
-                "name": k.name,
-                "user": k.user,
-                "scopes": list(k.scopes),
-                "limit": k.limit,
-                "status": k.status(now),
-                "source": k.source,
-                "issued_at": k.issued_at,
-                "issued_by": k.issued_by,
-                "expires_at": k.expires_at,
-                "last_used_at": self.last_used.get(k.key_id),
-                "replaces": k.replaces,
-                "successor": k.successor,
-                "revoked_by": k.revoked_by,
-            }
-            for k in self.ring.keys(tenant)
-        ]
+        """The tenant's keys, oldest first, as `shown`."""
+        return [self.shown(k) for k in self.ring.keys(tenant)]
 
     def used(self, key_id: str) -> None:
         self.last_used[key_id] = self.clock.now()

@@ -56,10 +56,8 @@ QUALITY_ROW = ("model", "topic", "feedback", "up", "down", "avg_rating", "satisf
 
 
 def utc_aware(value: Any) -> Any:
-    """chDB hands back naive datetimes; every column is UTC: say so."""
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+    """chDB hands back naive datetimes; every column is UTC: say so (other values pass)."""
+    return as_utc(value) if isinstance(value, datetime) else value
 
 
 def _archived(rows: Sequence[Sequence[Any]]) -> list[ArchivedEvent]:

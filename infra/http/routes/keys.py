@@ -27,10 +27,6 @@ def _limit_ok(limit: str) -> None:
         ) from None  # fmt: skip
 
 
-def _shown(key: Any, service: KeyService) -> dict[str, Any]:
-    return next(k for k in service.listing(key.tenant) if k["key_id"] == key.key_id)
-
-
 def add_routes(app: FastAPI, api: Api) -> None:
     """Add the routes to the app, bound to the API's collaborators."""
 
@@ -64,7 +60,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             who.tenant_id, body.user, by(who), name=body.name, scopes=tuple(body.scopes),
             limit=body.limit, expires_at=expires,
         )  # fmt: skip
-        return {"key": secret, **_shown(key, keys)}
+        return {"key": secret, **keys.shown(key)}
 
     @app.get("/v1/admin/keys", tags=["admin"])
     async def list_keys(who: Annotated[Caller, Depends(api.caller)]) -> Any:
@@ -87,7 +83,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             raise unknown(exc) from None
         except ValueError as exc:
             raise OpenAIError(409, str(exc), "invalid_request_error", "key_revoked") from None
-        return {"key": secret, **_shown(successor, keys), "rotated": _shown(old, keys)}
+        return {"key": secret, **keys.shown(successor), "rotated": keys.shown(old)}
 
     @app.post("/v1/admin/keys/{key_id}/revoke", tags=["admin"])
     async def revoke_key(
@@ -101,4 +97,4 @@ def add_routes(app: FastAPI, api: Api) -> None:
             )
         except UnknownKey as exc:
             raise unknown(exc) from None
-        return _shown(key, keys)
+        return keys.shown(key)
