@@ -19,6 +19,19 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         tmp_path_factory.mktemp("apis"), extra_env={"CHATLLM_HTTP__WORKERS": "2"}
     )
     try:
+        # start_service waits for the first process; the second joins the port a moment
+        # later (later still on a loaded machine). Every response names its process: wait
+        # until both answer, and one counter-publishing interval more.
+        import time
+
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while seen != {0, 1} and time.monotonic() < deadline:
+            with httpx.Client() as fresh:
+                seen.add(int(fresh.get(f"{running.base}/healthz").headers["x-chatllm-api-process"]))
+            time.sleep(0.05)
+        assert seen == {0, 1}, f"only API processes {seen} answered within 60 s"
+        time.sleep(1.5)
         yield running
     finally:
         stop_service(running)
